@@ -55,3 +55,84 @@ def make_hf_checkpoint(variant: str, folder: Path, seed: int = 0) -> Path:
 def hf_checkpoint(request, tmp_path_factory):
     folder = tmp_path_factory.mktemp(request.param)
     return request.param, make_hf_checkpoint(request.param, folder)
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokenizers and chat templates for the formatting tests
+# ---------------------------------------------------------------------------------------------
+CHATML_QWEN25 = (  # the structure of Qwen2.5-Instruct's template: a default system prompt when none is given
+    "{%- if messages[0]['role'] == 'system' %}"
+    "{{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}"
+    "{%- else %}"
+    "{{- '<|im_start|>system\\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\\n' }}"
+    "{%- endif %}"
+    "{%- for message in messages %}"
+    "{%- if not (message.role == 'system' and loop.first) %}"
+    "{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>' + '\\n' }}"
+    "{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+LLAMA3_STYLE = (  # the structure of Llama-3.1-Instruct's template: BOS, an always-present dated system block
+    "{{- bos_token }}\n"
+    "{%- if not date_string is defined %}\n"
+    "    {%- if strftime_now is defined %}{%- set date_string = strftime_now('%d %b %Y') %}"
+    "{%- else %}{%- set date_string = '26 Jul 2024' %}{%- endif %}\n"
+    "{%- endif %}\n"
+    "{%- if messages[0]['role'] == 'system' %}\n"
+    "    {%- set system_message = messages[0]['content']|trim %}\n"
+    "    {%- set messages = messages[1:] %}\n"
+    "{%- else %}\n"
+    "    {%- set system_message = '' %}\n"
+    "{%- endif %}\n"
+    "{{- '<|start_header_id|>system<|end_header_id|>\\n\\n' }}\n"
+    "{{- 'Cutting Knowledge Date: December 2023\\n' }}\n"
+    "{{- 'Today Date: ' + date_string + '\\n\\n' }}\n"
+    "{{- system_message }}\n"
+    "{{- '<|eot_id|>' }}\n"
+    "{%- for message in messages %}\n"
+    "    {%- if message.role not in ['user', 'assistant'] %}{{- raise_exception('unknown role ' + message.role) }}{%- endif %}\n"
+    "    {{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n'+ message['content'] | trim + '<|eot_id|>' }}\n"
+    "{%- endfor %}\n"
+    "{%- if add_generation_prompt %}\n"
+    "    {{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}\n"
+    "{%- endif %}\n"
+)
+
+TRAIN_TEXT = [
+    "how do i bake bread ? sure , first mix the flour and the water , then knead the dough for ten minutes .",
+    "what is the capital of france ? the capital of france is paris , a city on the seine .",
+    "hello there , how are you today ? i am fine , thank you for asking .",
+    "The quick brown fox jumps over the lazy dog. System user assistant Today Date Cutting Knowledge December",
+]
+
+
+def write_tokenizer(folder: Path, style: str, vocab_size: int = 400) -> Path:
+    """A small byte-level BPE with Llama-3-style or ChatML special tokens, saved like a real checkpoint's."""
+    import json
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    if style == "llama3":
+        specials = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+    else:
+        specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(TRAIN_TEXT * 20, trainer)
+    tcfg = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": 4096, "clean_up_tokenization_spaces": False}
+    if style == "llama3":
+        bos = tok.token_to_id("<|begin_of_text|>")
+        tok.post_processor = processors.TemplateProcessing(single="<|begin_of_text|> $A", special_tokens=[("<|begin_of_text|>", bos)])
+        tcfg.update(bos_token="<|begin_of_text|>", eos_token="<|eot_id|>", chat_template=LLAMA3_STYLE)
+    elif style == "chatml":
+        tcfg.update(bos_token=None, eos_token="<|im_end|>", pad_token="<|endoftext|>", chat_template=CHATML_QWEN25)
+    else:  # a base model: no chat template
+        tcfg.update(bos_token=None, eos_token="<|endoftext|>")
+    tok.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps(tcfg, indent=2))
+    return folder
