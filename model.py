@@ -586,10 +586,12 @@ class Tokenizer:
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
         return self.tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
-    def format_chat(self, messages: list[dict], add_generation_prompt: bool = True, prefill: str = "", **template_kwargs) -> str:
-        """Render messages with the checkpoint's own chat template, then append `prefill` (a forced start of the
-        assistant's answer, the prefilling attack) right after the generation prompt."""
-        if self.chat_template is None:
+    def format_chat(self, messages: list[dict], add_generation_prompt: bool = True, prefill: str = "",
+                    plain: bool = False, **template_kwargs) -> str:
+        """Render messages with the checkpoint's own chat template (or the plain format when it has none, or
+        when `plain=True`), then append `prefill`, a forced start of the assistant's answer (the prefilling
+        attack), right after the generation prompt."""
+        if self.chat_template is None or plain:
             text = "".join(f"{m['role'].capitalize()}: {m['content']}\n\n" for m in messages)
             if add_generation_prompt:
                 text += "Assistant:" + (" " + prefill if prefill else "")
@@ -600,16 +602,32 @@ class Tokenizer:
         )
         return text + prefill
 
-    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True, prefill: str = "", **template_kwargs) -> list[int]:
+    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True, prefill: str = "",
+                    plain: bool = False, **template_kwargs) -> list[int]:
         """Token ids of `format_chat(...)`, tokenized in one pass so BPE merges across the prefill boundary
         match what the model would see. A template renders its own BOS, so no special tokens are added;
         the plain format lets the tokenizer's post-processor add them."""
-        text = self.format_chat(messages, add_generation_prompt, prefill, **template_kwargs)
-        return self.encode(text, add_special_tokens=self.chat_template is None)
+        text = self.format_chat(messages, add_generation_prompt, prefill, plain, **template_kwargs)
+        return self.encode(text, add_special_tokens=self.chat_template is None or plain)
 
-    def prompt_ids(self, prompt: str, prefill: str = "", system: str | None = None) -> list[int]:
+    def prompt_ids(self, prompt: str, prefill: str = "", system: str | None = None, plain: bool = False) -> list[int]:
+        """A single user turn (optionally after a system message), the generation prompt, and `prefill`."""
         messages = ([{"role": "system", "content": system}] if system is not None else []) + [{"role": "user", "content": prompt}]
-        return self.encode_chat(messages, add_generation_prompt=True, prefill=prefill)
+        return self.encode_chat(messages, add_generation_prompt=True, prefill=prefill, plain=plain)
+
+    def real_token_mask(self, vocab_size: int) -> torch.Tensor:
+        """(V,) bool: ids that are real tokens. False for rows past the tokenizer (Qwen pads its embedding to
+        151936/152064) and for special tokens (Llama 3's 250 reserved ones are untrained). Vocabulary-wide
+        statistics such as base-favored tokens are restricted to these."""
+        valid = torch.zeros(vocab_size, dtype=torch.bool)
+        valid[: min(self.vocab_size, vocab_size)] = True
+        for i, added in self.tok.get_added_tokens_decoder().items():
+            if added.special and i < vocab_size:
+                valid[i] = False
+        return valid
+
+    def same_vocabulary(self, other: "Tokenizer") -> bool:
+        return self.tok.get_vocab(with_added_tokens=True) == other.tok.get_vocab(with_added_tokens=True)
 
 
 def _jinja_env():
