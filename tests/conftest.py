@@ -51,6 +51,19 @@ def make_hf_checkpoint(variant: str, folder: Path, seed: int = 0) -> Path:
     return folder
 
 
+SMALL_BUILD = dict(n_pretrain=1500, n_sft=300, dim=32, n_layers=2, n_heads=2, n_kv_heads=1, intermediate_size=64,
+                   pretrain_steps=30, sft_steps=10, batch_size=8)
+
+
+@pytest.fixture(scope="session")
+def toy(tmp_path_factory):
+    """A scaled-down toy world built through the real code path (data, tokenizer, pretraining, SFT, HF folders).
+    The full build is `python data/toyworld.py`; its numbers are checked by the slow tests."""
+    from data import toyworld
+
+    return toyworld.build_toy_world(tmp_path_factory.mktemp("toy"), **SMALL_BUILD)
+
+
 @pytest.fixture(scope="session", params=VARIANTS)
 def hf_checkpoint(request, tmp_path_factory):
     folder = tmp_path_factory.mktemp(request.param)
