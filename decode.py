@@ -66,13 +66,6 @@ def contrastive_generate(aligned, base, prompts: list[list[int]], max_new_tokens
     return [row[: next((j + 1 for j, t in enumerate(row) if t in eos_set), len(row))] for row in tokens]
 
 
-def check_same_tokenizer(tok_A: Tokenizer, tok_B: Tokenizer, name_A="aligned", name_B="base"):
-    """Contrasting two distributions only makes sense over one vocabulary."""
-    if not tok_A.same_vocabulary(tok_B):
-        raise ValueError(f"{tok_A.folder} ({name_A}) and {tok_B.folder} ({name_B}) have different tokenizer.json "
-                         "vocabularies; contrastive decoding and base-favored tokens need the same tokenizer")
-
-
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="Hugging Face checkpoint folder (config.json, safetensors, tokenizer.json); "
@@ -104,8 +97,7 @@ def add_contrastive_args(p):
 def main(argv=None):
     args = parse_args(argv)
     if args.model is None:
-        sys.path.insert(0, str(Path(__file__).resolve().parent / "data"))
-        import toyworld
+        from data import toyworld
 
         args.model = toyworld.ensure_toy_world()["aligned"]
     tok = Tokenizer(args.model)
@@ -118,7 +110,7 @@ def main(argv=None):
               top_p=args.top_p, seed=args.seed, compile=args.compile)
     t0 = time.perf_counter()
     if args.contrast_base:
-        check_same_tokenizer(tok, Tokenizer(args.contrast_base))
+        deepalign.check_same_tokenizer(tok, Tokenizer(args.contrast_base))
         base = load_model(args.contrast_base, dtype=args.dtype, device=args.device)
         valid = tok.real_token_mask(model.args.vocab_size).to(args.device)
         out = contrastive_generate(model, base, [ids], alpha=args.alpha, beta=args.beta, mode=args.cd_mode,
