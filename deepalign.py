@@ -12,7 +12,8 @@ Read top to bottom:
     1. per-position quantities (pure tensor functions)        base_favored_mask, kl_per_position, bf_mass, ...
     2. contrastive scores (inference time)                    contrastive_logits
     3. teacher-forced position profile over a data set        position_profile
-    4. command line: `python deepalign.py profile|tokens`
+    4. training losses (targeted completion and baselines)    hybrid_teacher, kd_loss, bf_penalty, ...
+    5. command line: `python deepalign.py profile|tokens`
 """
 from __future__ import annotations
 
@@ -239,3 +240,236 @@ def position_profile(base, aligned, tok, pairs: list[dict], tau: float = 1.0, to
     return {"positions": rows, "settings": {"tau": tau, "top_k": top_k, "base_format": base_format,
                                             "max_response_tokens": max_response_tokens, "pairs": len(pairs),
                                             "skipped_pairs": skipped, "same_token_sequence": base_format == "chat"}}
+
+
+# ----------------------------------------------------------------------------------------------
+# 4. Targeted completion: the training losses (METHOD §5) and the baselines' losses (METHOD §6)
+#    All take float32 log-probs (B, T, V) and a loss mask (B, T) of the positions that count; each returns the
+#    mean per counted token, so the terms are comparable and can be logged separately.
+# ----------------------------------------------------------------------------------------------
+
+
+def masked_mean(x, mask) -> torch.Tensor:
+    """Mean of x (B, T) over the positions where mask (B, T) is 1."""
+    mask = mask.float()
+    return (x * mask).sum() / mask.sum().clamp(min=1)
+
+
+def hybrid_teacher(lp_A, lp_B, targets, lam: float = 0.5, alpha_T: float = 1.0, beta: float = 0.1) -> torch.Tensor:
+    """q_t = lam * onehot(r_t) + (1 - lam) * softmax(l_A + alpha_T (l_A - l_B)) on V_head   (METHOD §5).
+
+    The recovery text (hard) blended with the aligned model's distribution amplified away from the base (soft).
+    The paper names hybrid-teacher distillation; this blend is our reading of it. Log-probs stand in for
+    logits: they differ by a per-position constant, which softmax cancels. (B, T, V), (B, T) -> (B, T, V)."""
+    soft = contrastive_logits(lp_A, lp_B, alpha_T, beta).softmax(-1)  # zero outside V_head
+    hard = torch.nn.functional.one_hot(targets, lp_A.shape[-1]).to(soft.dtype)
+    return lam * hard + (1 - lam) * soft
+
+
+def kd_loss(q, lp_S, mask) -> torch.Tensor:
+    """L_kd = mean_t KL(q_t || p_S(.|c_t)) = sum_v q (log q - lp_S), with 0 log 0 = 0   (METHOD §5)."""
+    log_q = torch.where(q > 0, q.log(), torch.zeros_like(q))
+    kl = (q * (log_q - lp_S)).sum(-1)  # (B, T)
+    return masked_mean(kl, mask)
+
+
+def adaptive_weights(bf_mass_A, mask, w_max: float = 5.0, mode: str = "adaptive", gamma: float = 1.0,
+                     positions=None) -> torch.Tensor:
+    """Per-position penalty weights w_t (METHOD §5), recomputed each batch.
+
+    adaptive: w_t = clip(bf_mass_A_t / mean(bf_mass_A), 0, w_max), the mean over the batch's loss positions:
+              positions the aligned model has left more incomplete weigh more. (The paper states adaptive,
+              position-aware penalties; normalising by the batch mean is our choice.)
+    position: w_t = 1 + gamma * t / T, t the response position, T the largest one in the batch.
+    bf_mass_A, mask, positions (B, T) -> (B, T); no gradient flows through the weights."""
+    if mode == "adaptive":
+        mean = masked_mean(bf_mass_A, mask).clamp(min=1e-8)
+        w = (bf_mass_A / mean).clamp(0, w_max)
+    elif mode == "position":
+        T = (positions * mask).max().clamp(min=1)
+        w = 1 + gamma * positions / T
+    else:
+        raise ValueError(f"penalty weight mode {mode!r} is not supported; use 'adaptive' or 'position'")
+    return (w * mask).detach()
+
+
+def bf_penalty(lp_S, bf, weights, mask) -> torch.Tensor:
+    """L_pen = mean_t w_t * sum_{v in BF_t} p_S(v|c_t)   (METHOD §5): the student's mass on base-favored tokens.
+    Zero when the student puts no mass on them. (B, T, V), (B, T, V) bool, (B, T), (B, T) -> scalar."""
+    return masked_mean(weights * bf_mass(lp_S, bf), mask)
+
+
+def utility_kl(lp_A, lp_S, mask) -> torch.Tensor:
+    """L_util = mean_t KL(p_A(.|c_t) || p_S(.|c_t)) over benign responses (METHOD §5)."""
+    return masked_mean(kl_per_position(lp_A, lp_S), mask)
+
+
+def ce_loss(lp_S, targets, mask) -> torch.Tensor:
+    """Cross-entropy of the targets (B, T) under the student (baselines sft / augment / insertion)."""
+    return masked_mean(-lp_S.gather(-1, targets[..., None]).squeeze(-1), mask)
+
+
+def qi_beta_schedule(positions) -> torch.Tensor:
+    """Qi et al.'s per-token beta_t: 0.5 for the first response token, 2.0 for tokens 2-5, 0.1 after."""
+    return torch.where(positions == 0, 0.5, torch.where(positions <= 4, 2.0, 0.1))
+
+
+def constrained_loss(lp_S, lp_A, targets, beta_t, mask) -> torch.Tensor:
+    """Qi et al. 2024's token-wise constrained objective (METHOD §6):
+    mean_t (2 / beta_t) * softplus(beta_t * (logp_A(y_t) - logp_S(y_t))).
+    Small beta_t behaves like cross-entropy; large beta_t stops pushing once the student's log-prob of y_t
+    exceeds the aligned model's, which keeps early tokens close to the aligned model."""
+    lp_y_S = lp_S.gather(-1, targets[..., None]).squeeze(-1)
+    lp_y_A = lp_A.gather(-1, targets[..., None]).squeeze(-1)
+    return masked_mean(2 / beta_t * torch.nn.functional.softplus(beta_t * (lp_y_A - lp_y_S)), mask)
+
+
+def check_same_tokenizer(tok_A, tok_B, name_A="aligned", name_B="base"):
+    """Comparing or contrasting two next-token distributions only makes sense over one vocabulary."""
+    if not tok_A.same_vocabulary(tok_B):
+        raise ValueError(f"{tok_A.folder} ({name_A}) and {tok_B.folder} ({name_B}) have different tokenizer.json "
+                         "vocabularies; base-favored tokens and contrastive decoding need the same tokenizer")
+
+
+# ----------------------------------------------------------------------------------------------
+# 5. Command line
+# ----------------------------------------------------------------------------------------------
+PROFILE_COLUMNS = ("t", "n", "kl", "bf_mass_A", "bf_mass_B", "bf_count", "bf_hit", "grad")
+
+
+def profile_table(rows: list[dict]) -> str:
+    lines = ["  ".join(f"{c:>9s}" for c in PROFILE_COLUMNS)]
+    for r in rows:
+        lines.append("  ".join(f"{r[c]:9d}" if c in ("t", "n") else ("        -" if r[c] is None else f"{r[c]:9.4f}")
+                               for c in PROFILE_COLUMNS))
+    return "\n".join(lines)
+
+
+def plot_profile(rows: list[dict], path, title: str = "") -> bool:
+    """KL(p_A || p_B), bf_mass_A and the refusal-SFT gradient signal against response position. False (and a
+    hint) when matplotlib is not installed: it is an optional dependency."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: `pip install matplotlib` to get the plot (the table and JSON are complete)",
+              file=sys.stderr)
+        return False
+    t = [r["t"] for r in rows]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    series = [("kl", "KL(p_A || p_B)"), ("bf_mass_A", "bf_mass_A (incompleteness)"), ("grad", "refusal-SFT gradient signal")]
+    for ax, (key, label) in zip(axes, series):
+        ys = [r[key] for r in rows]
+        if all(y is None for y in ys):
+            ax.set_title(f"{label}: not measured")
+            continue
+        ax.plot([x for x, y in zip(t, ys) if y is not None], [y for y in ys if y is not None], marker=".")
+        ax.set_title(label)
+        ax.set_xlabel("response position t")
+        ax.grid(alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    path = Path(path)
+    tmp = path.with_name(f"{path.stem}.tmp-{os.getpid()}{path.suffix}")
+    fig.savefig(tmp, dpi=110)
+    os.replace(tmp, path)
+    plt.close(fig)
+    return True
+
+
+def load_pair(args):
+    """(base, aligned, tokenizers, harmful rows, default refusal) for the CLI; toy world when not given."""
+    from data import toyworld
+    from model import Tokenizer, load_model
+
+    toy = toyworld.ensure_toy_world() if not (args.base and args.aligned and args.data) else None
+    base_dir, aligned_dir = Path(args.base or toy["base"]), Path(args.aligned or toy["aligned"])
+    tok, base_tok = Tokenizer(aligned_dir), Tokenizer(base_dir)
+    check_same_tokenizer(tok, base_tok)
+    rows = toyworld.read_jsonl(args.data or toy["data"] / "harmful_eval.jsonl", ["prompt", "harmful_response"])
+    refusal = args.refusal or (toyworld.REFUSALS[0] if toy and not args.data else "I'm sorry, but I can't help with that.")
+    base = load_model(base_dir, args.dtype, args.device)
+    aligned = load_model(aligned_dir, args.dtype, args.device)
+    return base, aligned, tok, base_tok, rows[: args.limit], refusal
+
+
+def cmd_profile(args):
+    base, aligned, tok, base_tok, rows, refusal = load_pair(args)
+    grad_model = {"base": base, "aligned": aligned}[args.grad_model]
+    prof = position_profile(base, aligned, tok, rows, tau=args.tau, top_k=args.top_k, batch_size=args.batch_size,
+                            max_response_tokens=args.max_response_tokens, base_format=args.base_format,
+                            base_tok=base_tok, refusal=refusal, grad_model=grad_model)
+    prof["settings"].update(base=str(args.base or "toy base"), aligned=str(args.aligned or "toy aligned"),
+                            refusal=refusal, grad_model=args.grad_model)
+    print(profile_table(prof["positions"]))
+    print(f"{len(rows)} pairs ({prof['settings']['skipped_pairs']} skipped); both models read "
+          f"{'the identical token sequence (aligned chat format)' if args.base_format == 'chat' else 'their own formats'}",
+          file=sys.stderr)
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
+        tmp.write_text(json.dumps(prof, indent=1))
+        os.replace(tmp, out)
+    plot = args.plot or (Path(args.out).with_suffix(".png") if args.out else None)
+    if plot and plot_profile(prof["positions"], plot, f"position profile: {prof['settings']['aligned']} vs {prof['settings']['base']}"):
+        print(f"plot: {plot}", file=sys.stderr)
+
+
+@torch.no_grad()
+def cmd_tokens(args):
+    """For one harmful example: at each response position, the actual token and the top base-favored tokens."""
+    base, aligned, tok, _, rows, _ = load_pair(args)
+    row = rows[args.example]
+    head, resp = response_split(tok, row["prompt"], row["harmful_response"], max_tokens=args.max_response_tokens)
+    (lp_A,) = response_log_probs(aligned, [head + resp], [len(head)], [len(resp)], tok.pad_id)
+    (lp_B,) = response_log_probs(base, [head + resp], [len(head)], [len(resp)], tok.pad_id)
+    valid = tok.real_token_mask(aligned.args.vocab_size).to(lp_A.device)
+    bf = base_favored_mask(lp_A, lp_B, args.tau, args.top_k, valid)  # (n, V)
+    print(f"prompt: {row['prompt']}")
+    print("  t  actual token        p_A    p_B   |  top base-favored tokens (p_A -> p_B)")
+    for t, y in enumerate(resp):
+        ids = bf[t].nonzero().squeeze(-1)
+        ids = ids[lp_B[t, ids].argsort(descending=True)][: args.show]
+        favored = ", ".join(f"{tok.decode([i])!r} {lp_A[t, i].exp():.2f}->{lp_B[t, i].exp():.2f}" for i in ids.tolist())
+        print(f"{t:3d}  {tok.decode([y])!r:16s} {lp_A[t, y].exp():6.3f} {lp_B[t, y].exp():6.3f}  |  {favored or '-'}")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Base-favored tokens and position profiles (METHOD §1-3). "
+                                            "With no --base/--aligned/--data: the toy world.")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    for name in ("profile", "tokens"):
+        s = sub.add_parser(name)
+        s.add_argument("--base", help="base model folder (default: toy base)")
+        s.add_argument("--aligned", help="aligned model folder (default: toy aligned)")
+        s.add_argument("--data", help="JSONL of harmful pairs {prompt, harmful_response} (default: toy held-out set)")
+        s.add_argument("--tau", type=float, default=1.0, help="BF threshold: lp_B - lp_A > log(tau)")
+        s.add_argument("--top-k", type=int, default=20, help="BF tokens must be in the base's top-k")
+        s.add_argument("--max-response-tokens", type=int, default=64)
+        s.add_argument("--limit", type=int, help="use the first N pairs")
+        s.add_argument("--refusal", help="refusal text for the gradient signal (default: the toy refusal, or a generic one)")
+        s.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+        s.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    prof = sub.choices["profile"]
+    prof.add_argument("--batch-size", type=int, default=16)
+    prof.add_argument("--base-format", choices=["chat", "plain"], default="chat",
+                      help="chat: both models read the aligned chat format (default); plain: the base reads plain text")
+    prof.add_argument("--grad-model", choices=["base", "aligned"], default="base",
+                      help="model under which the refusal-SFT gradient signal is measured (default: base, where SFT starts)")
+    prof.add_argument("--out", help="write the profile JSON here (and the plot beside it as .png)")
+    prof.add_argument("--plot", help="PNG path for the plot (needs matplotlib)")
+    tokens = sub.choices["tokens"]
+    tokens.add_argument("--example", type=int, default=0, help="index of the pair to show")
+    tokens.add_argument("--show", type=int, default=5, help="base-favored tokens shown per position")
+    args = p.parse_args(argv)
+    if args.cmd == "profile":
+        cmd_profile(args)
+    else:
+        cmd_tokens(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,445 @@
+"""Targeted completion: fine-tune an aligned model so that safety holds at every response position.
+
+    python train.py                                   # targeted completion on the toy world
+    python train.py --base DIR --aligned DIR --data safety.jsonl --benign benign.jsonl --out runs/x \
+                    --dtype bfloat16 --lora-rank 16 --checkpointing
+
+The student S starts from the aligned model A; A and the base model B stay frozen (eval mode, no gradients)
+and read exactly the student's contexts. Methods (METHOD §5-6), all on the same data and loop:
+
+  targeted     hybrid-teacher distillation + adaptive penalty on base-favored tokens + utility KL   (the paper)
+  sft          cross-entropy on refusals to harmful prompts only (the shallow recipe the paper diagnoses)
+  augment      Qi et al.'s data augmentation: cross-entropy on (prompt, harmful prefix, recovery) + benign CE
+  constrained  Qi et al.'s token-wise constrained objective on harmful fine-tuning data (+ benign)
+  insertion    worst-insertion training (after arXiv 2606.04168): a harmful span spliced into the model's own
+               refusal, then recovery; of several candidate splices, the one whose harmful continuation the
+               student finds most likely is trained on
+
+Data: safety triplets {"prompt", "harmful_response", "recovery"} (--data) and benign pairs {"prompt",
+"response"} (--benign), JSONL (data/toyworld.py documents the schema). Each step draws a safety batch of
+(prompt, harmful prefix of random length k ~ U{0..K}, recovery) and a utility batch of benign pairs, seeded by
+(seed, step), so a resumed run sees exactly the batches an uninterrupted one would.
+
+Output (--out): a Hugging Face folder (LoRA merged) that eval.py, decode.py and transformers load, beside
+train_log.jsonl (every loss term, every step) and train_args.json; checkpoint.pt every --save-every steps
+(written atomically; --resume continues from it).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from tqdm import tqdm
+
+import deepalign as D
+from data import toyworld
+from model import DTYPES, Tokenizer, generate, load_model, log, save_model
+
+METHODS = ("targeted", "sft", "augment", "constrained", "insertion")
+
+
+# ----------------------------------------------------------------------------------------------
+# LoRA: a low-rank update on the attention and MLP projections, W x + (alpha / r) B A x
+# ----------------------------------------------------------------------------------------------
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+class LoRALinear(nn.Module):
+    def __init__(self, base: nn.Linear, rank: int, alpha: float):
+        super().__init__()
+        self.base = base
+        self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, device=base.weight.device))  # fp32
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, device=base.weight.device))  # 0: starts as W
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        self.scale = alpha / rank
+        self.enabled = True
+
+    def forward(self, x):
+        y = self.base(x)
+        if not self.enabled:  # the frozen aligned teacher is the student with adapters off
+            return y
+        return y + ((x.to(self.lora_A.dtype) @ self.lora_A.T @ self.lora_B.T) * self.scale).to(y.dtype)
+
+    def merged(self) -> nn.Linear:
+        with torch.no_grad():
+            delta = (self.lora_B @ self.lora_A) * self.scale  # (out, in) fp32
+            self.base.weight.copy_((self.base.weight.float() + delta).to(self.base.weight.dtype))
+        return self.base
+
+
+def add_lora(model, rank: int, alpha: float):
+    """Wrap every target projection; freeze everything but the adapters."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for module in list(model.modules()):
+        for name in LORA_TARGETS:
+            child = getattr(module, name, None)
+            if isinstance(child, nn.Linear):
+                setattr(module, name, LoRALinear(child, rank, alpha))
+
+
+def set_lora(model, enabled: bool):
+    for m in model.modules():
+        if isinstance(m, LoRALinear):
+            m.enabled = enabled
+
+
+def merge_lora(model):
+    """Fold each adapter into its weight and put the plain nn.Linear back (same names as the checkpoint)."""
+    for module in list(model.modules()):
+        for name in LORA_TARGETS:
+            child = getattr(module, name, None)
+            if isinstance(child, LoRALinear):
+                setattr(module, name, child.merged())
+
+
+# ----------------------------------------------------------------------------------------------
+# Examples: token ids, the positions that carry loss, their targets and response positions
+# ----------------------------------------------------------------------------------------------
+def recovery_example(tok, row: dict, k: int, answer_ids=None):
+    """(ids, loss mask, response positions): prompt + first k harmful tokens (or `answer_ids`) + recovery + end
+    of turn, loss on the recovery and the end-of-turn token. Token-level concatenation, as generation sees it."""
+    head, harm = D.response_split(tok, row["prompt"], row["harmful_response"])
+    prefix = list(answer_ids) if answer_ids is not None else harm[:k]
+    sep = " " if prefix and not tok.decode(prefix).endswith((" ", "\n")) else ""
+    target = tok.encode(sep + row["recovery"]) + tok.eos_ids[:1]
+    ids = head + prefix + target
+    mask = [0] * (len(head) + len(prefix)) + [1] * len(target)
+    return ids, mask, len(head)
+
+
+def answer_example(tok, prompt: str, response: str):
+    """(ids, loss mask, response start): prompt + response + end of turn, loss on the response."""
+    head, resp = D.response_split(tok, prompt, response)
+    ids = head + resp + tok.eos_ids[:1]
+    return ids, [0] * len(head) + [1] * (len(resp) + 1), len(head)
+
+
+def collate(examples, pad_id: int, device):
+    """Right-padded ids (B, T) and, per loss token (N of them): batch row, index of the logit that predicts it
+    (position - 1), target id, and response position t (counted from the start of the answer)."""
+    T = max(len(ids) for ids, _, _ in examples)
+    ids = torch.full((len(examples), T), pad_id, dtype=torch.long)
+    rows, cols, pos = [], [], []
+    for b, (seq, mask, start) in enumerate(examples):
+        ids[b, : len(seq)] = torch.tensor(seq)
+        for i, m in enumerate(mask):
+            if m:
+                rows.append(b), cols.append(i - 1), pos.append(i - start)
+    rows, cols = torch.tensor(rows), torch.tensor(cols)
+    return ids.to(device), rows.to(device), cols.to(device), ids[rows, cols + 1].to(device), torch.tensor(pos, device=device)
+
+
+def loss_logprobs(model, batch):
+    """Log-probs (N, V) float32 at the loss positions only (never the whole (B, T, V) in float32)."""
+    ids, rows, cols, _, _ = batch
+    return D.log_probs(model(ids)[rows, cols])
+
+
+# ----------------------------------------------------------------------------------------------
+# The losses of one step, per method
+# ----------------------------------------------------------------------------------------------
+@torch.no_grad()
+def frozen_logprobs(model, batch, student):
+    """Log-probs of a frozen model. "adapters-off": the LoRA student with its adapters switched off, which is
+    exactly the aligned model (so only two weight copies are held: student and base)."""
+    if model == "adapters-off":
+        set_lora(student, False)
+        try:
+            return loss_logprobs(student, batch)
+        finally:
+            set_lora(student, True)
+    return loss_logprobs(model, batch)
+
+
+def step_losses(method, student, teacher_A, base, safety, utility, args, valid) -> dict:
+    """Every loss term of one step, as a dict of scalars; "loss" is what is minimised."""
+    ones = lambda b: torch.ones_like(b[3], dtype=torch.float)  # noqa: E731  every gathered token counts
+    terms = {}
+    if method == "targeted":
+        lp_S = loss_logprobs(student, safety)
+        lp_A, lp_B = frozen_logprobs(teacher_A, safety, student), frozen_logprobs(base, safety, student)
+        y, pos = safety[3], safety[4]
+        bf = D.base_favored_mask(lp_A, lp_B, args.tau, args.top_k, valid)  # (N, V)
+        q = D.hybrid_teacher(lp_A, lp_B, y, args.lam, args.alpha_t, args.beta)
+        w = D.adaptive_weights(D.bf_mass(lp_A, bf), ones(safety), args.w_max, args.penalty_weight, args.gamma, pos)
+        terms["kd"] = D.kd_loss(q, lp_S, ones(safety))
+        terms["pen"] = D.bf_penalty(lp_S, bf, w, ones(safety))
+        terms["bf_mass_S"] = D.bf_mass(lp_S, bf).mean().detach()
+        lp_S_u = loss_logprobs(student, utility)
+        lp_A_u = frozen_logprobs(teacher_A, utility, student)
+        terms["util"] = D.utility_kl(lp_A_u, lp_S_u, ones(utility))
+        terms["loss"] = terms["kd"] + args.lambda_pen * terms["pen"] + args.lambda_util * terms["util"]
+    elif method == "constrained":
+        for name, batch in (("safety", safety), ("util", utility)):
+            lp_S = loss_logprobs(student, batch)
+            lp_A = frozen_logprobs(teacher_A, batch, student)
+            beta_t = D.qi_beta_schedule(batch[4])
+            terms[name] = D.constrained_loss(lp_S, lp_A, batch[3], beta_t, ones(batch))
+        terms["loss"] = terms["safety"] + terms["util"]
+    else:  # sft, augment, insertion: cross-entropy
+        terms["ce"] = D.ce_loss(loss_logprobs(student, safety), safety[3], ones(safety))
+        terms["loss"] = terms["ce"]
+        if method != "sft":
+            terms["util"] = D.ce_loss(loss_logprobs(student, utility), utility[3], ones(utility))
+            terms["loss"] = terms["ce"] + args.lambda_util * terms["util"]
+    return terms
+
+
+# ----------------------------------------------------------------------------------------------
+# Batches (seeded by step, so resuming replays the same data order)
+# ----------------------------------------------------------------------------------------------
+def prefix_length(rng: random.Random, method: str, K: int) -> int:
+    """k for a safety example: 0 for sft; Qi et al.'s augmentation takes k = 0 half the time, else U[1, K];
+    targeted/insertion/constrained draw k ~ U{0..K} (METHOD §5)."""
+    if method == "sft":
+        return 0
+    if method == "augment":
+        return 0 if rng.random() < 0.5 else rng.randint(1, K)
+    return rng.randint(0, K)
+
+
+def worst_insertion(student, tok, row, own: list[int], rng: random.Random, args, device):
+    """Among args.insert_candidates random splices (cut own answer after j tokens, insert m harmful tokens),
+    return the answer prefix whose next harmful tokens the student finds most likely."""
+    _, harm = D.response_split(tok, row["prompt"], row["harmful_response"])
+    own = [t for t in own if t not in tok.eos_ids] or own[:1]
+    head = tok.prompt_ids(row["prompt"])
+    candidates = []
+    for _ in range(args.insert_candidates):
+        j = rng.randint(1, max(1, len(own) - 1))
+        m = rng.randint(3, 10)
+        a = rng.randint(0, max(0, len(harm) - m - 5))
+        candidates.append((own[:j] + harm[a : a + m], harm[a + m : a + m + 5]))
+    with torch.no_grad():
+        scores = []
+        for prefix, cont in candidates:
+            if not cont:
+                scores.append(float("-inf"))
+                continue
+            ids = torch.tensor([head + prefix + cont], device=device)
+            lp = D.log_probs(student(ids)[0, len(head) + len(prefix) - 1 : -1])  # (len(cont), V)
+            scores.append(lp.gather(-1, torch.tensor(cont, device=device)[:, None]).sum().item())
+    return candidates[max(range(len(candidates)), key=scores.__getitem__)][0]
+
+
+def make_batches(step, tok, safety_rows, benign_rows, own_answers, student, args, device):
+    rng = random.Random(args.seed * 1_000_003 + step)
+    examples = []
+    for _ in range(args.batch_size):
+        row = safety_rows[rng.randrange(len(safety_rows))]
+        if args.method == "constrained":  # harmful fine-tuning data: the harmful response is the target
+            examples.append(answer_example(tok, row["prompt"], row["harmful_response"]))
+        elif args.method == "insertion":
+            prefix = worst_insertion(student, tok, row, own_answers[row["prompt"]], rng, args, device)
+            examples.append(recovery_example(tok, row, 0, answer_ids=prefix))
+        else:
+            examples.append(recovery_example(tok, row, prefix_length(rng, args.method, args.max_prefix)))
+    benign = [benign_rows[rng.randrange(len(benign_rows))] for _ in range(args.utility_batch_size)]
+    utility = [answer_example(tok, r["prompt"], r["response"]) for r in benign]
+    return collate(examples, tok.pad_id, device), collate(utility, tok.pad_id, device)
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints
+# ----------------------------------------------------------------------------------------------
+def trainable_state(student) -> dict:
+    return {n: p.detach().clone() for n, p in student.named_parameters() if p.requires_grad}
+
+
+def save_checkpoint(path: Path, step, student, opt, sched, args):
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    torch.save({"step": step, "trainable": trainable_state(student), "optimizer": opt.state_dict(),
+                "scheduler": sched.state_dict(), "args": vars(args)}, tmp)
+    os.replace(tmp, path)  # a kill mid-write leaves the previous checkpoint intact
+
+
+def load_checkpoint(path: Path, student, opt, sched, args) -> int:
+    ck = torch.load(path, map_location="cpu", weights_only=False)
+    for key in ("method", "seed", "lora_rank", "batch_size", "utility_batch_size", "lr", "steps"):
+        if ck["args"].get(key) != getattr(args, key):
+            raise ValueError(f"{path}: checkpoint has {key}={ck['args'].get(key)!r} but this run has "
+                             f"{getattr(args, key)!r}; resume with the original settings or start with --overwrite")
+    params = dict(student.named_parameters())
+    with torch.no_grad():
+        for name, value in ck["trainable"].items():
+            params[name].copy_(value)
+    opt.load_state_dict(ck["optimizer"])
+    sched.load_state_dict(ck["scheduler"])
+    return ck["step"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Main loop
+# ----------------------------------------------------------------------------------------------
+def prepare_out(args) -> Path:
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()):
+        if args.resume and (out / "checkpoint.pt").exists():
+            return out
+        if not args.overwrite:
+            raise FileExistsError(f"{out} exists and is not empty; pass --overwrite to replace it, or --resume to "
+                                  "continue its checkpoint")
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def load_data(args):
+    toy = None
+    if not (args.base and args.aligned and args.data and args.benign):
+        toy = toyworld.ensure_toy_world()
+    args.base, args.aligned = str(args.base or toy["base"]), str(args.aligned or toy["aligned"])
+    args.data = str(args.data or toy["data"] / "safety_train.jsonl")
+    args.benign = str(args.benign or toy["data"] / "benign_train.jsonl")
+    safety = toyworld.read_jsonl(args.data, ["prompt", "harmful_response"] + (["recovery"] if args.method != "constrained" else []))
+    benign = toyworld.read_jsonl(args.benign, ["prompt", "response"])
+    return safety, benign
+
+
+def train(args) -> Path:
+    torch.manual_seed(args.seed)
+    safety_rows, benign_rows = load_data(args)
+    out = prepare_out(args)
+    tok, base_tok = Tokenizer(args.aligned), Tokenizer(args.base)
+    D.check_same_tokenizer(tok, base_tok)
+    device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    student = load_model(args.aligned, dtype, device)
+    needs_base = args.method == "targeted"
+    base = load_model(args.base, dtype, device) if needs_base else None
+    if base is not None and base.args.vocab_size != student.args.vocab_size:
+        raise ValueError(f"{args.base} has vocab_size {base.args.vocab_size} but {args.aligned} has "
+                         f"{student.args.vocab_size}; base and aligned must share one vocabulary")
+    if args.lora_rank:
+        add_lora(student, args.lora_rank, args.lora_alpha or 2 * args.lora_rank)
+        teacher_A = "adapters-off"  # two weight copies in memory: student(+adapters) and base
+    else:
+        teacher_A = load_model(args.aligned, dtype, device) if args.method in ("targeted", "constrained") else None
+    for frozen in (base, teacher_A):
+        if isinstance(frozen, nn.Module):
+            frozen.requires_grad_(False).eval()
+    student.checkpointing = args.checkpointing
+    valid = tok.real_token_mask(student.args.vocab_size).to(device)
+    own_answers = {}
+    if args.method == "insertion":  # the aligned model's own (greedy) answers, computed once
+        prompts = sorted({r["prompt"] for r in safety_rows})
+        for i in tqdm(range(0, len(prompts), 64), desc="own answers", file=sys.stderr):
+            outs = generate(student, [tok.prompt_ids(p) for p in prompts[i : i + 64]], max_new_tokens=24,
+                            eos_ids=tok.eos_ids, pad_id=tok.pad_id)
+            own_answers.update(zip(prompts[i : i + 64], outs))
+
+    params = [p for p in student.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.95), weight_decay=args.weight_decay)
+    warmup = max(1, int(args.warmup * args.steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / args.steps))))
+    start = 0
+    if args.resume and (out / "checkpoint.pt").exists():
+        start = load_checkpoint(out / "checkpoint.pt", student, opt, sched, args)
+        log(f"resumed from {out / 'checkpoint.pt'} at step {start}")
+    if start == 0:
+        (out / "train_log.jsonl").unlink(missing_ok=True)
+    (out / "train_args.json").write_text(json.dumps(vars(args), indent=2))
+    model_fn = torch.compile(student, dynamic=True) if args.compile else student
+
+    student.train()
+    bar = tqdm(range(start, args.steps), desc=f"train {args.method}", file=sys.stderr, initial=start, total=args.steps)
+    for step in bar:
+        t0 = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        logged = {}
+        for micro in range(args.grad_accum):
+            safety, utility = make_batches(step * args.grad_accum + micro, tok, safety_rows, benign_rows, own_answers,
+                                           student, args, device)
+            terms = step_losses(args.method, model_fn, teacher_A, base, safety, utility, args, valid)
+            (terms["loss"] / args.grad_accum).backward()
+            for k, v in terms.items():
+                logged[k] = logged.get(k, 0.0) + v.item() / args.grad_accum
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, args.clip).item()
+        opt.step()
+        sched.step()
+        record = {"step": step + 1, **{k: round(v, 6) for k, v in logged.items()}, "grad_norm": round(grad_norm, 4),
+                  "lr": sched.get_last_lr()[0], "seconds": round(time.perf_counter() - t0, 3)}
+        with open(out / "train_log.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+        bar.set_postfix({k: f"{v:.3f}" for k, v in logged.items() if k in ("loss", "kd", "pen", "util", "ce")}, refresh=False)
+        if (step + 1) % args.save_every == 0 and step + 1 < args.steps:
+            save_checkpoint(out / "checkpoint.pt", step + 1, student, opt, sched, args)
+        if args.stop_after and step + 1 == args.stop_after:  # for tests and demos of --resume
+            save_checkpoint(out / "checkpoint.pt", step + 1, student, opt, sched, args)
+            log(f"stopped after step {step + 1} (--stop-after); continue with --resume")
+            return out
+
+    student.eval()
+    if args.lora_rank:
+        merge_lora(student)
+    tmp = save_model(student, out / f"model.tmp-{os.getpid()}", tokenizer_from=args.aligned, overwrite=True)
+    for f in tmp.iterdir():  # the run folder itself becomes the Hugging Face folder
+        os.replace(f, out / f.name)
+    tmp.rmdir()
+    (out / "checkpoint.pt").unlink(missing_ok=True)
+    log(f"wrote {out}")
+    return out
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--base", help="base model folder (default: toy base)")
+    p.add_argument("--aligned", help="aligned model folder, the student's start (default: toy aligned)")
+    p.add_argument("--method", choices=METHODS, default="targeted")
+    p.add_argument("--data", help="safety triplets JSONL {prompt, harmful_response, recovery} (default: toy)")
+    p.add_argument("--benign", help="benign pairs JSONL {prompt, response} for utility batches (default: toy)")
+    p.add_argument("--out", help="run folder (default: runs/<method>)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
+    p.add_argument("--resume", action="store_true", help="continue the run folder's checkpoint")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--steps", type=int, default=150)
+    g.add_argument("--batch-size", type=int, default=16, help="safety examples per step")
+    g.add_argument("--utility-batch-size", type=int, default=16, help="benign examples per step")
+    g.add_argument("--grad-accum", type=int, default=1)
+    g.add_argument("--lr", type=float, default=3e-4)
+    g.add_argument("--weight-decay", type=float, default=0.0)
+    g.add_argument("--warmup", type=float, default=0.05, help="fraction of steps")
+    g.add_argument("--clip", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--save-every", type=int, default=50)
+    g.add_argument("--stop-after", type=int, help="stop (with a checkpoint) after this step")
+    m = p.add_argument_group("method (METHOD §5; defaults as stated there)")
+    m.add_argument("--max-prefix", type=int, default=40, help="K: harmful prefix length k ~ U{0..K}")
+    m.add_argument("--lam", type=float, default=0.5, help="hybrid teacher: weight of the hard recovery label (1 = hard only)")
+    m.add_argument("--alpha-t", type=float, default=1.0, help="hybrid teacher: contrast strength")
+    m.add_argument("--beta", type=float, default=0.1, help="hybrid teacher: V_head plausibility threshold")
+    m.add_argument("--tau", type=float, default=1.0, help="base-favored threshold")
+    m.add_argument("--top-k", type=int, default=20, help="base-favored tokens are in the base's top-k")
+    m.add_argument("--penalty-weight", choices=["adaptive", "position"], default="adaptive")
+    m.add_argument("--w-max", type=float, default=5.0)
+    m.add_argument("--gamma", type=float, default=1.0, help="position weights: w_t = 1 + gamma t / T")
+    m.add_argument("--lambda-pen", type=float, default=1.0, help="0 = no penalty (ablation)")
+    m.add_argument("--lambda-util", type=float, default=1.0)
+    m.add_argument("--insert-candidates", type=int, default=4, help="insertion: candidate splices per example")
+    h = p.add_argument_group("hardware")
+    h.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    h.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    h.add_argument("--lora-rank", type=int, default=0, help="0 = full fine-tuning")
+    h.add_argument("--lora-alpha", type=float, help="default 2 * rank")
+    h.add_argument("--checkpointing", action="store_true", help="activation checkpointing per block")
+    h.add_argument("--compile", action="store_true", help="torch.compile the student")
+    args = p.parse_args(argv)
+    args.out = args.out or f"runs/{args.method}"
+    return args
+
+
+def main(argv=None):
+    return train(parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()
