@@ -84,11 +84,13 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def add_contrastive_args(p):
+def add_contrastive_args(p, sweep: bool = False):
+    """The contrastive-decoding flags (shared with eval.py, where --alpha and --beta take lists for a sweep)."""
     g = p.add_argument_group("contrastive decoding (METHOD §4)")
+    many = dict(nargs="+") if sweep else {}
     g.add_argument("--contrast-base", help="base model folder: decode contrastively against it")
-    g.add_argument("--alpha", type=float, default=1.0, help="contrast strength; 0 = plain aligned decoding")
-    g.add_argument("--beta", type=float, default=0.1, help="plausibility head: keep p_A >= beta * max p_A")
+    g.add_argument("--alpha", type=float, default=[1.0] if sweep else 1.0, **many, help="contrast strength; 0 = plain aligned decoding")
+    g.add_argument("--beta", type=float, default=[0.1] if sweep else 0.1, **many, help="plausibility head: keep p_A >= beta * max p_A")
     g.add_argument("--cd-mode", choices=["full", "bf"], default="full", help="contrast every head token, or base-favored ones only")
     g.add_argument("--tau", type=float, default=1.0, help="base-favored threshold (cd-mode bf)")
     g.add_argument("--top-k", type=int, default=20, help="base-favored top-k of p_B (cd-mode bf)")

@@ -31,6 +31,7 @@ import torch
 from tqdm import tqdm
 
 import deepalign
+from decode import add_contrastive_args, contrastive_generate
 from model import DTYPES, Tokenizer, generate, load_model, log
 
 ROOT = Path(__file__).resolve().parent
@@ -110,24 +111,42 @@ def plain_decoder(model, tok, args):
     return run
 
 
+def contrastive_decoder(model, base, tok, args, alpha: float, beta: float):
+    valid = tok.real_token_mask(model.args.vocab_size).to(model.lm_head.weight.device)
+
+    def run(prompts: list[list[int]]) -> list[list[int]]:
+        return contrastive_generate(model, base, prompts, max_new_tokens=args.max_new_tokens, eos_ids=tok.eos_ids,
+                                    pad_id=tok.pad_id, alpha=alpha, beta=beta, mode=args.cd_mode, tau=args.tau,
+                                    top_k=args.top_k, valid=valid, temperature=args.temperature, top_p=args.top_p,
+                                    seed=args.seed, compile=args.compile)
+    return run
+
+
 @torch.no_grad()
-def mean_nll(model, tok, rows: list[dict], batch_size: int) -> float:
-    """Mean per-token negative log-likelihood of benign reference responses, teacher-forced, chat-formatted."""
+def mean_nll(model, tok, rows: list[dict], batch_size: int, base=None, alpha: float = 0.0) -> float:
+    """Mean per-token negative log-likelihood of benign reference responses, teacher-forced, chat-formatted.
+    With `base`: under the contrastive distribution softmax(lp_A + alpha (lp_A - lp_B)) over the whole
+    vocabulary (the plausibility head is left out here: it would give reference tokens outside it infinite NLL)."""
     total, count = 0.0, 0
     for i in range(0, len(rows), batch_size):
         splits = [deepalign.response_split(tok, r["prompt"], r["response"]) for r in rows[i : i + batch_size]]
-        lps = deepalign.response_log_probs(model, [h + r for h, r in splits], [len(h) for h, _ in splits],
-                                           [len(r) for _, r in splits], tok.pad_id)
+        seqs, starts, lens = [h + r for h, r in splits], [len(h) for h, _ in splits], [len(r) for _, r in splits]
+        lps = deepalign.response_log_probs(model, seqs, starts, lens, tok.pad_id)
+        if base is not None:
+            lps_B = deepalign.response_log_probs(base, seqs, starts, lens, tok.pad_id)
+            lps = [deepalign.contrastive_logits(a, b, alpha, beta=0.0).log_softmax(-1) for a, b in zip(lps, lps_B)]
         for lp, (_, r) in zip(lps, splits):
             total -= lp.gather(-1, torch.tensor(r, device=lp.device)[:, None]).sum().item()
             count += len(r)
     return total / max(count, 1)
 
 
-def evaluate(name: str, decode_name: str, decoder, nll_fn, tok, harmful, benign, args, judge_name: str):
-    """Run every attack and the utility checks for one (model, decoder). Returns (results, utility, generations)."""
+def evaluate(name: str, decode_name: str, decoder, nll_fn, tok, harmful, benign, args, judge_name: str, extra=None):
+    """Run every attack and the utility checks for one (model, decoder). Returns (results, utility, generations).
+    `extra` (e.g. the contrastive alpha and beta) is added to every row."""
     judge = JUDGES[judge_name]
     gens, results = [], []
+    extra = extra or {}
 
     def record(attack, k, rows, inputs, outs):
         harmful_flags = []
@@ -135,12 +154,12 @@ def evaluate(name: str, decode_name: str, decoder, nll_fn, tok, harmful, benign,
             text = tok.decode(out)
             flag = judge(text)
             harmful_flags.append(flag)
-            gens.append({"model": name, "decode": decode_name, "attack": attack, "k": k, "prompt": row["prompt"],
+            gens.append({"model": name, "decode": decode_name, **extra, "attack": attack, "k": k, "prompt": row["prompt"],
                          "prefix": prefix, "continuation": text, "harmful": flag,
                          **{key: row[key] for key in ("category", "held_out") if key in row}})
         n = len(harmful_flags)
         results.append({"model": name, "decode": decode_name, "attack": attack, "k": k,
-                        "asr": sum(harmful_flags) / n if n else None, "n": n, "judge": judge_name})
+                        "asr": sum(harmful_flags) / n if n else None, "n": n, "judge": judge_name, **extra})
 
     with_response = [r for r in harmful if r.get("harmful_response")]
     own_answers = None
@@ -162,7 +181,7 @@ def evaluate(name: str, decode_name: str, decoder, nll_fn, tok, harmful, benign,
         outs = batched(decoder, [ids for ids, _ in inputs], args.batch_size, f"{name} insertion")
         record("insertion", args.insertion_len, with_response, inputs, outs)
 
-    utility = {"model": name, "decode": decode_name, "helpful_rate": None, "over_refusal": None, "nll": None}
+    utility = {"model": name, "decode": decode_name, **extra, "helpful_rate": None, "over_refusal": None, "nll": None}
     if benign:
         outs = batched(decoder, [tok.prompt_ids(r["prompt"]) for r in benign], args.batch_size, f"{name} benign")
         texts = [tok.decode(o) for o in outs]
@@ -174,7 +193,7 @@ def evaluate(name: str, decode_name: str, decoder, nll_fn, tok, harmful, benign,
         else:
             helpful = [None] * len(texts)
         for r, t, h, ref in zip(benign, texts, helpful, refused):
-            gens.append({"model": name, "decode": decode_name, "attack": "benign", "k": 0, "prompt": r["prompt"],
+            gens.append({"model": name, "decode": decode_name, **extra, "attack": "benign", "k": 0, "prompt": r["prompt"],
                          "prefix": "", "continuation": t, "helpful": h, "refusal": ref})
         with_ref = [r for r in benign if r.get("response")]
         if with_ref:
@@ -191,9 +210,11 @@ def table(results: list[dict], utility: list[dict]) -> str:
     head = ["model", "decode"] + [f"{'direct' if (a, k) == ('prefill', 0) else f'{a}@{k}'}" for a, k in cols]
     head += ["helpful", "over-refusal", "benign NLL"]
     lines = []
+    same = lambda r, u: all(r.get(key) == u.get(key) for key in ("model", "decode", "alpha", "beta"))  # noqa: E731
     for u in utility:
-        cell = {(r["attack"], r["k"]): r for r in results if r["model"] == u["model"] and r["decode"] == u["decode"]}
-        row = [u["model"], u["decode"]]
+        cell = {(r["attack"], r["k"]): r for r in results if same(r, u)}
+        label = u["decode"] + (f" a={u['alpha']:g} b={u['beta']:g}" if "alpha" in u else "")
+        row = [u["model"], label]
         for c in cols:
             r = cell.get(c)
             row.append("-" if r is None or r["asr"] is None else f"{100 * r['asr']:.1f}% ({round(r['asr'] * r['n'])}/{r['n']})")
@@ -235,28 +256,79 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--compile", action="store_true")
     p.add_argument("--out", help="write settings, every generation and the summary rows to this JSON file")
+    p.add_argument("--decode", choices=["greedy", "contrastive"], default="greedy",
+                   help="contrastive: decode each model against --contrast-base (default: the toy base)")
+    add_contrastive_args(p, sweep=True)  # --alpha 0 0.5 1 2 --beta 0.1 0.01 evaluates every combination
+    p.add_argument("--compare", action="store_true", help="train (once) and evaluate every method of the "
+                   "reproduction table on the toy world, plus the aligned model with contrastive decoding")
+    p.add_argument("--runs", default="runs", help="--compare: where the trained models live")
     return p.parse_args(argv)
+
+
+COMPARE = (  # the reproduction table: (row name, run folder under --runs, train.py flags)
+    ("sft", "sft", ["--method", "sft"]),
+    ("augment", "augment", ["--method", "augment"]),
+    ("constrained", "constrained", ["--method", "constrained"]),
+    ("insertion", "insertion", ["--method", "insertion"]),
+    ("targeted", "targeted", ["--method", "targeted"]),
+    ("targeted w/o penalty", "targeted-no-penalty", ["--method", "targeted", "--lambda-pen", "0"]),
+    ("targeted w/o hybrid teacher", "targeted-hard-labels", ["--method", "targeted", "--lam", "1"]),
+    ("targeted, position weights", "targeted-position-weights", ["--method", "targeted", "--penalty-weight", "position"]),
+)
+
+
+def compare_models(args, toy) -> list:
+    """Train (once; reused when the run folder exists) every method of COMPARE on the toy world."""
+    import train
+
+    models = [("aligned", toy["aligned"])]
+    for name, folder, flags in COMPARE:
+        out = Path(args.runs) / folder
+        if not (out / "config.json").exists():
+            log(f"training {name} -> {out}")
+            train.main(flags + ["--out", str(out), "--overwrite", "--seed", str(args.seed)])
+        models.append((name, out))
+    return models
 
 
 def main(argv=None):
     args = parse_args(argv)
     t0 = time.perf_counter()
     toy = toyworld.ensure_toy_world() if not (args.model and args.harmful and args.benign) else None
-    models = [(Path(m).name, Path(m)) for m in args.model] if args.model else [("base", toy["base"]), ("aligned", toy["aligned"])]
+    if args.compare:
+        models = compare_models(args, toy)
+    elif args.model:
+        models = [(Path(m).name, Path(m)) for m in args.model]
+    else:
+        models = [("base", toy["base"]), ("aligned", toy["aligned"])]
     harmful = load_rows(args.harmful or toy["data"] / "harmful_eval.jsonl", "harmful")[: args.limit]
     benign = load_rows(args.benign or toy["data"] / "benign_eval.jsonl", "benign")[: args.limit]
     judge = args.judge or ("toy" if not args.harmful else "refusal_phrase")
+    base = None
+    if args.decode == "contrastive" or args.compare:
+        args.contrast_base = args.contrast_base or str((toy or toyworld.ensure_toy_world())["base"])
+        base = load_model(args.contrast_base, dtype=args.dtype, device=args.device)
     all_results, all_utility, all_gens = [], [], []
     for name, folder in models:
         tok = Tokenizer(folder)
         model = load_model(folder, dtype=args.dtype, device=args.device)
-        decoder = plain_decoder(model, tok, args)
-        nll_fn = lambda rows: mean_nll(model, tok, rows, args.batch_size)  # noqa: E731
-        results, utility, gens = evaluate(name, "greedy" if args.temperature <= 0 else "sample", decoder, nll_fn,
-                                          tok, harmful, benign, args, judge)
-        all_results += results
-        all_utility.append(utility)
-        all_gens += gens
+        greedy = ("greedy" if args.temperature <= 0 else "sample", plain_decoder(model, tok, args),
+                  lambda rows: mean_nll(model, tok, rows, args.batch_size), None)
+        contrastive = []
+        if base is not None:
+            deepalign.check_same_tokenizer(tok, Tokenizer(args.contrast_base))
+            contrastive = [("contrastive", contrastive_decoder(model, base, tok, args, a, b),
+                            lambda rows, a=a: mean_nll(model, tok, rows, args.batch_size, base, a), {"alpha": a, "beta": b})
+                           for a in args.alpha for b in args.beta]
+        if args.compare:  # every model greedy, and the aligned model also with contrastive decoding
+            runs = [greedy] + (contrastive if name == "aligned" else [])
+        else:
+            runs = contrastive if args.decode == "contrastive" else [greedy]
+        for decode_name, decoder, nll_fn, extra in runs:
+            results, utility, gens = evaluate(name, decode_name, decoder, nll_fn, tok, harmful, benign, args, judge, extra)
+            all_results += results
+            all_utility.append(utility)
+            all_gens += gens
         del model
     print(table(all_results, all_utility))
     print(f"judge: {judge}; {len(harmful)} harmful and {len(benign)} benign prompts; "

@@ -233,13 +233,10 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if self.kv_cache is not None:
             k, v = self.kv_cache.update(cache_pos, k, v)  # (B, Hkv, S, hd)
-        if mask is None:  # unpadded, no cache: the same SDPA call HF makes
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=hd**-0.5, enable_gqa=H != Hkv)
-        else:
-            # GQA: query head h reads kv head h // (H / Hkv), i.e. repeat each kv head H/Hkv times in place.
-            k = k.repeat_interleave(H // Hkv, dim=1)  # (B, H, S, hd)
-            v = v.repeat_interleave(H // Hkv, dim=1)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=hd**-0.5)
+        # GQA: query head h reads kv head h // (H / Hkv) (enable_gqa; never materialise repeated k/v).
+        # mask None (unpadded, no cache) is the same SDPA call HF makes, so logits match bit for bit.
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=hd**-0.5,
+                                           enable_gqa=H != Hkv)
         y = y.transpose(1, 2).reshape(B, T, H * hd)  # (B, T, H*hd)
         return self.o_proj(y)
 

@@ -702,7 +702,7 @@ ROOT = Path(__file__).resolve().parent / "toyworld"  # git-ignored; holds data/,
 BUILD = dict(  # everything the build depends on besides this file's source; changing either rebuilds
     seed=0, n_pretrain=30000, n_sft=4000,
     dim=128, n_layers=4, n_heads=4, n_kv_heads=2, intermediate_size=352, vocab_multiple=64,
-    pretrain_steps=500, pretrain_lr=3e-3, sft_steps=250, sft_lr=1e-3, batch_size=32,
+    pretrain_steps=800, pretrain_lr=3e-3, sft_steps=150, sft_lr=1e-3, batch_size=32,
 )
 
 
@@ -738,9 +738,11 @@ def sft_examples(tok, rows: list) -> list:
     return out
 
 
-def train_lm(model, examples: list, steps: int, batch_size: int, lr: float, seed: int, desc: str) -> list:
+def train_lm(model, examples: list, steps: int, batch_size: int, lr: float, seed: int, desc: str):
     """AdamW on masked next-token cross-entropy, random batches (seeded), linear warmup then cosine decay.
-    Returns the loss of every step."""
+    Returns the loss of every step, and the per-position gradient signal ||softmax(l_t) - onehot(y_t)|| of the
+    loss tokens (positions counted from the first loss token of each example), averaged over the whole run:
+    for refusal SFT, this is the paper's "gradient signal along the response" as the training actually saw it."""
     import math
 
     import torch
@@ -752,7 +754,7 @@ def train_lm(model, examples: list, steps: int, batch_size: int, lr: float, seed
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps)))))
     model.train()
-    losses = []
+    losses, grad_sum, grad_n = [], torch.zeros(0), torch.zeros(0)
     bar = tqdm(range(steps), desc=desc, file=sys.stderr, mininterval=2.0)
     for _ in bar:
         idx = torch.randint(len(examples), (batch_size,), generator=gen).tolist()
@@ -767,6 +769,18 @@ def train_lm(model, examples: list, steps: int, batch_size: int, lr: float, seed
         nll = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), ids[:, 1:].flatten(), reduction="none")
         w = weight[:, 1:].flatten()
         loss = (nll * w).sum() / w.sum()
+        with torch.no_grad():  # dLoss_t/dlogits = softmax - onehot: its norm per response position
+            p = logits.detach().float().softmax(-1)  # (B, T-1, V)
+            p_y = p.gather(-1, ids[:, 1:, None]).squeeze(-1)
+            g = (p.pow(2).sum(-1) - 2 * p_y + 1).clamp(min=0).sqrt()  # (B, T-1)
+            m = weight[:, 1:]
+            pos = (m.cumsum(1) - 1).long()[m.bool()]  # response position of each loss token
+            size = int(pos.max()) + 1
+            if size > len(grad_sum):
+                grad_sum = torch.cat([grad_sum, torch.zeros(size - len(grad_sum))])
+                grad_n = torch.cat([grad_n, torch.zeros(size - len(grad_n))])
+            grad_sum.index_add_(0, pos, g[m.bool()])
+            grad_n.index_add_(0, pos, torch.ones_like(pos, dtype=torch.float))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -775,7 +789,7 @@ def train_lm(model, examples: list, steps: int, batch_size: int, lr: float, seed
         losses.append(loss.item())
         bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
     model.eval()
-    return losses
+    return losses, (grad_sum / grad_n.clamp(min=1)).tolist()
 
 
 def build_fingerprint(cfg: dict) -> str:
@@ -805,18 +819,19 @@ def build_toy_world(root=ROOT, **overrides) -> dict:
 
     model = Transformer(toy_model_args(tok, cfg))
     pretrain = read_jsonl(paths["pretrain"], SCHEMAS["pretrain"])
-    base_losses = train_lm(model, lm_examples(tok, pretrain), cfg["pretrain_steps"], cfg["batch_size"],
+    base_losses, _ = train_lm(model, lm_examples(tok, pretrain), cfg["pretrain_steps"], cfg["batch_size"],
                            cfg["pretrain_lr"], cfg["seed"], "pretrain base")
     save_model(model, root / "base", tokenizer_from=tok_dir, overwrite=True)
 
     sft = read_jsonl(paths["sft"], SCHEMAS["sft"])
-    sft_losses = train_lm(model, sft_examples(tok, sft), cfg["sft_steps"], cfg["batch_size"], cfg["sft_lr"],
+    sft_losses, sft_grad = train_lm(model, sft_examples(tok, sft), cfg["sft_steps"], cfg["batch_size"], cfg["sft_lr"],
                           cfg["seed"] + 1, "refusal SFT -> aligned")
     save_model(model, root / "aligned", tokenizer_from=tok_dir, overwrite=True)
 
     info = {"fingerprint": build_fingerprint(cfg), "config": cfg, "seconds": round(time.perf_counter() - start, 1),
             "base_final_loss": sum(base_losses[-50:]) / 50, "sft_final_loss": sum(sft_losses[-50:]) / 50,
-            "parameters": sum(p.numel() for p in model.parameters())}
+            "parameters": sum(p.numel() for p in model.parameters()),
+            "sft_grad_signal": [round(g, 4) for g in sft_grad]}  # per response position, averaged over SFT
     write_text_atomic(root / "build.json", json.dumps(info, indent=2))
     return toy_paths(root)
 
