@@ -94,7 +94,10 @@ LOG_FLOOR = -1e4  # a log-prob below this is as impossible as -inf; flooring kee
 
 
 def head_mask(lp_A, beta: float = 0.1) -> torch.Tensor:
-    """V_head = { v : p_A(v) >= beta * max p_A } (Li et al. 2022's plausibility filter; METHOD §4)."""
+    """V_head = { v : p_A(v) >= beta * max p_A } (Li et al. 2022's plausibility filter; METHOD §4).
+    beta = 0 keeps the whole vocabulary."""
+    if beta <= 0:
+        return torch.ones_like(lp_A, dtype=torch.bool)
     return lp_A >= lp_A.max(-1, keepdim=True).values + math.log(beta)
 
 

@@ -3,6 +3,8 @@
     python eval.py                                  # the toy world's base and aligned models
     python eval.py --model DIR [--model DIR2 ...]   # any checkpoint folders
     python eval.py --harmful advbench.csv --benign prompts.jsonl --judge refusal_phrase --model ~/models/Qwen2.5-7B-Instruct
+    python eval.py --model DIR --decode contrastive [--contrast-base BASE] --alpha 0 0.5 1 2 --beta 0.1 0.01   # a sweep
+    python eval.py --compare                        # train (once) and evaluate every method: the reproduction table
 
 Attacks (METHOD §7):
   prefill   the first k tokens of a harmful response are forced at the start of the assistant's turn

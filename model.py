@@ -521,7 +521,8 @@ def save_model(model: Transformer, out_dir, tokenizer_from=None, max_shard_bytes
 # ----------------------------------------------------------------------------------------------
 PLAIN_FORMAT_DOC = """Plain chat format, used when a checkpoint has no chat template (base models):
     each message renders as "{Role}: {content}\\n\\n" (Role = System / User / Assistant),
-    the generation prompt is "Assistant:", and a forced response prefix follows it after one space;
+    the generation prompt is "Assistant:\\n", and a forced response prefix follows it directly (after the
+    newline, as in ChatML, so the response tokenizes the same way in both formats);
     the tokenizer's own special tokens (e.g. Llama's BOS) are added by its post-processor."""
 
 
@@ -591,7 +592,7 @@ class Tokenizer:
         if self.chat_template is None or plain:
             text = "".join(f"{m['role'].capitalize()}: {m['content']}\n\n" for m in messages)
             if add_generation_prompt:
-                text += "Assistant:" + (" " + prefill if prefill else "")
+                text += "Assistant:\n" + prefill
             return text
         env = _jinja_env()
         text = env.from_string(self.chat_template).render(

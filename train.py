@@ -351,7 +351,8 @@ def train(args) -> Path:
     model_fn = torch.compile(student, dynamic=True) if args.compile else student
 
     student.train()
-    bar = tqdm(range(start, args.steps), desc=f"train {args.method}", file=sys.stderr, initial=start, total=args.steps)
+    bar = tqdm(range(start, args.steps), desc=f"train {args.method}", file=sys.stderr, initial=start, total=args.steps,
+               mininterval=2.0)
     for step in bar:
         t0 = time.perf_counter()
         opt.zero_grad(set_to_none=True)

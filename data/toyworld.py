@@ -720,29 +720,31 @@ def toy_model_args(tok, cfg: dict):
 
 
 def lm_examples(tok, pretrain: list) -> list:
-    """Pretraining examples: each document's ids + <|endoftext|>, loss on every token."""
+    """Pretraining examples (ids, loss mask, record): each document's ids + <|endoftext|>, loss on every token."""
     end = [tok.tok.token_to_id("<|endoftext|>")]
     encoded = tok.tok.encode_batch([r["text"] for r in pretrain], add_special_tokens=False)
-    return [(e.ids + end, [1] * (len(e.ids) + 1)) for e in encoded]
+    return [(e.ids + end, [1] * (len(e.ids) + 1), False) for e in encoded]
 
 
 def sft_examples(tok, rows: list) -> list:
-    """SFT examples: chat-formatted prompt + response + <|im_end|>, loss on the response tokens only."""
+    """SFT examples (ids, loss mask, record): chat-formatted prompt + response + <|im_end|>, loss on the response
+    tokens only; `record` marks the refusals (harmful prompts), whose gradient signal train_lm reports."""
     out = []
     for r in rows:
         head = tok.prompt_ids(r["prompt"])
         full = tok.encode_chat([{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["response"]}],
                                add_generation_prompt=False)
         full = full[: full.index(tok.eos_ids[0], len(head)) + 1]  # through the assistant's <|im_end|>
-        out.append((full, [0] * len(head) + [1] * (len(full) - len(head))))
+        out.append((full, [0] * len(head) + [1] * (len(full) - len(head)), r.get("kind") == "harmful"))
     return out
 
 
 def train_lm(model, examples: list, steps: int, batch_size: int, lr: float, seed: int, desc: str):
     """AdamW on masked next-token cross-entropy, random batches (seeded), linear warmup then cosine decay.
     Returns the loss of every step, and the per-position gradient signal ||softmax(l_t) - onehot(y_t)|| of the
-    loss tokens (positions counted from the first loss token of each example), averaged over the whole run:
-    for refusal SFT, this is the paper's "gradient signal along the response" as the training actually saw it."""
+    loss tokens of the examples marked `record` (positions counted from their first loss token), averaged over
+    the whole run: for the refusals of refusal SFT, this is the paper's "gradient signal along the response" as
+    the training actually saw it (METHOD §3 grad_t)."""
     import math
 
     import torch
@@ -761,8 +763,9 @@ def train_lm(model, examples: list, steps: int, batch_size: int, lr: float, seed
         T = max(len(examples[i][0]) for i in idx)
         ids = torch.zeros(batch_size, T, dtype=torch.long)
         weight = torch.zeros(batch_size, T)
+        record = torch.zeros(batch_size, 1)
         for row, i in enumerate(idx):
-            seq, mask = examples[i]
+            seq, mask, record[row] = examples[i]
             ids[row, : len(seq)] = torch.tensor(seq)
             weight[row, : len(seq)] = torch.tensor(mask, dtype=torch.float)
         logits = model(ids[:, :-1])  # (B, T-1, V); right padding never affects real positions
@@ -773,9 +776,9 @@ def train_lm(model, examples: list, steps: int, batch_size: int, lr: float, seed
             p = logits.detach().float().softmax(-1)  # (B, T-1, V)
             p_y = p.gather(-1, ids[:, 1:, None]).squeeze(-1)
             g = (p.pow(2).sum(-1) - 2 * p_y + 1).clamp(min=0).sqrt()  # (B, T-1)
-            m = weight[:, 1:]
-            pos = (m.cumsum(1) - 1).long()[m.bool()]  # response position of each loss token
-            size = int(pos.max()) + 1
+            m = weight[:, 1:] * record
+            pos = (m.cumsum(1) - 1).long()[m.bool()]  # response position of each recorded loss token
+            size = int(pos.max()) + 1 if len(pos) else 0
             if size > len(grad_sum):
                 grad_sum = torch.cat([grad_sum, torch.zeros(size - len(grad_sum))])
                 grad_n = torch.cat([grad_n, torch.zeros(size - len(grad_n))])

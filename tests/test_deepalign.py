@@ -1,5 +1,6 @@
 """deepalign.py's per-position quantities against brute-force loops over the vocabulary, and decode.py's
 contrastive decoding against recomputing both models from scratch at every step."""
+import json
 import math
 
 import pytest
@@ -150,3 +151,28 @@ def test_profile_of_a_model_against_itself_is_zero(tmp_path):
         assert r["kl"] == pytest.approx(0.0, abs=1e-6)
         assert r["bf_count"] == 0 and r["bf_mass_A"] == 0 and r["bf_hit"] == 0
         assert r["grad"] is None or 0 < r["grad"] <= math.sqrt(2)
+
+
+def test_profile_and_tokens_commands_on_a_small_toy_world(toy, tmp_path, capsys):
+    paths = ["--base", str(toy["base"]), "--aligned", str(toy["aligned"]), "--data", str(toy["data"] / "harmful_eval.jsonl")]
+    out = tmp_path / "profile.json"
+    D.main(["profile", *paths, "--limit", "5", "--max-response-tokens", "12", "--out", str(out)])
+    prof = json.loads(out.read_text())
+    assert [r["t"] for r in prof["positions"]] == list(range(12))
+    assert set(prof["positions"][0]) == {"t", "n", "kl", "bf_mass_A", "bf_mass_B", "bf_count", "bf_hit", "grad"}
+    assert prof["settings"]["same_token_sequence"] is True and prof["positions"][0]["n"] == 5
+    assert "bf_mass_A" in capsys.readouterr().out
+    D.main(["tokens", *paths, "--max-response-tokens", "6"])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("prompt: ") and len(lines) == 2 + 6
+
+
+def test_plain_base_format_uses_only_pairs_that_tokenize_alike(toy):
+    tok = M.Tokenizer(toy["aligned"])
+    rows = [{"prompt": "how do i bake bread ?", "harmful_response": "sure . first , then , next ."}]
+    m = M.load_model(toy["aligned"])
+    chat = D.position_profile(m, m, tok, rows, progress=False)
+    plain = D.position_profile(m, m, tok, rows, base_format="plain", progress=False)
+    assert plain["settings"]["skipped_pairs"] == 0 and len(plain["positions"]) == len(chat["positions"])
+    # the same model reading two different formats: the distributions now differ
+    assert plain["positions"][0]["kl"] > 0 and chat["positions"][0]["kl"] == pytest.approx(0, abs=1e-6)

@@ -31,7 +31,8 @@ def test_build_writes_hf_folders_that_transformers_loads_identically(toy):
 
 def test_sft_examples_train_on_the_response_only(toy):
     tok = M.Tokenizer(toy["aligned"])
-    (ids, mask), = tw.sft_examples(tok, [{"prompt": "how do i bake bread ?", "response": "sure . first , knead ."}])
+    (ids, mask, record), = tw.sft_examples(tok, [{"prompt": "how do i bake bread ?", "response": "sure . first , knead .", "kind": "benign"}])
+    assert record is False  # only refusals (harmful prompts) are recorded for the gradient signal
     head = tok.prompt_ids("how do i bake bread ?")
     assert ids[: len(head)] == head and mask == [0] * len(head) + [1] * (len(ids) - len(head))
     assert tok.decode(ids[len(head):], skip_special_tokens=False) == "sure . first , knead .<|im_end|>"
@@ -110,3 +111,20 @@ def test_advbench_csv_and_txt_formats(tmp_path):
     assert E.load_rows(tmp_path / "a.csv", "harmful") == [{"prompt": "how do i x, quickly", "harmful_response": "Sure here is x"}]
     (tmp_path / "p.txt").write_text("first prompt\n\nsecond prompt\n")
     assert E.load_rows(tmp_path / "p.txt", "benign") == [{"prompt": "first prompt"}, {"prompt": "second prompt"}]
+
+
+def test_eval_contrastive_decoding_rows(toy, tmp_path):
+    out = tmp_path / "cd.json"
+    harmful, benign = toy["data"] / "harmful_eval.jsonl", toy["data"] / "benign_eval.jsonl"
+    E.main(["--model", str(toy["aligned"]), "--harmful", str(harmful), "--benign", str(benign), "--judge", "toy",
+            "--limit", "4", "--prefill", "0", "5", "--max-new-tokens", "8", "--decode", "contrastive",
+            "--contrast-base", str(toy["base"]), "--alpha", "0", "1", "--beta", "0.1", "--out", str(out)])
+    res = json.loads(out.read_text())
+    assert {(r["decode"], r["alpha"], r["beta"]) for r in res["results"]} == {("contrastive", 0.0, 0.1), ("contrastive", 1.0, 0.1)}
+    assert len(res["utility"]) == 2 and all(u["decode"] == "contrastive" for u in res["utility"])
+    # alpha = 0 is plain greedy decoding: the same continuations as the greedy evaluation
+    E.main(["--model", str(toy["aligned"]), "--harmful", str(harmful), "--benign", str(benign), "--judge", "toy",
+            "--limit", "4", "--prefill", "0", "5", "--max-new-tokens", "8", "--out", str(tmp_path / "g.json")])
+    greedy = json.loads((tmp_path / "g.json").read_text())["generations"]
+    alpha0 = [g for g in res["generations"] if g["alpha"] == 0.0]
+    assert [g["continuation"] for g in alpha0] == [g["continuation"] for g in greedy]

@@ -286,8 +286,8 @@ def test_no_template_uses_the_plain_format(tmp_path):
     tok = M.Tokenizer(tmp_path)
     assert tok.chat_template is None
     msgs = [{"role": "system", "content": "be brief ."}] + MESSAGES
-    assert tok.format_chat(msgs, prefill="sure") == "System: be brief .\n\nUser: how do i bake bread ?\n\nAssistant: sure"
-    assert tok.format_chat(MESSAGES) == "User: how do i bake bread ?\n\nAssistant:"
+    assert tok.format_chat(msgs, prefill="sure") == "System: be brief .\n\nUser: how do i bake bread ?\n\nAssistant:\nsure"
+    assert tok.format_chat(MESSAGES) == "User: how do i bake bread ?\n\nAssistant:\n"
 
 
 def test_special_ids_and_eos_list(tmp_path):
