@@ -13,7 +13,7 @@ Read top to bottom:
     2. contrastive scores (inference time)                    contrastive_logits
     3. teacher-forced position profile over a data set        position_profile
     4. training losses (targeted completion and baselines)    hybrid_teacher, kd_loss, bf_penalty, ...
-    5. command line: `python deepalign.py profile|tokens`
+    5. command line: `python deepalign.py profile|tokens|plot`
 """
 from __future__ import annotations
 
@@ -348,9 +348,9 @@ def profile_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def plot_profile(rows: list[dict], path, title: str = "") -> bool:
-    """KL(p_A || p_B), bf_mass_A and the refusal-SFT gradient signal against response position. False (and a
-    hint) when matplotlib is not installed: it is an optional dependency."""
+def plot_profile(profiles: dict, path, title: str = "") -> bool:
+    """KL(p_A || p_B), bf_mass_A and the refusal-SFT gradient signal against response position, one line per
+    profile ({label: positions rows}). False (and a hint) when matplotlib, an optional dependency, is missing."""
     try:
         import matplotlib
 
@@ -360,18 +360,18 @@ def plot_profile(rows: list[dict], path, title: str = "") -> bool:
         print("matplotlib is not installed: `pip install matplotlib` to get the plot (the table and JSON are complete)",
               file=sys.stderr)
         return False
-    t = [r["t"] for r in rows]
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
     series = [("kl", "KL(p_A || p_B)"), ("bf_mass_A", "bf_mass_A (incompleteness)"), ("grad", "refusal-SFT gradient signal")]
     for ax, (key, label) in zip(axes, series):
-        ys = [r[key] for r in rows]
-        if all(y is None for y in ys):
-            ax.set_title(f"{label}: not measured")
-            continue
-        ax.plot([x for x, y in zip(t, ys) if y is not None], [y for y in ys if y is not None], marker=".")
+        for name, rows in profiles.items():
+            pts = [(r["t"], r[key]) for r in rows if r.get(key) is not None]
+            if pts:
+                ax.plot(*zip(*pts), marker=".", label=name)
         ax.set_title(label)
         ax.set_xlabel("response position t")
         ax.grid(alpha=0.3)
+    if len(profiles) > 1:
+        axes[1].legend()
     fig.suptitle(title)
     fig.tight_layout()
     path = Path(path)
@@ -417,7 +417,7 @@ def cmd_profile(args):
         tmp.write_text(json.dumps(prof, indent=1))
         os.replace(tmp, out)
     plot = args.plot or (Path(args.out).with_suffix(".png") if args.out else None)
-    if plot and plot_profile(prof["positions"], plot, f"position profile: {prof['settings']['aligned']} vs {prof['settings']['base']}"):
+    if plot and plot_profile({"A": prof["positions"]}, plot, f"position profile: A = {prof['settings']['aligned']}, B = {prof['settings']['base']}"):
         print(f"plot: {plot}", file=sys.stderr)
 
 
@@ -440,10 +440,21 @@ def cmd_tokens(args):
         print(f"{t:3d}  {tok.decode([y])!r:16s} {lp_A[t, y].exp():6.3f} {lp_B[t, y].exp():6.3f}  |  {favored or '-'}")
 
 
+def cmd_plot(args):
+    """Overlay saved profiles (e.g. before and after training) in one figure."""
+    profiles = {Path(f).stem.removeprefix("profile_"): json.loads(Path(f).read_text())["positions"] for f in args.profiles}
+    if plot_profile(profiles, args.out, args.title):
+        print(f"plot: {args.out}", file=sys.stderr)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description="Base-favored tokens and position profiles (METHOD §1-3). "
                                             "With no --base/--aligned/--data: the toy world.")
     sub = p.add_subparsers(dest="cmd", required=True)
+    overlay = sub.add_parser("plot", help="overlay profile JSON files written by `profile --out`")
+    overlay.add_argument("profiles", nargs="+")
+    overlay.add_argument("--out", required=True, help="PNG path")
+    overlay.add_argument("--title", default="")
     for name in ("profile", "tokens"):
         s = sub.add_parser(name)
         s.add_argument("--base", help="base model folder (default: toy base)")
@@ -468,10 +479,7 @@ def main(argv=None):
     tokens.add_argument("--example", type=int, default=0, help="index of the pair to show")
     tokens.add_argument("--show", type=int, default=5, help="base-favored tokens shown per position")
     args = p.parse_args(argv)
-    if args.cmd == "profile":
-        cmd_profile(args)
-    else:
-        cmd_tokens(args)
+    {"profile": cmd_profile, "tokens": cmd_tokens, "plot": cmd_plot}[args.cmd](args)
 
 
 if __name__ == "__main__":
