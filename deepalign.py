@@ -163,22 +163,23 @@ class Accumulator:
     """Per-position sums and counts: mean_t = sum_t / n_t over all contexts that reach position t."""
 
     def __init__(self, keys):
-        self.sums, self.n = {k: [] for k in keys}, []
+        self.sums = {k: torch.zeros(0, dtype=torch.float64) for k in keys}
+        self.n = torch.zeros(0, dtype=torch.float64)
 
-    def add(self, values: dict[str, torch.Tensor]):
-        n = len(next(iter(values.values())))
-        while len(self.n) < n:
-            self.n.append(0)
-            for k in self.sums:
-                self.sums[k].append(0.0)
-        for t in range(n):
-            self.n[t] += 1
+    def add(self, t: torch.Tensor, values: dict[str, torch.Tensor]):
+        """t (N,) response positions; values {key: (N,)}."""
+        t = t.cpu()
+        size = int(t.max()) + 1
+        if size > len(self.n):  # grow to the longest response seen so far
+            grow = lambda x: torch.cat([x, torch.zeros(size - len(x), dtype=x.dtype)])  # noqa: E731
+            self.n, self.sums = grow(self.n), {k: grow(v) for k, v in self.sums.items()}
+        self.n.index_add_(0, t, torch.ones(len(t), dtype=torch.float64))
         for k, v in values.items():
-            for t, x in enumerate(v.tolist()):
-                self.sums[k][t] += x
+            self.sums[k].index_add_(0, t, v.detach().double().cpu())
 
     def rows(self):
-        return [{"t": t, "n": n, **{k: self.sums[k][t] / n for k in self.sums}} for t, n in enumerate(self.n)]
+        return [{"t": t, "n": int(n), **{k: (self.sums[k][t] / n).item() for k in self.sums}}
+                for t, n in enumerate(self.n.tolist())]
 
 
 @torch.no_grad()
@@ -222,22 +223,22 @@ def position_profile(base, aligned, tok, pairs: list[dict], tau: float = 1.0, to
         if not resp:
             continue
         lens = [len(r) for r in resp]
-        lps_A = response_log_probs(aligned, seq_A, st_A, lens, tok.pad_id)
-        lps_B = response_log_probs(base, seq_B, st_B, lens, tok.pad_id)
-        for lp_A, lp_B, r in zip(lps_A, lps_B, resp):  # (n, V) each
-            bf = base_favored_mask(lp_A, lp_B, tau, top_k, valid)
-            target = torch.tensor(r, device=lp_A.device)
-            acc.add({"kl": kl_per_position(lp_A, lp_B), "bf_mass_A": bf_mass(lp_A, bf), "bf_mass_B": bf_mass(lp_B, bf),
-                     "bf_count": bf.sum(-1).float(), "bf_hit": bf_hit(bf, target)})
+        lp_A = torch.cat(response_log_probs(aligned, seq_A, st_A, lens, tok.pad_id))  # (N, V), all rows' positions
+        lp_B = torch.cat(response_log_probs(base, seq_B, st_B, lens, tok.pad_id))
+        t = torch.cat([torch.arange(n) for n in lens])  # (N,) response position of each row
+        target = torch.tensor([y for r in resp for y in r], device=lp_A.device)
+        bf = base_favored_mask(lp_A, lp_B, tau, top_k, valid)  # (N, V)
+        acc.add(t, {"kl": kl_per_position(lp_A, lp_B), "bf_mass_A": bf_mass(lp_A, bf), "bf_mass_B": bf_mass(lp_B, bf),
+                    "bf_count": bf.sum(-1).float(), "bf_hit": bf_hit(bf, target)})
         refusals = [row.get("refusal", refusal) for row in batch]
         if all(refusals):
             splits = [response_split(tok, row["prompt"], ref, max_tokens=max_response_tokens) for row, ref in zip(batch, refusals)]
-            lps = response_log_probs(grad_model, [h + r for h, r in splits], [len(h) for h, _ in splits],
-                                     [len(r) for _, r in splits], tok.pad_id)
-            for lp, (_, r) in zip(lps, splits):
-                grad_acc.add({"grad": logit_grad_norm(lp, torch.tensor(r, device=lp.device))})
+            lp = torch.cat(response_log_probs(grad_model, [h + r for h, r in splits], [len(h) for h, _ in splits],
+                                              [len(r) for _, r in splits], tok.pad_id))
+            target = torch.tensor([y for _, r in splits for y in r], device=lp.device)
+            grad_acc.add(torch.cat([torch.arange(len(r)) for _, r in splits]), {"grad": logit_grad_norm(lp, target)})
     rows = acc.rows()
-    grads = grad_acc.rows()
+    grads = grad_acc.rows() if len(grad_acc.n) else []
     for row in rows:
         row["grad"] = grads[row["t"]]["grad"] if row["t"] < len(grads) else None
     return {"positions": rows, "settings": {"tau": tau, "top_k": top_k, "base_format": base_format,

@@ -558,7 +558,7 @@ class Tokenizer:
         self.eos_ids = eos
         pad = self._id(self.special_tokens.get("pad_token"), mcfg.get("pad_token_id"), gcfg.get("pad_token_id"))
         self.pad_id = pad if pad is not None else (eos[0] if eos else 0)
-        self.chat_template = None
+        self.chat_template, self._compiled_template = None, None
         if (folder / "chat_template.jinja").exists():  # overrides tokenizer_config's key (newer saves)
             self.chat_template = (folder / "chat_template.jinja").read_text()
         elif isinstance(tcfg.get("chat_template"), str):
@@ -594,8 +594,9 @@ class Tokenizer:
             if add_generation_prompt:
                 text += "Assistant:\n" + prefill
             return text
-        env = _jinja_env()
-        text = env.from_string(self.chat_template).render(
+        if self._compiled_template is None:  # compile once per tokenizer
+            self._compiled_template = _jinja_env().from_string(self.chat_template)
+        text = self._compiled_template.render(
             messages=messages, add_generation_prompt=add_generation_prompt, **self.special_tokens, **template_kwargs
         )
         return text + prefill
