@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 import deepalign
-from model import DTYPES, Tokenizer, generate, get_decode_step, left_pad, load_model, log, sample_next
+from model import DTYPES, Tokenizer, cut_at_eos, generate, get_decode_step, left_pad, load_model, log, sample_next
 
 
 @torch.no_grad()
@@ -61,9 +61,8 @@ def contrastive_generate(aligned, base, prompts: list[list[int]], max_new_tokens
     finally:
         aligned.clear_cache()
         base.clear_cache()
-    tokens = torch.stack(out, dim=1).tolist()
-    eos_set = set(eos_ids)
-    return [row[: next((j + 1 for j, t in enumerate(row) if t in eos_set), len(row))] for row in tokens]
+    tokens = torch.stack(out, dim=1).tolist()  # (B, n)
+    return [cut_at_eos(row, set(eos_ids)) for row in tokens]
 
 
 def parse_args(argv=None):

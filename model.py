@@ -736,10 +736,10 @@ def generate(
     finally:
         model.clear_cache()
     tokens = torch.stack(out, dim=1).tolist()  # (B, n)
-    return [_cut_at_eos(row, set(eos_ids)) for row in tokens]
+    return [cut_at_eos(row, set(eos_ids)) for row in tokens]
 
 
-def _cut_at_eos(row: list[int], eos: set) -> list[int]:
+def cut_at_eos(row: list[int], eos: set) -> list[int]:
     for i, t in enumerate(row):
         if t in eos:
             return row[: i + 1]
