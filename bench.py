@@ -155,7 +155,7 @@ def m_train(folder, args):
     opt = torch.optim.AdamW(student.parameters(), lr=1e-5)
 
     def step(method):
-        terms = T.step_losses(method, student, teacher, base, *batches, targs, valid)
+        terms, _ = T.step_losses(method, student, teacher, base, *batches, targs, valid)
         opt.zero_grad()
         terms["loss"].backward()
         opt.step()

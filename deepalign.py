@@ -278,19 +278,20 @@ def kd_loss(q, lp_S, mask) -> torch.Tensor:
 
 
 def adaptive_weights(bf_mass_A, mask, w_max: float = 5.0, mode: str = "adaptive", gamma: float = 1.0,
-                     positions=None) -> torch.Tensor:
+                     positions=None, mean=None, T=None) -> torch.Tensor:
     """Per-position penalty weights w_t (METHOD §5), recomputed each batch.
 
     adaptive: w_t = clip(bf_mass_A_t / mean(bf_mass_A), 0, w_max), the mean over the batch's loss positions:
               positions the aligned model has left more incomplete weigh more. (The paper states adaptive,
               position-aware penalties; normalising by the batch mean is our choice.)
     position: w_t = 1 + gamma * t / T, t the response position, T the largest one in the batch.
+    `mean` and `T` override the batch statistics (several processes share one global batch).
     bf_mass_A, mask, positions (B, T) -> (B, T); no gradient flows through the weights."""
     if mode == "adaptive":
-        mean = masked_mean(bf_mass_A, mask).clamp(min=1e-8)
+        mean = (masked_mean(bf_mass_A, mask) if mean is None else mean).clamp(min=1e-8)
         w = (bf_mass_A / mean).clamp(0, w_max)
     elif mode == "position":
-        T = (positions * mask).max().clamp(min=1)
+        T = ((positions * mask).max() if T is None else T).clamp(min=1)
         w = 1 + gamma * positions / T
     else:
         raise ValueError(f"penalty weight mode {mode!r} is not supported; use 'adaptive' or 'position'")

@@ -37,6 +37,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 from tqdm import tqdm
 
@@ -103,6 +104,42 @@ def merge_lora(model):
 
 
 # ----------------------------------------------------------------------------------------------
+# Several processes: torch's FSDP (fully_shard) shards every model; these helpers keep the math global
+# ----------------------------------------------------------------------------------------------
+def world_info() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def all_reduce(x: torch.Tensor, op=None) -> torch.Tensor:
+    """Sum (or `op`) over processes; the identity in a single process."""
+    if world_info()[1] > 1:
+        x = x.clone()
+        dist.all_reduce(x, op=op or dist.ReduceOp.SUM)
+    return x
+
+
+def token_share(batch) -> float:
+    """(this process's loss tokens / all processes' loss tokens) * world size. Scaling a per-token mean by it
+    makes FSDP's gradient average equal the gradient of the global batch's per-token mean."""
+    world = world_info()[1]
+    if world == 1:
+        return 1.0
+    n = torch.tensor(float(len(batch[3])))
+    return (n * world / all_reduce(n)).item()
+
+
+def shard(model):
+    """FSDP2: each transformer block its own unit, then the rest (embedding, final norm, head)."""
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in model.model.layers:
+        fully_shard(layer)
+    fully_shard(model)
+
+
+# ----------------------------------------------------------------------------------------------
 # Examples: token ids, the positions that carry loss, their targets and response positions
 # ----------------------------------------------------------------------------------------------
 def recovery_example(tok, row: dict, k: int, answer_ids=None):
@@ -161,9 +198,11 @@ def frozen_logprobs(model, batch, student):
     return loss_logprobs(model, batch)
 
 
-def step_losses(method, student, teacher_A, base, safety, utility, args, valid) -> dict:
-    """Every loss term of one step, as a dict of scalars; "loss" is what is minimised."""
+def step_losses(method, student, teacher_A, base, safety, utility, args, valid):
+    """Every loss term of one step (per-token means over this process's tokens), and "loss", what is minimised:
+    with several processes, each mean is weighted by this process's token share (see token_share)."""
     ones = lambda b: torch.ones_like(b[3], dtype=torch.float)  # noqa: E731  every gathered token counts
+    s_share, u_share = token_share(safety), token_share(utility)
     terms = {}
     if method == "targeted":
         lp_S = loss_logprobs(student, safety)
@@ -171,28 +210,32 @@ def step_losses(method, student, teacher_A, base, safety, utility, args, valid) 
         y, pos = safety[3], safety[4]
         bf = D.base_favored_mask(lp_A, lp_B, args.tau, args.top_k, valid)  # (N, V)
         q = D.hybrid_teacher(lp_A, lp_B, y, args.lam, args.alpha_t, args.beta)
-        w = D.adaptive_weights(D.bf_mass(lp_A, bf), ones(safety), args.w_max, args.penalty_weight, args.gamma, pos)
+        m_A = D.bf_mass(lp_A, bf)  # (N,) the aligned model's incompleteness at each loss position
+        mean = all_reduce(m_A.sum()) / all_reduce(torch.tensor(float(len(m_A)), device=m_A.device))  # global batch
+        T = all_reduce(pos.max().float(), dist.ReduceOp.MAX if world_info()[1] > 1 else None)
+        w = D.adaptive_weights(m_A, ones(safety), args.w_max, args.penalty_weight, args.gamma, pos, mean=mean, T=T)
         terms["kd"] = D.kd_loss(q, lp_S, ones(safety))
         terms["pen"] = D.bf_penalty(lp_S, bf, w, ones(safety))
         terms["bf_mass_S"] = D.bf_mass(lp_S, bf).mean().detach()
         lp_S_u = loss_logprobs(student, utility)
         lp_A_u = frozen_logprobs(teacher_A, utility, student)
         terms["util"] = D.utility_kl(lp_A_u, lp_S_u, ones(utility))
-        terms["loss"] = terms["kd"] + args.lambda_pen * terms["pen"] + args.lambda_util * terms["util"]
+        terms["loss"] = s_share * (terms["kd"] + args.lambda_pen * terms["pen"]) + args.lambda_util * u_share * terms["util"]
     elif method == "constrained":
         for name, batch in (("safety", safety), ("util", utility)):
             lp_S = loss_logprobs(student, batch)
             lp_A = frozen_logprobs(teacher_A, batch, student)
             beta_t = D.qi_beta_schedule(batch[4])
             terms[name] = D.constrained_loss(lp_S, lp_A, batch[3], beta_t, ones(batch))
-        terms["loss"] = terms["safety"] + terms["util"]
+        terms["loss"] = s_share * terms["safety"] + u_share * terms["util"]
     else:  # sft, augment, insertion: cross-entropy
         terms["ce"] = D.ce_loss(loss_logprobs(student, safety), safety[3], ones(safety))
-        terms["loss"] = terms["ce"]
+        terms["loss"] = s_share * terms["ce"]
         if method != "sft":
             terms["util"] = D.ce_loss(loss_logprobs(student, utility), utility[3], ones(utility))
-            terms["loss"] = terms["ce"] + args.lambda_util * terms["util"]
-    return terms
+            terms["loss"] = terms["loss"] + args.lambda_util * u_share * terms["util"]
+    shares = {k: (u_share if k == "util" else 1.0 if k == "loss" else s_share) for k in terms}
+    return terms, shares
 
 
 # ----------------------------------------------------------------------------------------------
@@ -208,44 +251,55 @@ def prefix_length(rng: random.Random, method: str, K: int) -> int:
     return rng.randint(0, K)
 
 
-def worst_insertion(student, tok, row, own: list[int], rng: random.Random, args, device):
-    """Among args.insert_candidates random splices (cut own answer after j tokens, insert m harmful tokens),
-    return the answer prefix whose next harmful tokens the student finds most likely."""
+def insertion_candidates(tok, row, own: list[int], rng: random.Random, n: int):
+    """n random splices: the model's own answer cut after j tokens, then m harmful tokens from offset a.
+    Returns [(answer prefix ids, the next harmful tokens)]."""
     _, harm = D.response_split(tok, row["prompt"], row["harmful_response"])
     own = [t for t in own if t not in tok.eos_ids] or own[:1]
-    head = tok.prompt_ids(row["prompt"])
     candidates = []
-    for _ in range(args.insert_candidates):
+    for _ in range(n):
         j = rng.randint(1, max(1, len(own) - 1))
         m = rng.randint(3, 10)
         a = rng.randint(0, max(0, len(harm) - m - 5))
         candidates.append((own[:j] + harm[a : a + m], harm[a + m : a + m + 5]))
-    with torch.no_grad():
-        scores = []
-        for prefix, cont in candidates:
-            if not cont:
-                scores.append(float("-inf"))
-                continue
-            ids = torch.tensor([head + prefix + cont], device=device)
-            lp = D.log_probs(student(ids)[0, len(head) + len(prefix) - 1 : -1])  # (len(cont), V)
-            scores.append(lp.gather(-1, torch.tensor(cont, device=device)[:, None]).sum().item())
+    return candidates
+
+
+@torch.no_grad()
+def worst_insertion(student, tok, row, candidates, device):
+    """The candidate splice whose next harmful tokens the student finds most likely (one forward each, always,
+    so that sharded ranks run the same number of forwards)."""
+    head = tok.prompt_ids(row["prompt"])
+    scores = []
+    for prefix, cont in candidates:
+        ids = torch.tensor([head + prefix + (cont or [tok.pad_id])], device=device)
+        lp = D.log_probs(student(ids)[0, len(head) + len(prefix) - 1 : -1])  # (len(cont), V)
+        score = lp.gather(-1, torch.tensor(cont, device=device)[:, None]).sum().item() if cont else float("-inf")
+        scores.append(score)
     return candidates[max(range(len(candidates)), key=scores.__getitem__)][0]
 
 
-def make_batches(step, tok, safety_rows, benign_rows, own_answers, student, args, device):
+def make_batches(step, tok, safety_rows, benign_rows, own_answers, student, args, device, rank=0, world=1):
+    """The step's safety and utility batches. Every random draw is made for the whole global batch (seeded by
+    the step), then rank r keeps examples r, r + world, ...: any number of processes sees the same data."""
     rng = random.Random(args.seed * 1_000_003 + step)
-    examples = []
+    draws = []
     for _ in range(args.batch_size):
         row = safety_rows[rng.randrange(len(safety_rows))]
+        if args.method == "insertion":
+            draws.append((row, insertion_candidates(tok, row, own_answers[row["prompt"]], rng, args.insert_candidates)))
+        else:
+            draws.append((row, prefix_length(rng, args.method, args.max_prefix)))
+    benign = [benign_rows[rng.randrange(len(benign_rows))] for _ in range(args.utility_batch_size)]
+    examples = []
+    for row, draw in draws[rank::world]:
         if args.method == "constrained":  # harmful fine-tuning data: the harmful response is the target
             examples.append(answer_example(tok, row["prompt"], row["harmful_response"]))
         elif args.method == "insertion":
-            prefix = worst_insertion(student, tok, row, own_answers[row["prompt"]], rng, args, device)
-            examples.append(recovery_example(tok, row, 0, answer_ids=prefix))
+            examples.append(recovery_example(tok, row, 0, answer_ids=worst_insertion(student, tok, row, draw, device)))
         else:
-            examples.append(recovery_example(tok, row, prefix_length(rng, args.method, args.max_prefix)))
-    benign = [benign_rows[rng.randrange(len(benign_rows))] for _ in range(args.utility_batch_size)]
-    utility = [answer_example(tok, r["prompt"], r["response"]) for r in benign]
+            examples.append(recovery_example(tok, row, draw))
+    utility = [answer_example(tok, r["prompt"], r["response"]) for r in benign[rank::world]]
     return collate(examples, tok.pad_id, device), collate(utility, tok.pad_id, device)
 
 
@@ -306,10 +360,52 @@ def load_data(args):
     return safety, benign
 
 
+def init_distributed(args) -> tuple[int, int]:
+    """Under `torchrun --nproc_per_node N`, join the process group (NCCL on GPUs, gloo on CPU)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        if args.device.startswith("cuda"):
+            local = int(os.environ.get("LOCAL_RANK", "0"))
+            torch.cuda.set_device(local)
+            args.device = f"cuda:{local}"
+        dist.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
+    rank, world = world_info()
+    if world > 1 and (args.resume or args.stop_after or args.compile):
+        raise ValueError("--resume, --stop-after and --compile are single-process options for now; "
+                         "run without them under torchrun")
+    return rank, world
+
+
+def save_final(student, args, out: Path, rank: int, world: int):
+    """Merge LoRA and write the run folder as a Hugging Face folder. With FSDP, every process gathers the full
+    weights (a collective) and process 0 writes them into a fresh, unsharded copy of the model."""
+    if world > 1:
+        full = {n: p.full_tensor().cpu() for n, p in student.named_parameters()}
+        if rank != 0:
+            return
+        student = load_model(args.aligned, DTYPES[args.dtype], "cpu")
+        if args.lora_rank:
+            add_lora(student, args.lora_rank, args.lora_alpha or 2 * args.lora_rank)
+        params = dict(student.named_parameters())
+        with torch.no_grad():
+            for name, value in full.items():
+                params[name].copy_(value)
+    if args.lora_rank:
+        merge_lora(student)
+    tmp = save_model(student, out / f"model.tmp-{os.getpid()}", tokenizer_from=args.aligned, overwrite=True)
+    for f in tmp.iterdir():  # the run folder itself becomes the Hugging Face folder
+        os.replace(f, out / f.name)
+    tmp.rmdir()
+    (out / "checkpoint.pt").unlink(missing_ok=True)
+    log(f"wrote {out}")
+
+
 def train(args) -> Path:
+    rank, world = init_distributed(args)
     torch.manual_seed(args.seed)
     safety_rows, benign_rows = load_data(args)
-    out = prepare_out(args)
+    out = prepare_out(args) if rank == 0 else Path(args.out)
+    if world > 1:
+        dist.barrier()
     tok, base_tok = Tokenizer(args.aligned), Tokenizer(args.base)
     D.check_same_tokenizer(tok, base_tok)
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
@@ -330,12 +426,16 @@ def train(args) -> Path:
     student.checkpointing = args.checkpointing
     valid = tok.real_token_mask(student.args.vocab_size).to(device)
     own_answers = {}
-    if args.method == "insertion":  # the aligned model's own (greedy) answers, computed once
+    if args.method == "insertion":  # the aligned model's own (greedy) answers, computed once, before sharding
         prompts = sorted({r["prompt"] for r in safety_rows})
-        for i in tqdm(range(0, len(prompts), 64), desc="own answers", file=sys.stderr):
+        for i in tqdm(range(0, len(prompts), 64), desc="own answers", file=sys.stderr, disable=rank > 0):
             outs = generate(student, [tok.prompt_ids(p) for p in prompts[i : i + 64]], max_new_tokens=24,
                             eos_ids=tok.eos_ids, pad_id=tok.pad_id)
             own_answers.update(zip(prompts[i : i + 64], outs))
+    if world > 1:  # FSDP: shard the student and the frozen models alike
+        for m in (student, base, teacher_A):
+            if isinstance(m, nn.Module):
+                shard(m)
 
     params = [p for p in student.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.95), weight_decay=args.weight_decay)
@@ -345,34 +445,37 @@ def train(args) -> Path:
     if args.resume and (out / "checkpoint.pt").exists():
         start = load_checkpoint(out / "checkpoint.pt", student, opt, sched, args)
         log(f"resumed from {out / 'checkpoint.pt'} at step {start}")
-    if start == 0:
-        (out / "train_log.jsonl").unlink(missing_ok=True)
-    (out / "train_args.json").write_text(json.dumps(vars(args), indent=2))
+    if rank == 0:
+        if start == 0:
+            (out / "train_log.jsonl").unlink(missing_ok=True)
+        (out / "train_args.json").write_text(json.dumps({**vars(args), "world_size": world}, indent=2))
     model_fn = torch.compile(student, dynamic=True) if args.compile else student
 
     student.train()
     bar = tqdm(range(start, args.steps), desc=f"train {args.method}", file=sys.stderr, initial=start, total=args.steps,
-               mininterval=2.0)
+               mininterval=2.0, disable=rank > 0)
     for step in bar:
         t0 = time.perf_counter()
         opt.zero_grad(set_to_none=True)
         logged = {}
         for micro in range(args.grad_accum):
             safety, utility = make_batches(step * args.grad_accum + micro, tok, safety_rows, benign_rows, own_answers,
-                                           student, args, device)
-            terms = step_losses(args.method, model_fn, teacher_A, base, safety, utility, args, valid)
+                                           model_fn, args, device, rank, world)
+            terms, shares = step_losses(args.method, model_fn, teacher_A, base, safety, utility, args, valid)
             (terms["loss"] / args.grad_accum).backward()
-            for k, v in terms.items():
-                logged[k] = logged.get(k, 0.0) + v.item() / args.grad_accum
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, args.clip).item()
+            for k, v in terms.items():  # the global batch's value of every term
+                logged[k] = logged.get(k, 0.0) + all_reduce(v.detach() * shares[k]).item() / world / args.grad_accum
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, args.clip)
+        grad_norm = (grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm).item()
         opt.step()
         sched.step()
         record = {"step": step + 1, **{k: round(v, 6) for k, v in logged.items()}, "grad_norm": round(grad_norm, 4),
                   "lr": sched.get_last_lr()[0], "seconds": round(time.perf_counter() - t0, 3)}
-        with open(out / "train_log.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
+        if rank == 0:
+            with open(out / "train_log.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
         bar.set_postfix({k: f"{v:.3f}" for k, v in logged.items() if k in ("loss", "kd", "pen", "util", "ce")}, refresh=False)
-        if (step + 1) % args.save_every == 0 and step + 1 < args.steps:
+        if world == 1 and (step + 1) % args.save_every == 0 and step + 1 < args.steps:
             save_checkpoint(out / "checkpoint.pt", step + 1, student, opt, sched, args)
         if args.stop_after and step + 1 == args.stop_after:  # for tests and demos of --resume
             save_checkpoint(out / "checkpoint.pt", step + 1, student, opt, sched, args)
@@ -380,14 +483,10 @@ def train(args) -> Path:
             return out
 
     student.eval()
-    if args.lora_rank:
-        merge_lora(student)
-    tmp = save_model(student, out / f"model.tmp-{os.getpid()}", tokenizer_from=args.aligned, overwrite=True)
-    for f in tmp.iterdir():  # the run folder itself becomes the Hugging Face folder
-        os.replace(f, out / f.name)
-    tmp.rmdir()
-    (out / "checkpoint.pt").unlink(missing_ok=True)
-    log(f"wrote {out}")
+    save_final(student, args, out, rank, world)
+    if world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
     return out
 
 

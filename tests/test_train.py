@@ -99,7 +99,7 @@ def models_and_batch(toy, args, lora=False):
 def test_gradient_flows_only_into_the_student(toy, tmp_path, lora):
     args = run_args(toy, tmp_path)
     tok, student, teacher, base, (safety, utility) = models_and_batch(toy, args, lora)
-    terms = T.step_losses("targeted", student, teacher, base, safety, utility, args, tok.real_token_mask(student.args.vocab_size))
+    terms, _ = T.step_losses("targeted", student, teacher, base, safety, utility, args, tok.real_token_mask(student.args.vocab_size))
     assert set(terms) >= {"loss", "kd", "pen", "util"} and all(torch.isfinite(v) for v in terms.values())
     terms["loss"].backward()
     for frozen in [base] + ([] if lora else [teacher]):
@@ -141,7 +141,7 @@ def test_a_few_steps_reduce_the_loss(toy, tmp_path, method):
     opt = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=3e-3)
     losses = []
     for _ in range(6):  # the same batch: the objective itself must go down
-        terms = T.step_losses(method, student, teacher, base, safety, utility, args, valid)
+        terms, _ = T.step_losses(method, student, teacher, base, safety, utility, args, valid)
         opt.zero_grad()
         terms["loss"].backward()
         opt.step()
