@@ -3,6 +3,7 @@
     python train.py                                   # targeted completion on the toy world
     python train.py --base DIR --aligned DIR --data safety.jsonl --benign benign.jsonl --out runs/x \
                     --dtype bfloat16 --lora-rank 16 --checkpointing
+    torchrun --nproc_per_node 4 train.py ...          # FSDP: every model sharded over 4 GPUs (or CPU processes)
 
 The student S starts from the aligned model A; A and the base model B stay frozen (eval mode, no gradients)
 and read exactly the student's contexts. Methods (METHOD §5-6), all on the same data and loop:
