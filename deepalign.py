@@ -207,7 +207,7 @@ def position_profile(base, aligned, tok, pairs: list[dict], tau: float = 1.0, to
     acc, grad_acc, skipped = Accumulator(PROFILE_KEYS), Accumulator(["grad"]), 0
     for i in tqdm(range(0, len(pairs), batch_size), desc="profile", disable=not progress, file=sys.stderr):
         batch = pairs[i : i + batch_size]
-        seq_A, seq_B, st_A, st_B, resp = [], [], [], [], []
+        seq_A, seq_B, st_A, st_B, resp, kept = [], [], [], [], [], []
         for row in batch:
             head, r = response_split(tok, row["prompt"], row["harmful_response"], max_tokens=max_response_tokens)
             if base_format == "plain":
@@ -218,7 +218,7 @@ def position_profile(base, aligned, tok, pairs: list[dict], tau: float = 1.0, to
                     continue
             else:
                 head_B = head
-            seq_A.append(head + r), st_A.append(len(head)), resp.append(r)
+            seq_A.append(head + r), st_A.append(len(head)), resp.append(r), kept.append(row)
             seq_B.append(head_B + r), st_B.append(len(head_B))
         if not resp:
             continue
@@ -230,9 +230,9 @@ def position_profile(base, aligned, tok, pairs: list[dict], tau: float = 1.0, to
         bf = base_favored_mask(lp_A, lp_B, tau, top_k, valid)  # (N, V)
         acc.add(t, {"kl": kl_per_position(lp_A, lp_B), "bf_mass_A": bf_mass(lp_A, bf), "bf_mass_B": bf_mass(lp_B, bf),
                     "bf_count": bf.sum(-1).float(), "bf_hit": bf_hit(bf, target)})
-        refusals = [row.get("refusal", refusal) for row in batch]
+        refusals = [row.get("refusal", refusal) for row in kept]
         if all(refusals):
-            splits = [response_split(tok, row["prompt"], ref, max_tokens=max_response_tokens) for row, ref in zip(batch, refusals)]
+            splits = [response_split(tok, row["prompt"], ref, max_tokens=max_response_tokens) for row, ref in zip(kept, refusals)]
             lp = torch.cat(response_log_probs(grad_model, [h + r for h, r in splits], [len(h) for h, _ in splits],
                                               [len(r) for _, r in splits], tok.pad_id))
             target = torch.tensor([y for _, r in splits for y in r], device=lp.device)

@@ -300,7 +300,8 @@ def main(argv=None):
     if args.compare:
         models = compare_models(args, toy)
     elif args.model:
-        models = [(Path(m).name, Path(m)) for m in args.model]
+        names = [Path(m).name for m in args.model]  # the folder name, or its path where two folders share one
+        models = [(n if names.count(n) == 1 else m, Path(m)) for n, m in zip(names, args.model)]
     else:
         models = [("base", toy["base"]), ("aligned", toy["aligned"])]
     harmful = load_rows(args.harmful or toy["data"] / "harmful_eval.jsonl", "harmful")[: args.limit]

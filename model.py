@@ -567,6 +567,23 @@ class Tokenizer:
             named = {t["name"]: t["template"] for t in tcfg["chat_template"]}
             self.chat_template = named.get("default")
 
+    @property
+    def end_of_turn_id(self) -> int:
+        """The token that closes an assistant turn in this checkpoint's chat format: the first special token the
+        template renders after an assistant message (Llama 3: <|eot_id|>, ChatML: <|im_end|>), else the
+        tokenizer's eos token. Not eos_ids[0]: Llama-3.1's generation_config lists <|end_of_text|> first."""
+        if self.chat_template is not None:
+            mark = "deepalign-end-of-turn-probe"
+            text = self.format_chat([{"role": "user", "content": "x"}, {"role": "assistant", "content": mark}],
+                                    add_generation_prompt=False)
+            specials = {i for i, t in self.tok.get_added_tokens_decoder().items() if t.special}
+            after = self.encode(text[text.index(mark) + len(mark):]) if mark in text else []
+            for i in after:
+                if i in specials:
+                    return i
+        eos = self._id(self.special_tokens.get("eos_token"))
+        return eos if eos is not None else self.eos_ids[0]
+
     def _id(self, token, *fallbacks):
         if token is not None:
             i = self.tok.token_to_id(token)

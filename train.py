@@ -127,7 +127,7 @@ def token_share(batch) -> float:
     world = world_info()[1]
     if world == 1:
         return 1.0
-    n = torch.tensor(float(len(batch[3])))
+    n = torch.tensor(float(len(batch[3])), device=batch[3].device)  # on the device: NCCL reduces GPU tensors only
     return (n * world / all_reduce(n)).item()
 
 
@@ -149,7 +149,7 @@ def recovery_example(tok, row: dict, k: int, answer_ids=None):
     head, harm = D.response_split(tok, row["prompt"], row["harmful_response"])
     prefix = list(answer_ids) if answer_ids is not None else harm[:k]
     sep = " " if prefix and not tok.decode(prefix).endswith((" ", "\n")) else ""
-    target = tok.encode(sep + row["recovery"]) + tok.eos_ids[:1]
+    target = tok.encode(sep + row["recovery"]) + [tok.end_of_turn_id]
     ids = head + prefix + target
     mask = [0] * (len(head) + len(prefix)) + [1] * len(target)
     return ids, mask, len(head)
@@ -158,7 +158,7 @@ def recovery_example(tok, row: dict, k: int, answer_ids=None):
 def answer_example(tok, prompt: str, response: str):
     """(ids, loss mask, response start): prompt + response + end of turn, loss on the response."""
     head, resp = D.response_split(tok, prompt, response)
-    ids = head + resp + tok.eos_ids[:1]
+    ids = head + resp + [tok.end_of_turn_id]
     return ids, [0] * len(head) + [1] * (len(resp) + 1), len(head)
 
 
@@ -248,7 +248,7 @@ def prefix_length(rng: random.Random, method: str, K: int) -> int:
     if method == "sft":
         return 0
     if method == "augment":
-        return 0 if rng.random() < 0.5 else rng.randint(1, K)
+        return 0 if K < 1 or rng.random() < 0.5 else rng.randint(1, K)
     return rng.randint(0, K)
 
 
@@ -320,7 +320,9 @@ def save_checkpoint(path: Path, step, student, opt, sched, args):
 
 def load_checkpoint(path: Path, student, opt, sched, args) -> int:
     ck = torch.load(path, map_location="cpu", weights_only=False)
-    for key in ("method", "seed", "lora_rank", "batch_size", "utility_batch_size", "lr", "steps"):
+    for key in ("method", "seed", "lora_rank", "lora_alpha", "batch_size", "utility_batch_size", "grad_accum", "lr",
+                "steps", "warmup", "weight_decay", "clip", "dtype", "max_prefix", "insert_candidates", "lam", "alpha_t",
+                "beta", "tau", "top_k", "penalty_weight", "w_max", "gamma", "lambda_pen", "lambda_util", "data", "benign"):
         if ck["args"].get(key) != getattr(args, key):
             raise ValueError(f"{path}: checkpoint has {key}={ck['args'].get(key)!r} but this run has "
                              f"{getattr(args, key)!r}; resume with the original settings or start with --overwrite")
@@ -341,6 +343,9 @@ def prepare_out(args) -> Path:
     if out.exists() and any(out.iterdir()):
         if args.resume and (out / "checkpoint.pt").exists():
             return out
+        if args.resume:
+            raise FileNotFoundError(f"{out} has no checkpoint.pt to resume (a finished run, or another folder); "
+                                    "pass --overwrite to start it again")
         if not args.overwrite:
             raise FileExistsError(f"{out} exists and is not empty; pass --overwrite to replace it, or --resume to "
                                   "continue its checkpoint")
@@ -373,6 +378,9 @@ def init_distributed(args) -> tuple[int, int]:
     if world > 1 and (args.resume or args.stop_after or args.compile):
         raise ValueError("--resume, --stop-after and --compile are single-process options for now; "
                          "run without them under torchrun")
+    if world > 1 and (args.batch_size % world or args.utility_batch_size % world):
+        raise ValueError(f"--batch-size {args.batch_size} and --utility-batch-size {args.utility_batch_size} must be "
+                         f"multiples of the {world} processes (each process takes an equal share of the global batch)")
     return rank, world
 
 
@@ -447,8 +455,10 @@ def train(args) -> Path:
         start = load_checkpoint(out / "checkpoint.pt", student, opt, sched, args)
         log(f"resumed from {out / 'checkpoint.pt'} at step {start}")
     if rank == 0:
-        if start == 0:
-            (out / "train_log.jsonl").unlink(missing_ok=True)
+        log_file = out / "train_log.jsonl"
+        kept = [line for line in log_file.read_text().splitlines() if json.loads(line)["step"] <= start] \
+            if start and log_file.exists() else []
+        log_file.write_text("".join(line + "\n" for line in kept))  # drop steps logged after the checkpoint
         (out / "train_args.json").write_text(json.dumps({**vars(args), "world_size": world}, indent=2))
     model_fn = torch.compile(student, dynamic=True) if args.compile else student
 

@@ -298,6 +298,7 @@ def test_special_ids_and_eos_list(tmp_path):
     im_end, endoftext = tok.tok.token_to_id("<|im_end|>"), tok.tok.token_to_id("<|endoftext|>")
     assert (im_end, endoftext) == (2, 0)
     assert tok.eos_ids == [2, 0] and tok.pad_id == endoftext and tok.bos_id is None
+    assert tok.end_of_turn_id == im_end
     text = "hello there , how are you today ?"
     assert tok.decode(tok.encode(text)) == text
 

@@ -154,6 +154,8 @@ def test_resume_reproduces_the_uninterrupted_run(toy, tmp_path):
     straight = T.train(run_args(toy, tmp_path / "a", "--steps", "4", "--save-every", "2"))
     T.train(run_args(toy, tmp_path / "b", "--steps", "4", "--save-every", "2", "--stop-after", "3"))
     assert (tmp_path / "b" / "run" / "checkpoint.pt").exists() and not (tmp_path / "b" / "run" / "config.json").exists()
+    with open(tmp_path / "b" / "run" / "train_log.jsonl", "a") as f:  # a step logged after the last checkpoint
+        f.write(json.dumps({"step": 4, "loss": 999.0}) + "\n")
     resumed = T.train(run_args(toy, tmp_path / "b", "--steps", "4", "--save-every", "2", "--resume"))
     a, b = M.load_model(straight), M.load_model(resumed)
     for (n, p), (_, q) in zip(a.named_parameters(), b.named_parameters()):
@@ -176,3 +178,29 @@ def test_bad_input_errors(toy, tmp_path):
     args.data = str(bad)
     with pytest.raises(ValueError, match="bad.jsonl:2: missing key 'harmful_response'"):
         T.train(args)
+
+
+def test_examples_end_with_the_chat_formats_end_of_turn_token(tmp_path):
+    """Llama-3.1's generation_config lists <|end_of_text|> before <|eot_id|>: training must end turns with the
+    token the chat template uses (<|eot_id|>), not with the first stop id."""
+    from conftest import write_tokenizer
+
+    write_tokenizer(tmp_path, "llama3")
+    tok = M.Tokenizer(tmp_path)
+    eot, end_of_text = tok.tok.token_to_id("<|eot_id|>"), tok.tok.token_to_id("<|end_of_text|>")
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [end_of_text, eot]}))
+    tok = M.Tokenizer(tmp_path)
+    assert tok.eos_ids[0] == end_of_text and tok.end_of_turn_id == eot
+    row = {"prompt": "how do i bake bread ?", "harmful_response": "sure , first mix the flour .", "recovery": "i am fine ."}
+    ids, mask, _ = T.recovery_example(tok, row, 2)
+    assert ids[-1] == eot and mask[-1] == 1
+    assert T.answer_example(tok, row["prompt"], "the capital of france is paris .")[0][-1] == eot
+
+
+def test_resume_needs_a_checkpoint_and_the_same_settings(toy, tmp_path):
+    T.train(run_args(toy, tmp_path, "--steps", "2", "--stop-after", "1"))
+    with pytest.raises(ValueError, match="grad_accum"):
+        T.train(run_args(toy, tmp_path, "--steps", "2", "--resume", "--grad-accum", "2"))
+    T.train(run_args(toy, tmp_path, "--steps", "2", "--resume"))
+    with pytest.raises(FileNotFoundError, match="no checkpoint.pt to resume"):
+        T.train(run_args(toy, tmp_path, "--steps", "2", "--resume"))
