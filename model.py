@@ -613,9 +613,8 @@ class Tokenizer:
             return text
         if self._compiled_template is None:  # compile once per tokenizer
             self._compiled_template = _jinja_env().from_string(self.chat_template)
-        text = self._compiled_template.render(
-            messages=messages, add_generation_prompt=add_generation_prompt, **self.special_tokens, **template_kwargs
-        )
+        variables = {"tools": None, "documents": None, **self.special_tokens, **template_kwargs}  # as transformers passes
+        text = self._compiled_template.render(messages=messages, add_generation_prompt=add_generation_prompt, **variables)
         return text + prefill
 
     def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True, prefill: str = "",

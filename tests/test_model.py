@@ -303,6 +303,14 @@ def test_special_ids_and_eos_list(tmp_path):
     assert tok.decode(tok.encode(text)) == text
 
 
+def test_templates_see_tools_as_none_like_transformers(tmp_path):
+    write_tokenizer(tmp_path, "chatml")
+    (tmp_path / "chat_template.jinja").write_text("{{ 'tools:' ~ (tools is none) ~ ' docs:' ~ (documents is none) }}")
+    ref = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    expected = ref.apply_chat_template(MESSAGES, tokenize=False)
+    assert M.Tokenizer(tmp_path).format_chat(MESSAGES, add_generation_prompt=False) == expected == "tools:True docs:True"
+
+
 def test_chat_template_jinja_file_overrides_config_key(tmp_path):
     write_tokenizer(tmp_path, "chatml")
     (tmp_path / "chat_template.jinja").write_text("{% for m in messages %}[{{ m.content | tojson(indent=2) }}]{% endfor %}")
