@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 
 import deepalign
-from model import DTYPES, Tokenizer, cut_at_eos, generate, get_decode_step, left_pad, load_model, log, sample_next
+from model import (DTYPES, Tokenizer, cut_at_eos, decoding_inputs, generate, get_decode_step, load_model, log,
+                   sample_next)
 
 
 @torch.no_grad()
@@ -29,13 +30,10 @@ def contrastive_generate(aligned, base, prompts: list[list[int]], max_new_tokens
                          compile: bool = False) -> list[list[int]]:
     """Batched contrastive decoding. Both models read the same left-padded token ids (one shared tokenizer).
     Returns the new token ids of each row, each cut after its first eos id (kept)."""
-    device = aligned.lm_head.weight.device
-    ids, mask = left_pad(prompts, pad_id, device)  # (B, T)
-    B, T = ids.shape
-    generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
-    eos = torch.tensor(list(eos_ids) or [-1], device=device)
+    ids, mask, positions, generator, eos = decoding_inputs(prompts, pad_id, eos_ids, seed, aligned.lm_head.weight.device)
+    B, T = ids.shape  # left-padded (B, T); positions skip the padding
+    device = ids.device
     step = get_decode_step(compile)
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, T)
     slots = torch.arange(T, device=device)
     for m in (aligned, base):
         m.setup_cache(B, T + max_new_tokens)

@@ -713,6 +713,16 @@ def get_decode_step(compile: bool = False):
     return _compiled_steps["step"]
 
 
+def decoding_inputs(prompts: list[list[int]], pad_id: int, eos_ids, seed, device):
+    """What every decoding loop starts from: left-padded ids and mask (B, T), RoPE positions that skip the
+    padding (B, T), the sampling generator (None: unseeded), and the stop ids as a tensor."""
+    ids, mask = left_pad(prompts, pad_id, device)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
+    eos = torch.tensor(list(eos_ids) or [-1], device=device)
+    return ids, mask, positions, generator, eos
+
+
 @torch.no_grad()
 def generate(
     model: Transformer,
@@ -727,16 +737,13 @@ def generate(
 ) -> list[list[int]]:
     """Batched generation with a static KV cache. Prompts are left-padded; each row stops at its first eos id
     (which is kept in its output). Returns the new token ids of each row."""
-    device = model.lm_head.weight.device
-    ids, mask = left_pad(prompts, pad_id, device)  # (B, T)
+    ids, mask, positions, generator, eos = decoding_inputs(prompts, pad_id, eos_ids, seed, model.lm_head.weight.device)
     B, T = ids.shape
-    generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
-    eos = torch.tensor(list(eos_ids) or [-1], device=device)
+    device = ids.device
     step = get_decode_step(compile)
 
     model.setup_cache(B, T + max_new_tokens)
     try:
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, T) RoPE positions skip the padding
         logits = model(ids, attention_mask=mask, positions=positions, cache_pos=torch.arange(T, device=device))[:, -1]
         pos = positions[:, -1:]  # (B, 1)
         out, done = [], torch.zeros(B, dtype=torch.bool, device=device)

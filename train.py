@@ -213,7 +213,7 @@ def step_losses(method, student, teacher_A, base, safety, utility, args, valid):
         q = D.hybrid_teacher(lp_A, lp_B, y, args.lam, args.alpha_t, args.beta)
         m_A = D.bf_mass(lp_A, bf)  # (N,) the aligned model's incompleteness at each loss position
         mean = all_reduce(m_A.sum()) / all_reduce(torch.tensor(float(len(m_A)), device=m_A.device))  # global batch
-        T = all_reduce(pos.max().float(), dist.ReduceOp.MAX if world_info()[1] > 1 else None)
+        T = all_reduce(pos.max().float(), dist.ReduceOp.MAX)  # the global batch's last position
         w = D.adaptive_weights(m_A, ones(safety), args.w_max, args.penalty_weight, args.gamma, pos, mean=mean, T=T)
         terms["kd"] = D.kd_loss(q, lp_S, ones(safety))
         terms["pen"] = D.bf_penalty(lp_S, bf, w, ones(safety))
