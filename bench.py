@@ -38,17 +38,32 @@ SIZES = {  # Llama-shaped random models
 }
 
 
+def sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def timed(fn, repeat: int = 3) -> float:
     """Median wall time of fn() after one warm-up call."""
-    fn()
-    times = []
+    return timed_pair(fn, None, repeat)[0]
+
+
+def timed_pair(ours, reference, repeat: int = 3) -> tuple[float, float]:
+    """Median wall times of ours() and reference(), after one warm-up call each, measured *alternately*
+    (ours, reference, ours, ...) so that a slow spell of a shared machine hits both sides alike."""
+    fns = [f for f in (ours, reference) if f is not None]
+    times = [[] for _ in fns]
+    for f in fns:
+        f()
     for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return sorted(times)[len(times) // 2]
+        for f, ts in zip(fns, times):
+            sync()
+            t0 = time.perf_counter()
+            f()
+            sync()
+            ts.append(time.perf_counter() - t0)
+    medians = [sorted(ts)[len(ts) // 2] for ts in times]
+    return (medians[0], medians[1] if len(medians) > 1 else None)
 
 
 def make_checkpoint(size: str, folder: Path, seed: int = 0) -> Path:
@@ -80,7 +95,7 @@ def m_prefill(folder, args):
     ref = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, args.dtype)).to(args.device).eval()
     x = torch.randint(3, 1000, (4, 256), device=args.device)
     with torch.no_grad():
-        t_ours, t_ref = timed(lambda: ours(x)), timed(lambda: ref(x).logits)
+        t_ours, t_ref = timed_pair(lambda: ours(x), lambda: ref(x).logits)
     return x.numel() / t_ours, x.numel() / t_ref
 
 
@@ -97,15 +112,15 @@ def m_decode(folder, args, batch: int, compile: bool = False):
         t0 = time.perf_counter()
         generate(ours, prompts, max_new_tokens=4, compile=True)
         extra["compile_s"] = round(time.perf_counter() - t0, 1)
-        t_ours = timed(lambda: generate(ours, prompts, max_new_tokens=n, compile=True), repeat=2)
-        t_ref = timed(lambda: generate(ours, prompts, max_new_tokens=n), repeat=2)  # reference: uncompiled ours
+        t_ours, t_ref = timed_pair(lambda: generate(ours, prompts, max_new_tokens=n, compile=True),
+                                   lambda: generate(ours, prompts, max_new_tokens=n), repeat=2)  # reference: eager ours
         return batch * n / t_ours, batch * n / t_ref, extra
     ref = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, args.dtype)).to(args.device).eval()
     ids = torch.tensor(prompts, device=args.device)
     with torch.no_grad():
-        t_ref = timed(lambda: ref.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
-                                           do_sample=False, pad_token_id=0), repeat=2)
-    t_ours = timed(lambda: generate(ours, prompts, max_new_tokens=n), repeat=2)
+        t_ours, t_ref = timed_pair(lambda: generate(ours, prompts, max_new_tokens=n),
+                                   lambda: ref.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
+                                                        min_new_tokens=n, do_sample=False, pad_token_id=0), repeat=2)
     return batch * n / t_ours, batch * n / t_ref, extra
 
 
@@ -116,8 +131,8 @@ def m_contrastive(folder, args):
     a, b = load_model(folder, args.dtype, args.device), load_model(folder, args.dtype, args.device)
     prompts = torch.randint(3, 1000, (1, 32)).tolist()
     n = args.new_tokens
-    t_cd = timed(lambda: contrastive_generate(a, b, prompts, max_new_tokens=n, alpha=1.0), repeat=2)
-    t_plain = timed(lambda: generate(a, prompts, max_new_tokens=n), repeat=2)
+    t_cd, t_plain = timed_pair(lambda: contrastive_generate(a, b, prompts, max_new_tokens=n, alpha=1.0),
+                               lambda: generate(a, prompts, max_new_tokens=n), repeat=2)
     return n / t_cd, n / t_plain, {}
 
 
@@ -132,8 +147,8 @@ def m_profile(folder, args):
     seqs = [sum(D.response_split(tok, r["prompt"], r["harmful_response"], max_tokens=64), []) for r in rows]
     tokens = sum(len(s) for s in seqs)
     with torch.no_grad():
-        t_prof = timed(lambda: D.position_profile(b, a, tok, rows, batch_size=16, progress=False))
-        t_fwd = timed(lambda: [a(D.right_pad(seqs[i : i + 16], 0, args.device)) for i in range(0, len(seqs), 16)])
+        t_prof, t_fwd = timed_pair(lambda: D.position_profile(b, a, tok, rows, batch_size=16, progress=False),
+                                   lambda: [a(D.right_pad(seqs[i : i + 16], 0, args.device)) for i in range(0, len(seqs), 16)])
     return tokens / t_prof, tokens / t_fwd, {}
 
 
@@ -161,7 +176,7 @@ def m_train(folder, args):
         opt.step()
 
     # reference: plain cross-entropy on the same safety + utility batch (what `augment` computes)
-    return timed(lambda: step("targeted")), timed(lambda: step("augment")), {}
+    return (*timed_pair(lambda: step("targeted"), lambda: step("augment")), {})
 
 
 MEASUREMENTS = {

@@ -60,14 +60,13 @@ def kl_per_position(lp_P, lp_Q) -> torch.Tensor:
     """KL(P || Q) = sum_v p(v) (lp_P(v) - lp_Q(v)) per position; terms with p(v) = 0 count 0 (METHOD §3,
     as in Qi et al. 2024). (..., V) -> (...)."""
     p = lp_P.exp()
-    terms = p * (lp_P - lp_Q)
-    return torch.where(p > 0, terms, torch.zeros_like(terms)).sum(-1)
+    return torch.where(p > 0, p * (lp_P - lp_Q), 0.0).sum(-1)
 
 
 def bf_mass(lp, mask) -> torch.Tensor:
     """sum_{v in BF_t} p(v): the probability a model still puts on base-favored tokens (METHOD §3; under the
     aligned model this is the *incompleteness score*). (..., V), (..., V) bool -> (...)."""
-    return torch.where(mask, lp.exp(), torch.zeros_like(lp)).sum(-1)
+    return torch.where(mask, lp.exp(), 0.0).sum(-1)
 
 
 def bf_hit(mask, next_tokens) -> torch.Tensor:
@@ -128,6 +127,7 @@ def contrastive_logits(lp_A, lp_B, alpha: float = 1.0, beta: float = 0.1, mode: 
 # 3. Position profile: the paper's diagnosis, teacher-forced over a data set
 # ----------------------------------------------------------------------------------------------
 PROFILE_KEYS = ("kl", "bf_mass_A", "bf_mass_B", "bf_count", "bf_hit")
+STAT_ROWS = 64  # contexts per chunk of vocabulary-wide statistics (see position_profile)
 
 
 def response_split(tok, prompt: str, response: str, plain: bool = False, max_tokens: int | None = None):
@@ -150,13 +150,29 @@ def right_pad(seqs: list[list[int]], pad_id: int, device):
     return ids.to(device)
 
 
-def response_log_probs(model, seqs: list[list[int]], starts: list[int], lengths: list[int], pad_id: int) -> list[torch.Tensor]:
-    """Teacher-forced log-probs at response positions: for row i, lp (n_i, V) float32, where row t predicts
-    response token t from context (prompt, response[:t]). Right padding keeps RoPE positions 0..T-1."""
+def response_logits(model, seqs: list[list[int]], starts: list[int], lengths: list[int], pad_id: int) -> torch.Tensor:
+    """Teacher-forced logits at response positions, all rows' positions concatenated: (sum(lengths), V) in the
+    model dtype, where row i's block t predicts its response token t from context (prompt, response[:t]); split
+    with `.split(lengths)`. Right padding keeps RoPE positions 0..T-1; the head runs only where needed."""
     device = model.lm_head.weight.device
     ids = right_pad(seqs, pad_id, device)  # (B, T)
-    logits = model(ids)  # (B, T, V): causal, so padding at the right never affects real positions
-    return [log_probs(logits[i, s - 1 : s - 1 + n]) for i, (s, n) in enumerate(zip(starts, lengths))]
+    at = torch.zeros(ids.shape, dtype=torch.bool)
+    for i, (s, n) in enumerate(zip(starts, lengths)):
+        at[i, s - 1 : s - 1 + n] = True  # the logit at position j predicts token j + 1
+    return model(ids, logits_at=at.to(device))  # (N, V); causal, so right padding never affects real positions
+
+
+def response_log_probs(model, seqs, starts, lengths, pad_id) -> torch.Tensor:
+    """log_softmax of `response_logits` in float32: (sum(lengths), V)."""
+    return log_probs(response_logits(model, seqs, starts, lengths, pad_id))
+
+
+def profile_stats(lp_A, lp_B, next_tokens, tau: float = 1.0, top_k: int = 20, valid=None) -> dict[str, torch.Tensor]:
+    """The per-context quantities of the position profile (METHOD §3): kl, bf_mass_A, bf_mass_B, bf_count,
+    bf_hit. lp_A, lp_B (N, V) float32, next_tokens (N,) the harmful response's actual next tokens -> {key: (N,)}."""
+    bf = base_favored_mask(lp_A, lp_B, tau, top_k, valid)  # (N, V)
+    return {"kl": kl_per_position(lp_A, lp_B), "bf_mass_A": bf_mass(lp_A, bf), "bf_mass_B": bf_mass(lp_B, bf),
+            "bf_count": bf.sum(-1).float(), "bf_hit": bf_hit(bf, next_tokens)}
 
 
 class Accumulator:
@@ -223,18 +239,21 @@ def position_profile(base, aligned, tok, pairs: list[dict], tau: float = 1.0, to
         if not resp:
             continue
         lens = [len(r) for r in resp]
-        lp_A = torch.cat(response_log_probs(aligned, seq_A, st_A, lens, tok.pad_id))  # (N, V), all rows' positions
-        lp_B = torch.cat(response_log_probs(base, seq_B, st_B, lens, tok.pad_id))
+        logits_A = response_logits(aligned, seq_A, st_A, lens, tok.pad_id)  # (N, V), all rows' positions
+        logits_B = response_logits(base, seq_B, st_B, lens, tok.pad_id)
         t = torch.cat([torch.arange(n) for n in lens])  # (N,) response position of each row
-        target = torch.tensor([y for r in resp for y in r], device=lp_A.device)
-        bf = base_favored_mask(lp_A, lp_B, tau, top_k, valid)  # (N, V)
-        acc.add(t, {"kl": kl_per_position(lp_A, lp_B), "bf_mass_A": bf_mass(lp_A, bf), "bf_mass_B": bf_mass(lp_B, bf),
-                    "bf_count": bf.sum(-1).float(), "bf_hit": bf_hit(bf, target)})
+        target = torch.tensor([y for r in resp for y in r], device=logits_A.device)
+        # The vocabulary-wide statistics go STAT_ROWS rows at a time: float32 (rows, V) temporaries that fit in
+        # the CPU's cache make them ~3x faster than one pass over (N, V), and peak memory stays small on a GPU.
+        for j in range(0, len(t), STAT_ROWS):
+            rows = slice(j, j + STAT_ROWS)
+            acc.add(t[rows], profile_stats(log_probs(logits_A[rows]), log_probs(logits_B[rows]), target[rows],
+                                           tau, top_k, valid))
         refusals = [row.get("refusal", refusal) for row in kept]
         if all(refusals):
             splits = [response_split(tok, row["prompt"], ref, max_tokens=max_response_tokens) for row, ref in zip(kept, refusals)]
-            lp = torch.cat(response_log_probs(grad_model, [h + r for h, r in splits], [len(h) for h, _ in splits],
-                                              [len(r) for _, r in splits], tok.pad_id))
+            lp = response_log_probs(grad_model, [h + r for h, r in splits], [len(h) for h, _ in splits],
+                                    [len(r) for _, r in splits], tok.pad_id)
             target = torch.tensor([y for _, r in splits for y in r], device=lp.device)
             grad_acc.add(torch.cat([torch.arange(len(r)) for _, r in splits]), {"grad": logit_grad_norm(lp, target)})
     rows = acc.rows()
@@ -429,8 +448,8 @@ def cmd_tokens(args):
     base, aligned, tok, _, rows, _ = load_pair(args)
     row = rows[args.example]
     head, resp = response_split(tok, row["prompt"], row["harmful_response"], max_tokens=args.max_response_tokens)
-    (lp_A,) = response_log_probs(aligned, [head + resp], [len(head)], [len(resp)], tok.pad_id)
-    (lp_B,) = response_log_probs(base, [head + resp], [len(head)], [len(resp)], tok.pad_id)
+    lp_A = response_log_probs(aligned, [head + resp], [len(head)], [len(resp)], tok.pad_id)  # (len(resp), V)
+    lp_B = response_log_probs(base, [head + resp], [len(head)], [len(resp)], tok.pad_id)
     valid = tok.real_token_mask(aligned.args.vocab_size).to(lp_A.device)
     bf = base_favored_mask(lp_A, lp_B, args.tau, args.top_k, valid)  # (n, V)
     print(f"prompt: {row['prompt']}")

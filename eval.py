@@ -133,13 +133,13 @@ def mean_nll(model, tok, rows: list[dict], batch_size: int, base=None, alpha: fl
     for i in range(0, len(rows), batch_size):
         splits = [deepalign.response_split(tok, r["prompt"], r["response"]) for r in rows[i : i + batch_size]]
         seqs, starts, lens = [h + r for h, r in splits], [len(h) for h, _ in splits], [len(r) for _, r in splits]
-        lps = deepalign.response_log_probs(model, seqs, starts, lens, tok.pad_id)
+        lp = deepalign.response_log_probs(model, seqs, starts, lens, tok.pad_id)  # (N, V)
         if base is not None:
-            lps_B = deepalign.response_log_probs(base, seqs, starts, lens, tok.pad_id)
-            lps = [deepalign.contrastive_logits(a, b, alpha, beta=0.0).log_softmax(-1) for a, b in zip(lps, lps_B)]
-        for lp, (_, r) in zip(lps, splits):
-            total -= lp.gather(-1, torch.tensor(r, device=lp.device)[:, None]).sum().item()
-            count += len(r)
+            lp_B = deepalign.response_log_probs(base, seqs, starts, lens, tok.pad_id)
+            lp = deepalign.contrastive_logits(lp, lp_B, alpha, beta=0.0).log_softmax(-1)
+        target = torch.tensor([y for _, r in splits for y in r], device=lp.device)  # (N,)
+        total -= lp.gather(-1, target[:, None]).sum().item()
+        count += len(target)
     return total / max(count, 1)
 
 

@@ -287,7 +287,7 @@ class Transformer(nn.Module):
         self.key_valid: torch.Tensor | None = None  # (B, S) bool, which cache slots hold real tokens
         self.checkpointing = False  # activation checkpointing per block (training big models)
 
-    def forward(self, idx, attention_mask=None, positions=None, cache_pos=None):
+    def forward(self, idx, attention_mask=None, positions=None, cache_pos=None, logits_at=None):
         """Logits (B, T, V) in the model dtype (upcast yourself before log_softmax/KL).
 
         idx (B, T) token ids. attention_mask (B, T) 1 = real token, 0 = padding (left padding is the norm
@@ -295,6 +295,9 @@ class Transformer(nn.Module):
         before each one (cumsum(mask) - 1), as HF `generate` does for left padding.
         With a KV cache (`setup_cache`), cache_pos (T,) says which cache slots these tokens fill; the mask
         then covers the whole cache.
+        logits_at: compute logits only at these positions and return them as (N, V): a (B, T) bool mask or a
+        (rows, cols) pair of index tensors. Teacher-forced statistics and losses need the few response positions
+        only; the head's matmul and the (B, T, V) tensor (2 GB in bf16 at V = 128k, B*T = 8k) are skipped.
         """
         B, T = idx.shape
         if attention_mask is not None and positions is None:
@@ -310,7 +313,9 @@ class Transformer(nn.Module):
                 x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, cache_pos, use_reentrant=False)
             else:
                 x = layer(x, cos, sin, mask, cache_pos)
-        return self.lm_head(self.model.norm(x))  # (B, T, V)
+        if logits_at is not None:
+            x = x[logits_at]  # (N, d): RMSNorm and the head act on each position alone
+        return self.lm_head(self.model.norm(x))  # (B, T, V), or (N, V) with logits_at
 
     def _attention_mask(self, attention_mask, cache_pos, B, T, device):
         """None for the plain causal case (lets SDPA take its fastest path, as HF does); else bool (B, 1, T, S)."""

@@ -50,6 +50,22 @@ def test_bf16_logits_and_greedy_tokens(hf_checkpoint):
     assert (a.float() - b.float()).abs().max().item() <= 1e-2, variant
 
 
+def test_logits_at_selected_positions_match_transformers(hf_checkpoint):
+    """logits_at (a bool mask or (rows, cols)) returns transformers' logits at exactly those positions, in order."""
+    variant, folder = hf_checkpoint
+    ours, ref = M.load_model(folder), hf_model(folder)
+    x = random_ids(3, 20, seed=5)
+    at = torch.zeros(3, 20, dtype=torch.bool)
+    at[0, 4:9], at[2, 11:20] = True, True
+    rows, cols = torch.tensor([2, 0, 0, 1]), torch.tensor([19, 0, 7, 3])
+    with torch.no_grad():
+        full = ref(x).logits  # (3, 20, V)
+        by_mask, by_index = ours(x, logits_at=at), ours(x, logits_at=(rows, cols))
+    assert by_mask.shape == (14, full.shape[-1]) and by_index.shape == (4, full.shape[-1])
+    assert (by_mask - full[at]).abs().max().item() <= 1e-5, variant
+    assert (by_index - full[rows, cols]).abs().max().item() <= 1e-5, variant
+
+
 def test_left_padded_batch_matches_unpadded_rows(hf_checkpoint):
     """Each row of a left-padded batch equals that row alone, and equals transformers given the same mask."""
     variant, folder = hf_checkpoint
