@@ -105,6 +105,33 @@ def merge_lora(model):
 
 
 # ----------------------------------------------------------------------------------------------
+# Mixed precision: bf16/fp16 weights for the forward and backward, float32 master weights for the update
+# ----------------------------------------------------------------------------------------------
+def fp32_masters(params: list) -> list:
+    """The tensors the optimizer updates: a float32 copy of each low-precision trainable parameter, the parameter
+    itself when it is float32 already (LoRA adapters, --dtype float32). Needed because an AdamW step of
+    lr = 1e-5 is far below half a bf16 ulp of a typical weight (|w| = 0.02 has ulp 1.2e-4): updated in place,
+    bf16 weights would not move at all. The same scheme as DeepSpeed's and Megatron's bf16 optimizers."""
+    return [p if p.dtype == torch.float32 else p.detach().float() for p in params]
+
+
+def grads_to_masters(params: list, masters: list):
+    """Move each parameter's gradient to its float32 master (freeing the low-precision one)."""
+    for p, m in zip(params, masters):
+        if m is not p:
+            m.grad = None if p.grad is None else p.grad.float()
+            p.grad = None
+
+
+@torch.no_grad()
+def masters_to_params(params: list, masters: list):
+    """Round the updated masters into the model's weights."""
+    for p, m in zip(params, masters):
+        if m is not p:
+            p.copy_(m)
+
+
+# ----------------------------------------------------------------------------------------------
 # Several processes: torch's FSDP (fully_shard) shards every model; these helpers keep the math global
 # ----------------------------------------------------------------------------------------------
 def world_info() -> tuple[int, int]:
@@ -178,9 +205,9 @@ def collate(examples, pad_id: int, device):
 
 
 def loss_logprobs(model, batch):
-    """Log-probs (N, V) float32 at the loss positions only (never the whole (B, T, V) in float32)."""
+    """Log-probs (N, V) float32 at the loss positions only (the head never computes the whole (B, T, V))."""
     ids, rows, cols, _, _ = batch
-    return D.log_probs(model(ids)[rows, cols])
+    return D.log_probs(model(ids, logits_at=(rows, cols)))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -307,18 +334,20 @@ def make_batches(step, tok, safety_rows, benign_rows, own_answers, student, args
 # ----------------------------------------------------------------------------------------------
 # Checkpoints
 # ----------------------------------------------------------------------------------------------
-def trainable_state(student) -> dict:
-    return {n: p.detach().clone() for n, p in student.named_parameters() if p.requires_grad}
+def trainable_state(student, masters) -> dict:
+    """{name: float32 master} of every trainable parameter (the masters are the exact state of a bf16 run)."""
+    names = [n for n, p in student.named_parameters() if p.requires_grad]
+    return {n: m.detach().clone() for n, m in zip(names, masters)}
 
 
-def save_checkpoint(path: Path, step, student, opt, sched, args):
+def save_checkpoint(path: Path, step, student, masters, opt, sched, args):
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    torch.save({"step": step, "trainable": trainable_state(student), "optimizer": opt.state_dict(),
+    torch.save({"step": step, "trainable": trainable_state(student, masters), "optimizer": opt.state_dict(),
                 "scheduler": sched.state_dict(), "args": vars(args)}, tmp)
     os.replace(tmp, path)  # a kill mid-write leaves the previous checkpoint intact
 
 
-def load_checkpoint(path: Path, student, opt, sched, args) -> int:
+def load_checkpoint(path: Path, student, masters, opt, sched, args) -> int:
     ck = torch.load(path, map_location="cpu", weights_only=False)
     for key in ("method", "seed", "lora_rank", "lora_alpha", "batch_size", "utility_batch_size", "grad_accum", "lr",
                 "steps", "warmup", "weight_decay", "clip", "dtype", "max_prefix", "insert_candidates", "lam", "alpha_t",
@@ -326,10 +355,12 @@ def load_checkpoint(path: Path, student, opt, sched, args) -> int:
         if ck["args"].get(key) != getattr(args, key):
             raise ValueError(f"{path}: checkpoint has {key}={ck['args'].get(key)!r} but this run has "
                              f"{getattr(args, key)!r}; resume with the original settings or start with --overwrite")
-    params = dict(student.named_parameters())
+    names = [n for n, p in student.named_parameters() if p.requires_grad]
+    params = [p for p in student.parameters() if p.requires_grad]
     with torch.no_grad():
-        for name, value in ck["trainable"].items():
-            params[name].copy_(value)
+        for name, m in zip(names, masters):
+            m.copy_(ck["trainable"][name])
+    masters_to_params(params, masters)
     opt.load_state_dict(ck["optimizer"])
     sched.load_state_dict(ck["scheduler"])
     return ck["step"]
@@ -447,12 +478,13 @@ def train(args) -> Path:
                 shard(m)
 
     params = [p for p in student.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.95), weight_decay=args.weight_decay)
+    masters = fp32_masters(params)  # what AdamW updates: float32 copies of bf16/fp16 weights, else params
+    opt = torch.optim.AdamW(masters, lr=args.lr, betas=(0.9, 0.95), weight_decay=args.weight_decay)
     warmup = max(1, int(args.warmup * args.steps))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / args.steps))))
     start = 0
     if args.resume and (out / "checkpoint.pt").exists():
-        start = load_checkpoint(out / "checkpoint.pt", student, opt, sched, args)
+        start = load_checkpoint(out / "checkpoint.pt", student, masters, opt, sched, args)
         log(f"resumed from {out / 'checkpoint.pt'} at step {start}")
     if rank == 0:
         log_file = out / "train_log.jsonl"
@@ -476,9 +508,11 @@ def train(args) -> Path:
             (terms["loss"] / args.grad_accum).backward()
             for k, v in terms.items():  # the global batch's value of every term
                 logged[k] = logged.get(k, 0.0) + all_reduce(v.detach() * shares[k]).item() / world / args.grad_accum
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, args.clip)
+        grads_to_masters(params, masters)
+        grad_norm = torch.nn.utils.clip_grad_norm_(masters, args.clip)
         grad_norm = (grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm).item()
         opt.step()
+        masters_to_params(params, masters)
         sched.step()
         record = {"step": step + 1, **{k: round(v, 6) for k, v in logged.items()}, "grad_norm": round(grad_norm, 4),
                   "lr": sched.get_last_lr()[0], "seconds": round(time.perf_counter() - t0, 3)}
@@ -487,9 +521,9 @@ def train(args) -> Path:
                 f.write(json.dumps(record) + "\n")
         bar.set_postfix({k: f"{v:.3f}" for k, v in logged.items() if k in ("loss", "kd", "pen", "util", "ce")}, refresh=False)
         if world == 1 and (step + 1) % args.save_every == 0 and step + 1 < args.steps:
-            save_checkpoint(out / "checkpoint.pt", step + 1, student, opt, sched, args)
+            save_checkpoint(out / "checkpoint.pt", step + 1, student, masters, opt, sched, args)
         if args.stop_after and step + 1 == args.stop_after:  # for tests and demos of --resume
-            save_checkpoint(out / "checkpoint.pt", step + 1, student, opt, sched, args)
+            save_checkpoint(out / "checkpoint.pt", step + 1, student, masters, opt, sched, args)
             log(f"stopped after step {step + 1} (--stop-after); continue with --resume")
             return out
 

@@ -150,13 +150,15 @@ def test_a_few_steps_reduce_the_loss(toy, tmp_path, method):
     assert all(b < a for a, b in zip(losses, losses[1:])) and losses[0] - losses[-1] > 0.2, losses
 
 
-def test_resume_reproduces_the_uninterrupted_run(toy, tmp_path):
-    straight = T.train(run_args(toy, tmp_path / "a", "--steps", "4", "--save-every", "2"))
-    T.train(run_args(toy, tmp_path / "b", "--steps", "4", "--save-every", "2", "--stop-after", "3"))
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_resume_reproduces_the_uninterrupted_run(toy, tmp_path, dtype):
+    """In bf16 this holds only because checkpoints keep the float32 master weights, not the rounded bf16 ones."""
+    straight = T.train(run_args(toy, tmp_path / "a", "--steps", "4", "--save-every", "2", "--dtype", dtype))
+    T.train(run_args(toy, tmp_path / "b", "--steps", "4", "--save-every", "2", "--stop-after", "3", "--dtype", dtype))
     assert (tmp_path / "b" / "run" / "checkpoint.pt").exists() and not (tmp_path / "b" / "run" / "config.json").exists()
     with open(tmp_path / "b" / "run" / "train_log.jsonl", "a") as f:  # a step logged after the last checkpoint
         f.write(json.dumps({"step": 4, "loss": 999.0}) + "\n")
-    resumed = T.train(run_args(toy, tmp_path / "b", "--steps", "4", "--save-every", "2", "--resume"))
+    resumed = T.train(run_args(toy, tmp_path / "b", "--steps", "4", "--save-every", "2", "--resume", "--dtype", dtype))
     a, b = M.load_model(straight), M.load_model(resumed)
     for (n, p), (_, q) in zip(a.named_parameters(), b.named_parameters()):
         assert torch.equal(p, q), n
@@ -164,6 +166,42 @@ def test_resume_reproduces_the_uninterrupted_run(toy, tmp_path):
     log_b = [json.loads(line) for line in (resumed / "train_log.jsonl").read_text().splitlines()]
     assert [r["loss"] for r in log_a] == [r["loss"] for r in log_b] and len(log_a) == 4
     assert not (resumed / "checkpoint.pt").exists()
+
+
+def test_bf16_weights_are_updated_through_float32_masters():
+    """A fixed gradient makes the arithmetic exact: float32 masters follow a float32 AdamW run bit for bit, and the
+    bf16 weights are those masters rounded. AdamW's first step moves every weight by lr * sign(g) (hand-worked:
+    m_hat / sqrt(v_hat) = g / |g|). Updated in place, bf16 weights would not move at all at lr = 1e-5."""
+    torch.manual_seed(0)
+    w0 = (torch.randn(64, 64) * 0.02).to(torch.bfloat16)
+    g = torch.randn(64, 64).to(torch.bfloat16)  # the gradient of (w * g).sum(), whatever w is
+    lr, steps = 1e-5, 30
+
+    w = torch.nn.Parameter(w0.clone())
+    masters = T.fp32_masters([w])
+    assert masters[0].dtype == torch.float32 and masters[0] is not w
+    opt = torch.optim.AdamW(masters, lr=lr, weight_decay=0.0)
+    ref = torch.nn.Parameter(w0.float())  # the float32 run
+    ref_opt = torch.optim.AdamW([ref], lr=lr, weight_decay=0.0)
+    naive = torch.nn.Parameter(w0.clone())  # bf16 weights updated in place
+    naive_opt = torch.optim.AdamW([naive], lr=lr, weight_decay=0.0)
+    for step in range(steps):
+        for p, o in ((w, opt), (ref, ref_opt), (naive, naive_opt)):
+            o.zero_grad()
+            (p * g.to(p.dtype)).sum().backward()
+        T.grads_to_masters([w], masters)
+        assert w.grad is None and masters[0].grad.dtype == torch.float32
+        opt.step(), ref_opt.step(), naive_opt.step()
+        T.masters_to_params([w], masters)
+        if step == 0:
+            first = w0.float() - lr * torch.sign(g.float())
+            assert torch.allclose(masters[0], first, rtol=0, atol=1e-9)
+    assert torch.equal(masters[0], ref.detach())
+    assert torch.equal(w.detach(), ref.detach().to(torch.bfloat16))
+    assert (w.detach() != w0).float().mean() > 0.5  # 30 steps of 1e-5 add up to more than half a bf16 ulp
+    moved = lambda p: (p.detach().float() - w0.float()).abs().mean().item()  # noqa: E731
+    assert moved(naive) < 0.25 * moved(ref)  # in place, most of the float32 run's movement is lost
+    assert T.fp32_masters([ref])[0] is ref  # float32 parameters are their own masters
 
 
 def test_bad_input_errors(toy, tmp_path):
