@@ -203,7 +203,8 @@ def position_profile(base, aligned, tok, pairs: list[dict], tau: float = 1.0, to
                      max_response_tokens: int = 64, base_format: str = "chat", base_tok=None,
                      refusal: str | None = None, grad_model=None, progress: bool = True) -> dict:
     """Per-position means of kl, bf_mass_A, bf_mass_B, bf_count, bf_hit, grad over harmful (prompt, response)
-    pairs (METHOD §1-3): the safety-critical contexts c_t = (x, h_<t), teacher-forced.
+    pairs (METHOD §1-3): the safety-critical contexts c_t = (x, h_<t), teacher-forced, for t = 0..len(h); the
+    last one predicts the chat format's end-of-turn token. At most `max_response_tokens` positions per pair.
 
     Both models read **the identical token sequence**: the aligned model's chat format with the harmful
     response as the assistant's answer. Base models never saw that template; with base_format="plain" the
@@ -218,6 +219,9 @@ def position_profile(base, aligned, tok, pairs: list[dict], tau: float = 1.0, to
     from tqdm import tqdm
 
     base_tok = base_tok or tok
+    # Contexts k = 0..len(h) (METHOD §1): the last one, after the whole response, predicts the end of the turn. The
+    # plain format has no end-of-turn token, so there the contexts stop at k = len(h) - 1.
+    end = [tok.end_of_turn_id] if base_format == "chat" else []
     valid = tok.real_token_mask(aligned.args.vocab_size).to(aligned.lm_head.weight.device)
     grad_model = grad_model or base
     acc, grad_acc, skipped = Accumulator(PROFILE_KEYS), Accumulator(["grad"]), 0
@@ -225,11 +229,11 @@ def position_profile(base, aligned, tok, pairs: list[dict], tau: float = 1.0, to
         batch = pairs[i : i + batch_size]
         seq_A, seq_B, st_A, st_B, resp, kept = [], [], [], [], [], []
         for row in batch:
-            head, r = response_split(tok, row["prompt"], row["harmful_response"], max_tokens=max_response_tokens)
+            head, r = response_split(tok, row["prompt"], row["harmful_response"])
+            r = (r + end)[:max_response_tokens]  # targets h_0 .. h_{n-1}, then the end of the turn
             if base_format == "plain":
-                head_B, r_B = response_split(base_tok, row["prompt"], row["harmful_response"], plain=True,
-                                             max_tokens=max_response_tokens)
-                if r_B != r:
+                head_B, r_B = response_split(base_tok, row["prompt"], row["harmful_response"], plain=True)
+                if r_B[:max_response_tokens] != r:
                     skipped += 1
                     continue
             else:
@@ -251,7 +255,8 @@ def position_profile(base, aligned, tok, pairs: list[dict], tau: float = 1.0, to
                                            tau, top_k, valid))
         refusals = [row.get("refusal", refusal) for row in kept]
         if all(refusals):
-            splits = [response_split(tok, row["prompt"], ref, max_tokens=max_response_tokens) for row, ref in zip(kept, refusals)]
+            splits = [response_split(tok, row["prompt"], ref) for row, ref in zip(kept, refusals)]
+            splits = [(h, (r + [tok.end_of_turn_id])[:max_response_tokens]) for h, r in splits]  # as train.py trains
             lp = response_log_probs(grad_model, [h + r for h, r in splits], [len(h) for h, _ in splits],
                                     [len(r) for _, r in splits], tok.pad_id)
             target = torch.tensor([y for _, r in splits for y in r], device=lp.device)

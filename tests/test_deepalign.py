@@ -145,8 +145,9 @@ def test_profile_of_a_model_against_itself_is_zero(tmp_path):
              {"prompt": "hello there", "harmful_response": "the capital of france is paris , a city on the seine ."}]
     prof = D.position_profile(m, m, tok, pairs, refusal="i am fine , thank you for asking .", progress=False)
     rows = prof["positions"]
-    assert len(rows) == max(len(D.response_split(tok, p["prompt"], p["harmful_response"])[1]) for p in pairs)
-    assert rows[0]["n"] == 2 and rows[-1]["n"] == 1
+    lengths = [len(D.response_split(tok, p["prompt"], p["harmful_response"])[1]) for p in pairs]
+    assert len(rows) == max(lengths) + 1  # contexts k = 0..len(h): the last one predicts the end of the turn
+    assert rows[0]["n"] == 2 and rows[-1]["n"] == 1 and rows[min(lengths)]["n"] == 2 and rows[min(lengths) + 1]["n"] == 1
     for r in rows:
         assert r["kl"] == pytest.approx(0.0, abs=1e-6)
         assert r["bf_count"] == 0 and r["bf_mass_A"] == 0 and r["bf_hit"] == 0
@@ -173,6 +174,8 @@ def test_plain_base_format_uses_only_pairs_that_tokenize_alike(toy):
     m = M.load_model(toy["aligned"])
     chat = D.position_profile(m, m, tok, rows, progress=False)
     plain = D.position_profile(m, m, tok, rows, base_format="plain", progress=False)
-    assert plain["settings"]["skipped_pairs"] == 0 and len(plain["positions"]) == len(chat["positions"])
+    n = len(D.response_split(tok, rows[0]["prompt"], rows[0]["harmful_response"])[1])
+    assert plain["settings"]["skipped_pairs"] == 0 and len(plain["positions"]) == n  # no end-of-turn in plain text
+    assert len(chat["positions"]) == n + 1
     # the same model reading two different formats: the distributions now differ
     assert plain["positions"][0]["kl"] > 0 and chat["positions"][0]["kl"] == pytest.approx(0, abs=1e-6)
