@@ -2,18 +2,28 @@
 
     python bench.py                 # CPU, float32: a Llama-shaped ~125M-parameter model with random weights
     python bench.py --size toy      # the toy world's shape (seconds)
-    python bench.py --out bench.json [--compile] [--device cuda --dtype bfloat16]
+    python bench.py --out bench.json [--compile]
+    python bench.py --gpu --compile --out docs/bench_gpu.json     # GPU suite: real 8B / 1B shapes, bf16
+    python bench.py --gpu --tiny --device cpu                     # the GPU suite's code paths on CPU, tiny shapes
 
-Rows (ours / reference, target):
+CPU rows (ours / reference, target):
   prefill            tokens/s of one forward, our model.py vs transformers on the same weights        >= 1.0x
   decode bN          greedy tokens/s, our static KV cache vs transformers' generate (128 new tokens)   >= 1.5x
-  decode bN compile  the same with --compile (compile time printed apart)                              report
+  decode bN compile  the same with --compile, vs our eager decoding                                    report
   contrastive        tokens/s of contrastive decoding vs plain decoding (two forwards is 0.5x)        >= 0.45x
   profile            tokens/s of position_profile vs one teacher-forced forward                        >= 0.45x
-  train step         seconds of one `targeted` step vs one plain SFT step on the same batch            <= 1.8x
-Each measurement runs in its own process, so "peak MB" is that measurement's own peak resident memory.
-Beside every decode figure: its fraction of the memory-bandwidth limit, weight bytes per token / the
-bandwidth of a streaming mat-vec measured in the same run (batch 1 must read every weight once per token).
+  train step         seconds of one `targeted` step vs one plain cross-entropy step, same batch        <= 1.8x
+GPU rows (random weights made on the GPU in the real shapes of Llama-3.1-8B, Qwen3-8B and Llama-3.2-1B):
+  decode b1 SHAPE    batch-1 greedy tokens/s vs the bandwidth limit (the reference column)             >= 0.70
+  contrastive        two 8B models vs plain decoding of one                                            >= 0.45x
+  profile            position_profile with two 8B models vs one forward                                >= 0.45x
+  train ...          the largest batch (powers of two) that fits at --seq-len 1024 with activation
+                     checkpointing, its tokens/s and peak memory; ratio: targeted vs cross-entropy     >= 0.56x
+Each measurement runs in its own process, so "peak MB" is its own peak (CPU: resident memory, Python and torch
+included; GPU: torch.cuda.max_memory_allocated). Every pair of timings is taken alternately (see timed_pair).
+The decode limit is memory bandwidth: batch 1 reads every weight once per token (the embedding table only one
+row), so limit = bandwidth / weight bytes, the bandwidth measured in the same run (CPU: a streaming mat-vec;
+GPU: a 1 GiB device copy, bytes read + written).
 """
 from __future__ import annotations
 
@@ -28,6 +38,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from model import DTYPES
 
 ROOT = Path(__file__).resolve().parent
 SIZES = {  # Llama-shaped random models
@@ -44,13 +56,14 @@ def sync():
 
 
 def timed(fn, repeat: int = 3) -> float:
-    """Median wall time of fn() after one warm-up call."""
+    """Best wall time of fn() over `repeat` calls, after one warm-up call."""
     return timed_pair(fn, None, repeat)[0]
 
 
 def timed_pair(ours, reference, repeat: int = 3) -> tuple[float, float]:
-    """Median wall times of ours() and reference(), after one warm-up call each, measured *alternately*
-    (ours, reference, ours, ...) so that a slow spell of a shared machine hits both sides alike."""
+    """Best wall times of ours() and reference() after one warm-up call each, measured *alternately* (ours,
+    reference, ours, ...) so that a slow spell of a shared machine hits both sides alike. The best of several
+    runs, not the mean: on a shared machine noise only ever adds time."""
     fns = [f for f in (ours, reference) if f is not None]
     times = [[] for _ in fns]
     for f in fns:
@@ -62,8 +75,8 @@ def timed_pair(ours, reference, repeat: int = 3) -> tuple[float, float]:
             f()
             sync()
             ts.append(time.perf_counter() - t0)
-    medians = [sorted(ts)[len(ts) // 2] for ts in times]
-    return (medians[0], medians[1] if len(medians) > 1 else None)
+    best = [min(ts) for ts in times]
+    return (best[0], best[1] if len(best) > 1 else None)
 
 
 def make_checkpoint(size: str, folder: Path, seed: int = 0) -> Path:
@@ -99,6 +112,18 @@ def m_prefill(folder, args):
     return x.numel() / t_ours, x.numel() / t_ref
 
 
+def matvec_tokens_per_s(model) -> float:
+    """Batch-1 tokens/s of a decode step that did nothing but its mat-vecs: every weight matrix of the model
+    (distinct tensors, so each is read from memory) times one vector, back to back. A tighter ceiling than the
+    streaming limit: these matrices are narrower than the bandwidth probe's and stream slower."""
+    import torch.nn.functional as F
+
+    mats = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    xs = [torch.randn(1, W.shape[1], dtype=W.dtype, device=W.device) for W in mats]
+    with torch.no_grad():
+        return 1.0 / timed(lambda: [F.linear(x, W) for x, W in zip(xs, mats)], repeat=10)
+
+
 def m_decode(folder, args, batch: int, compile: bool = False):
     import transformers
 
@@ -107,20 +132,20 @@ def m_decode(folder, args, batch: int, compile: bool = False):
     ours = load_model(folder, args.dtype, args.device)
     prompts = torch.randint(3, 1000, (batch, 32)).tolist()
     n = args.new_tokens
-    extra = {}
+    extra = {"matvec_tokens_per_s": matvec_tokens_per_s(ours)} if batch == 1 else {}
     if compile:
         t0 = time.perf_counter()
         generate(ours, prompts, max_new_tokens=4, compile=True)
         extra["compile_s"] = round(time.perf_counter() - t0, 1)
         t_ours, t_ref = timed_pair(lambda: generate(ours, prompts, max_new_tokens=n, compile=True),
-                                   lambda: generate(ours, prompts, max_new_tokens=n), repeat=2)  # reference: eager ours
+                                   lambda: generate(ours, prompts, max_new_tokens=n))  # reference: eager ours
         return batch * n / t_ours, batch * n / t_ref, extra
     ref = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, args.dtype)).to(args.device).eval()
     ids = torch.tensor(prompts, device=args.device)
     with torch.no_grad():
         t_ours, t_ref = timed_pair(lambda: generate(ours, prompts, max_new_tokens=n),
                                    lambda: ref.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
-                                                        min_new_tokens=n, do_sample=False, pad_token_id=0), repeat=2)
+                                                        min_new_tokens=n, do_sample=False, pad_token_id=0))
     return batch * n / t_ours, batch * n / t_ref, extra
 
 
@@ -132,22 +157,22 @@ def m_contrastive(folder, args):
     prompts = torch.randint(3, 1000, (1, 32)).tolist()
     n = args.new_tokens
     t_cd, t_plain = timed_pair(lambda: contrastive_generate(a, b, prompts, max_new_tokens=n, alpha=1.0),
-                               lambda: generate(a, prompts, max_new_tokens=n), repeat=2)
+                               lambda: generate(a, prompts, max_new_tokens=n))
     return n / t_cd, n / t_plain, {}
 
 
 def m_profile(folder, args):
     import deepalign as D
-    from data import toyworld
-    from model import Tokenizer, load_model
+    from model import load_model
 
-    tok = Tokenizer(toyworld.ensure_toy_world()["aligned"])  # any tokenizer whose ids fit the vocabulary
     a, b = load_model(folder, args.dtype, args.device), load_model(folder, args.dtype, args.device)
-    rows = toyworld.read_jsonl(toyworld.ensure_toy_world()["data"] / "harmful_eval.jsonl", ["prompt"])[:32]
-    seqs = [sum(D.response_split(tok, r["prompt"], r["harmful_response"], max_tokens=64), []) for r in rows]
+    with tempfile.TemporaryDirectory() as tmp:
+        tok, pairs = bench_tokenizer_and_pairs(Path(tmp))  # any tokenizer whose ids fit the vocabulary
+    pairs = pairs[:32]
+    seqs = [sum(D.response_split(tok, r["prompt"], r["harmful_response"], max_tokens=64), []) for r in pairs]
     tokens = sum(len(s) for s in seqs)
     with torch.no_grad():
-        t_prof, t_fwd = timed_pair(lambda: D.position_profile(b, a, tok, rows, batch_size=16, progress=False),
+        t_prof, t_fwd = timed_pair(lambda: D.position_profile(b, a, tok, pairs, batch_size=16, progress=False),
                                    lambda: [a(D.right_pad(seqs[i : i + 16], 0, args.device)) for i in range(0, len(seqs), 16)])
     return tokens / t_prof, tokens / t_fwd, {}
 
@@ -179,6 +204,218 @@ def m_train(folder, args):
     return (*timed_pair(lambda: step("targeted"), lambda: step("augment")), {})
 
 
+# ----------------------------------------------------------------------------------------------
+# GPU suite (--gpu): real model shapes with random weights made directly on the device (no download)
+# ----------------------------------------------------------------------------------------------
+LLAMA31_8B = dict(model_type="llama", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                  num_attention_heads=32, num_key_value_heads=8, vocab_size=128256, rms_norm_eps=1e-5,
+                  rope_theta=500000.0, max_position_embeddings=131072, tie_word_embeddings=False,
+                  rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                "original_max_position_embeddings": 8192})
+SHAPES = {  # config.json dicts, as the released checkpoints have them
+    "llama3.1-8b": LLAMA31_8B,
+    "qwen3-8b": dict(model_type="qwen3", hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
+                     num_attention_heads=32, num_key_value_heads=8, head_dim=128, vocab_size=151936, rms_norm_eps=1e-6,
+                     rope_theta=1000000.0, max_position_embeddings=40960, tie_word_embeddings=False),
+    "llama3.2-1b": {**LLAMA31_8B, "hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16,
+                    "head_dim": 64, "tie_word_embeddings": True, "rope_scaling": {**LLAMA31_8B["rope_scaling"], "factor": 32.0}},
+    # --tiny stands these in for the three above: the same code paths in seconds, on CPU (tests/test_bench.py)
+    "tiny-llama": {**LLAMA31_8B, "hidden_size": 64, "intermediate_size": 160, "num_hidden_layers": 2,
+                   "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 2048},
+    "tiny-qwen3": dict(model_type="qwen3", hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, head_dim=32, vocab_size=2048),
+}
+TINY = {"llama3.1-8b": "tiny-llama", "qwen3-8b": "tiny-qwen3", "llama3.2-1b": "tiny-llama"}
+
+
+def shape_args(shape: str, args):
+    from model import ModelArgs
+
+    return ModelArgs.from_hf_config(SHAPES[TINY[shape] if args.tiny else shape], source=f"bench.py SHAPES[{shape!r}]")
+
+
+def random_model(margs, dtype, device, seed: int = 0):
+    """A Transformer with N(0, 0.02) weights (norms 1, biases 0) allocated straight on `device` in `dtype`."""
+    from model import Transformer
+
+    with torch.device("meta"):
+        model = Transformer(margs)
+    model = model.to_empty(device=device).to(dtype)
+    if margs.tie_word_embeddings:  # to_empty makes a fresh tensor per module: tie again
+        model.lm_head.weight = model.model.embed_tokens.weight
+    gen = torch.Generator(device=device).manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            elif name.endswith("bias"):
+                p.zero_()
+            else:
+                p.normal_(0.0, 0.02, generator=gen)
+    return model.eval()
+
+
+def weight_bytes(model) -> int:
+    """Bytes a batch-1 decode step must read: every weight once, except the embedding table, of which the lookup
+    reads one row (a tied embedding is read whole, as the head). Works on the meta device."""
+    total = sum(p.numel() * p.element_size() for p in model.parameters())  # a tied tensor is listed once
+    if not model.args.tie_word_embeddings:
+        emb = model.model.embed_tokens.weight
+        total -= emb.numel() * emb.element_size()
+    return total
+
+
+def copy_bandwidth_gbs(device) -> float:
+    """Device memory bandwidth: bytes read + written per second by a 1 GiB copy (CPU: the streaming mat-vec)."""
+    if str(device) == "cpu":
+        return bandwidth_gbs()
+    x = torch.empty(2**30, dtype=torch.uint8, device=device)
+    y = torch.empty_like(x)
+    t = timed(lambda: y.copy_(x), repeat=10)
+    return 2 * x.numel() / t / 1e9
+
+
+def peak_memory_mb(device) -> float:
+    if str(device).startswith("cuda"):
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def g_decode(args, shape):
+    """Batch-1 greedy decoding at a real shape vs the bandwidth limit (reference = the limit, in tokens/s)."""
+    from model import generate
+
+    model = random_model(shape_args(shape, args), DTYPES[args.dtype], args.device)
+    limit = copy_bandwidth_gbs(args.device) * 1e9 / weight_bytes(model)
+    prompts = torch.randint(3, 1000, (1, 32)).tolist()
+    t0 = time.perf_counter()
+    generate(model, prompts, max_new_tokens=4, compile=args.compile)
+    warmup_s = time.perf_counter() - t0
+    t = timed(lambda: generate(model, prompts, max_new_tokens=args.new_tokens, compile=args.compile))
+    return args.new_tokens / t, limit, {"compiled": args.compile, "first_call_s": round(warmup_s, 1),
+                                        "matvec_tokens_per_s": matvec_tokens_per_s(model),
+                                        "weight_gb": round(weight_bytes(model) / 1e9, 2)}
+
+
+def g_contrastive(args, shape):
+    """Contrastive decoding with two real-shape models vs plain decoding of one (both compiled with --compile)."""
+    from decode import contrastive_generate
+    from model import generate
+
+    margs = shape_args(shape, args)
+    a, b = random_model(margs, DTYPES[args.dtype], args.device, 0), random_model(margs, DTYPES[args.dtype], args.device, 1)
+    prompts = torch.randint(3, 1000, (1, 32)).tolist()
+    n = args.new_tokens
+    t_cd, t_plain = timed_pair(lambda: contrastive_generate(a, b, prompts, max_new_tokens=n, compile=args.compile),
+                               lambda: generate(a, prompts, max_new_tokens=n, compile=args.compile))
+    return n / t_cd, n / t_plain, {"compiled": args.compile}
+
+
+def bench_tokenizer_and_pairs(folder: Path):
+    """A BPE tokenizer and harmful (prompt, response) pairs from the toy world's generators (no model build)."""
+    from data import toyworld
+    from model import Tokenizer
+
+    pairs = toyworld.harmful_eval_rows(seed=0, per_category=8)  # 64 pairs
+    texts = toyworld.tokenizer_texts([], [{"prompt": r["prompt"], "response": r["harmful_response"]} for r in pairs], [])
+    toyworld.save_tokenizer(toyworld.train_tokenizer(texts), folder)
+    return Tokenizer(folder), pairs
+
+
+def g_profile(args, shape):
+    """position_profile tokens/s with two real-shape models vs one teacher-forced forward over the same tokens."""
+    import deepalign as D
+
+    margs = shape_args(shape, args)
+    a, b = random_model(margs, DTYPES[args.dtype], args.device, 0), random_model(margs, DTYPES[args.dtype], args.device, 1)
+    with tempfile.TemporaryDirectory() as tmp:
+        tok, pairs = bench_tokenizer_and_pairs(Path(tmp))
+    seqs = [sum(D.response_split(tok, r["prompt"], r["harmful_response"], max_tokens=64), []) for r in pairs]
+    bs = 32
+    with torch.no_grad():
+        t_prof, t_fwd = timed_pair(lambda: D.position_profile(b, a, tok, pairs, batch_size=bs, progress=False),
+                                   lambda: [a(D.right_pad(seqs[i : i + bs], 0, args.device)) for i in range(0, len(seqs), bs)])
+    tokens = sum(len(s) for s in seqs)
+    return tokens / t_prof, tokens / t_fwd, {}
+
+
+def synthetic_batches(batch: int, seq: int, vocab: int, device, seed: int):
+    """A safety and a utility batch in train.py's layout, `seq` random tokens per example: loss on the last 128
+    positions of each safety example (a recovery after prompt + harmful prefix) and the last seq/2 of each utility
+    example (a benign answer)."""
+    import train as T
+
+    g = torch.Generator().manual_seed(seed)
+
+    def examples(n_loss):
+        return [(torch.randint(3, vocab, (seq,), generator=g).tolist(), [0] * (seq - n_loss) + [1] * n_loss, seq - n_loss)
+                for _ in range(batch)]
+
+    return T.collate(examples(min(128, seq // 2)), 0, device), T.collate(examples(seq // 2), 0, device)
+
+
+def g_train(args, shape, lora_rank: int):
+    """train.py's `targeted` step at sequence length --seq-len, --checkpointing: the largest batch (powers of two up to
+    --max-batch) that fits, its tokens/s (student tokens, safety + utility) and peak memory; reference: a plain
+    cross-entropy step (`augment`) at the same batch."""
+    import train as T
+
+    margs = shape_args(shape, args)
+    dtype = DTYPES[args.dtype]
+    student = random_model(margs, dtype, args.device, 0)
+    base = random_model(margs, dtype, args.device, 1).requires_grad_(False)
+    if lora_rank:
+        T.add_lora(student, lora_rank, 2.0 * lora_rank)
+        teacher = "adapters-off"
+    else:
+        teacher = random_model(margs, dtype, args.device, 2).requires_grad_(False)
+    student.checkpointing = True
+    student.train()
+    params = [p for p in student.parameters() if p.requires_grad]
+    masters = T.fp32_masters(params)
+    opt = torch.optim.AdamW(masters, lr=1e-5)
+    targs = T.parse_args([])
+    valid = torch.ones(margs.vocab_size, dtype=torch.bool, device=args.device)
+
+    def step(method, batches):
+        terms, _ = T.step_losses(method, student, teacher, base, *batches, targs, valid)
+        terms["loss"].backward()
+        T.optimizer_step(params, masters, opt, 1.0)
+
+    best = None
+    batch = 1
+    while batch <= args.max_batch:
+        batches = synthetic_batches(batch, args.seq_len, margs.vocab_size, args.device, batch)
+        try:
+            if str(args.device).startswith("cuda"):
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats()
+            t_tgt, t_ce = timed_pair(lambda: step("targeted", batches), lambda: step("augment", batches))
+        except torch.OutOfMemoryError:
+            opt.zero_grad(set_to_none=True)
+            student.zero_grad(set_to_none=True)
+            break
+        tokens = 2 * batch * args.seq_len
+        best = (tokens / t_tgt, tokens / t_ce, {"largest_batch": batch, "seq_len": args.seq_len, "lora_rank": lora_rank,
+                                                "checkpointing": True, "peak_mb": round(peak_memory_mb(args.device))})
+        batch *= 2
+    if best is None:
+        raise RuntimeError(f"{shape}: even batch 1 at sequence length {args.seq_len} does not fit")
+    best[2]["fits_up_to_max_batch"] = batch > args.max_batch
+    return best
+
+
+GPU_MEASUREMENTS = {  # (function, target); decode rows: "reference" is the bandwidth limit in tokens/s
+    "decode b1 llama3.1-8b": (lambda f, a: g_decode(a, "llama3.1-8b"), ">= 0.70 of limit"),
+    "decode b1 qwen3-8b": (lambda f, a: g_decode(a, "qwen3-8b"), ">= 0.70 of limit"),
+    "contrastive llama3.1-8b x2": (lambda f, a: g_contrastive(a, "llama3.1-8b"), ">= 0.45"),
+    "profile llama3.1-8b x2": (lambda f, a: g_profile(a, "llama3.1-8b"), ">= 0.45"),
+    # training rows: tokens/s of a targeted step vs a cross-entropy step (1 / 1.8 = the CPU row's time target)
+    "train targeted lora16 llama3.1-8b": (lambda f, a: g_train(a, "llama3.1-8b", 16), ">= 0.56"),
+    "train targeted full llama3.2-1b": (lambda f, a: g_train(a, "llama3.2-1b", 0), ">= 0.56"),
+}
+
+
 MEASUREMENTS = {
     "prefill": (m_prefill, ">= 1.0"),
     "decode b1": (lambda f, a: m_decode(f, a, 1), ">= 1.5"),
@@ -191,68 +428,100 @@ MEASUREMENTS = {
 
 
 def run_one(name, folder, args):
-    out = MEASUREMENTS[name][0](folder, args)
+    table = GPU_MEASUREMENTS if args.gpu else MEASUREMENTS
+    out = table[name][0](folder, args)
     ours, ref, extra = out if len(out) == 3 else (*out, {})
-    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: kB
-    print(json.dumps({"ours": ours, "reference": ref, "peak_mb": round(peak_mb), **extra}))
+    peak_mb = extra.pop("peak_mb", None) or round(peak_memory_mb(args.device))  # a training row: at its largest batch
+    print(json.dumps({"ours": ours, "reference": ref, "peak_mb": peak_mb, **extra}))
+
+
+def cpu_header(size: str, folder: Path) -> dict:
+    """Parameters, weight bytes per decoded token and this machine's bandwidth limit for the CPU suite's model."""
+    from model import ModelArgs, Transformer, read_json
+
+    with torch.device("meta"):
+        model = Transformer(ModelArgs.from_hf_config(read_json(folder / "config.json")))
+    n_params, nbytes = sum(p.numel() for p in model.parameters()), weight_bytes(model)
+    bw = bandwidth_gbs()
+    limit = bw * 1e9 / nbytes  # tokens/s at batch 1 if every weight is read once per token
+    print(f"{size}: {n_params / 1e6:.0f}M parameters, {nbytes / 1e9:.2f} GB of float32 weights read per token "
+          f"(all but the embedding table); streaming mat-vec {bw:.1f} GB/s -> batch-1 decode limit {limit:.1f} tokens/s",
+          file=sys.stderr)
+    return {"size": size, "parameters": n_params, "weight_bytes_per_token": nbytes, "bandwidth_gbs": bw,
+            "decode_limit_tokens_per_s": limit}
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--size", choices=sorted(SIZES), default="125m")
-    p.add_argument("--only", nargs="+", choices=sorted(MEASUREMENTS), help="run only these rows")
-    p.add_argument("--compile", action="store_true", help="also measure compiled decoding")
+    p.add_argument("--gpu", action="store_true", help="the GPU suite: real 8B/1B shapes, random weights on --device")
+    p.add_argument("--tiny", action="store_true", help="GPU suite with tiny stand-in shapes (to try it on CPU)")
+    p.add_argument("--size", choices=sorted(SIZES), default="125m", help="CPU suite: the model size")
+    p.add_argument("--only", nargs="+", help="run only these rows (names as printed)")
+    p.add_argument("--compile", action="store_true", help="CPU: also measure compiled decoding; GPU: compile decoding")
     p.add_argument("--new-tokens", type=int, default=128)
-    p.add_argument("--dtype", default="float32")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--seq-len", type=int, default=1024, help="GPU training rows: tokens per example")
+    p.add_argument("--max-batch", type=int, default=64, help="GPU training rows: the largest batch tried")
+    p.add_argument("--dtype", choices=sorted(DTYPES), help="default: float32 (CPU suite), bfloat16 (GPU suite)")
+    p.add_argument("--device", help="default: cpu (CPU suite), cuda (GPU suite)")
     p.add_argument("--out", help="write {rows: [{name, ours, reference, ratio, target}], ...} here")
     p.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one measurement in this process
     p.add_argument("--folder", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    args.dtype = args.dtype or ("bfloat16" if args.gpu else "float32")
+    args.device = args.device or ("cuda" if args.gpu else "cpu")
     if args.one:
-        return run_one(args.one, Path(args.folder), args)
+        return run_one(args.one, Path(args.folder) if args.folder else None, args)
 
-    names = args.only or [n for n in MEASUREMENTS if args.compile or "compile" not in n]
+    table = GPU_MEASUREMENTS if args.gpu else MEASUREMENTS
+    unknown = sorted(set(args.only or []) - set(table))
+    if unknown:
+        p.error(f"--only: unknown rows {unknown}; this suite has: {', '.join(table)}")
+    names = args.only or [n for n in table if args.gpu or args.compile or "compile" not in n]
     with tempfile.TemporaryDirectory() as tmp:
-        folder = make_checkpoint(args.size, Path(tmp) / "model")
-        from model import ModelArgs, read_json
-
-        margs = ModelArgs.from_hf_config(read_json(folder / "config.json"))
-        n_params = sum(v for v in [margs.vocab_size * margs.dim * 2, margs.n_layers * (
-            margs.dim * margs.head_dim * (2 * margs.n_heads + 2 * margs.n_kv_heads) + 3 * margs.dim * margs.intermediate_size)])
-        bw = bandwidth_gbs()
-        limit = bw * 1e9 / (n_params * 4)  # tokens/s at batch 1 if every weight is read once per token
-        print(f"{args.size}: {n_params / 1e6:.0f}M parameters, float32 weights {n_params * 4 / 1e9:.2f} GB; "
-              f"streaming mat-vec {bw:.1f} GB/s -> batch-1 decode limit {limit:.1f} tokens/s", file=sys.stderr)
+        if args.gpu:
+            folder, header = None, {"suite": "gpu", "tiny": args.tiny, "dtype": args.dtype, "compiled": args.compile,
+                                    "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else args.device}
+            print(f"GPU suite on {header['device']}, {args.dtype}{', compiled decoding' if args.compile else ''}"
+                  f"{'; TINY stand-in shapes (a code-path check, not a measurement)' if args.tiny else ''}", file=sys.stderr)
+        else:
+            folder = make_checkpoint(args.size, Path(tmp) / "model")
+            header = {"suite": "cpu", **cpu_header(args.size, folder)}
         rows = []
         for name in names:
-            cmd = [sys.executable, str(ROOT / "bench.py"), "--one", name, "--folder", str(folder), "--size", args.size,
-                   "--new-tokens", str(args.new_tokens), "--dtype", args.dtype, "--device", args.device]
+            cmd = [sys.executable, str(ROOT / "bench.py"), "--one", name, "--new-tokens", str(args.new_tokens),
+                   "--dtype", args.dtype, "--device", args.device, "--size", args.size, "--seq-len", str(args.seq_len),
+                   "--max-batch", str(args.max_batch)] + (["--folder", str(folder)] if folder else []) \
+                + [flag for flag, on in (("--gpu", args.gpu), ("--tiny", args.tiny), ("--compile", args.compile)) if on]
             res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
             if res.returncode != 0:
                 print(f"{name}: failed\n{res.stderr[-2000:]}", file=sys.stderr)
                 continue
             r = json.loads(res.stdout.strip().splitlines()[-1])
             row = {"name": name, "ours": r["ours"], "reference": r["reference"], "ratio": r["ours"] / r["reference"],
-                   "target": MEASUREMENTS[name][1], "peak_mb": r["peak_mb"]}
-            if name.startswith(("decode", "contrastive")) and " b8" not in name:
-                row["fraction_of_bandwidth_limit"] = r["ours"] / limit
+                   "target": table[name][1], "peak_mb": r["peak_mb"]}
+            if not args.gpu and name.startswith(("decode", "contrastive")) and " b8" not in name:
+                row["fraction_of_bandwidth_limit"] = r["ours"] / header["decode_limit_tokens_per_s"]
+            if args.gpu and name.startswith("decode"):
+                row["fraction_of_bandwidth_limit"] = row["ratio"]
             row.update({k: v for k, v in r.items() if k not in ("ours", "reference", "peak_mb")})
+            if "matvec_tokens_per_s" in row:
+                row["fraction_of_matvec_limit"] = row["ours"] / row["matvec_tokens_per_s"]
             rows.append(row)
-            print(f"{name:18s} ours {row['ours']:10.2f}  ref {row['reference']:10.2f}  ratio {row['ratio']:5.2f}x "
+            print(f"{name:34s} ours {row['ours']:10.2f}  ref {row['reference']:10.2f}  ratio {row['ratio']:5.2f}x "
                   f"(target {row['target']})  peak {row['peak_mb']} MB"
-                  + (f"  {100 * row['fraction_of_bandwidth_limit']:.0f}% of limit" if "fraction_of_bandwidth_limit" in row else ""),
+                  + (f"  {100 * row['fraction_of_bandwidth_limit']:.0f}% of limit" if "fraction_of_bandwidth_limit" in row else "")
+                  + (f", {100 * row['fraction_of_matvec_limit']:.0f}% of mat-vecs alone ({row['matvec_tokens_per_s']:.1f} tok/s)"
+                     if "fraction_of_matvec_limit" in row else ""),
                   file=sys.stderr)
-    table = ["| measurement | ours | reference | ratio | target | peak MB |", "| --- | --- | --- | --- | --- | --- |"]
+    table_md = ["| measurement | ours | reference | ratio | target | peak MB |", "| --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         unit = "s" if r["name"] == "train step" else "tok/s"
-        table.append(f"| {r['name']} | {r['ours']:.2f} {unit} | {r['reference']:.2f} {unit} | {r['ratio']:.2f}x | "
-                     f"{r['target']} | {r['peak_mb']} |")
-    print("\n".join(table))
+        table_md.append(f"| {r['name']} | {r['ours']:.2f} {unit} | {r['reference']:.2f} {unit} | {r['ratio']:.2f}x | "
+                        f"{r['target']} | {r['peak_mb']} |")
+    print("\n".join(table_md))
     if args.out:
         tmp = Path(args.out).with_name(Path(args.out).name + f".tmp-{os.getpid()}")
-        tmp.write_text(json.dumps({"size": args.size, "parameters": n_params, "bandwidth_gbs": bw,
-                                   "decode_limit_tokens_per_s": limit, "rows": rows}, indent=1))
+        tmp.write_text(json.dumps({**header, "rows": rows}, indent=1))
         os.replace(tmp, args.out)
 
 

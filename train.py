@@ -131,6 +131,16 @@ def masters_to_params(params: list, masters: list):
             p.copy_(m)
 
 
+def optimizer_step(params: list, masters: list, opt, clip: float) -> float:
+    """Gradients to the masters, clip their global norm, AdamW step, masters back to the weights. Returns the
+    gradient norm before clipping (of the whole model under FSDP)."""
+    grads_to_masters(params, masters)
+    grad_norm = torch.nn.utils.clip_grad_norm_(masters, clip)
+    opt.step()
+    masters_to_params(params, masters)
+    return (grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm).item()
+
+
 # ----------------------------------------------------------------------------------------------
 # Several processes: torch's FSDP (fully_shard) shards every model; these helpers keep the math global
 # ----------------------------------------------------------------------------------------------
@@ -508,11 +518,7 @@ def train(args) -> Path:
             (terms["loss"] / args.grad_accum).backward()
             for k, v in terms.items():  # the global batch's value of every term
                 logged[k] = logged.get(k, 0.0) + all_reduce(v.detach() * shares[k]).item() / world / args.grad_accum
-        grads_to_masters(params, masters)
-        grad_norm = torch.nn.utils.clip_grad_norm_(masters, args.clip)
-        grad_norm = (grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm).item()
-        opt.step()
-        masters_to_params(params, masters)
+        grad_norm = optimizer_step(params, masters, opt, args.clip)
         sched.step()
         record = {"step": step + 1, **{k: round(v, 6) for k, v in logged.items()}, "grad_norm": round(grad_norm, 4),
                   "lr": sched.get_last_lr()[0], "seconds": round(time.perf_counter() - t0, 3)}
