@@ -57,8 +57,9 @@ def contrastive_generate(aligned, base, prompts: list[list[int]], max_new_tokens
             l_A = step(aligned, token[:, None], slot, pos).clone()  # one new token through each cache
             l_B = step(base, token[:, None], slot, pos).clone()
     finally:
-        aligned.clear_cache()
-        base.clear_cache()
+        if not compile:  # compiled decoding keeps its caches for the next call (see model.setup_cache)
+            aligned.clear_cache()
+            base.clear_cache()
     tokens = torch.stack(out, dim=1).tolist()  # (B, n)
     return [cut_at_eos(row, set(eos_ids)) for row in tokens]
 

@@ -231,7 +231,7 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H|Hkv, T, hd)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if self.kv_cache is not None:
+        if cache_pos is not None:  # decoding: write this step into the static cache, attend over all of it
             k, v = self.kv_cache.update(cache_pos, k, v)  # (B, Hkv, S, hd)
         # GQA: query head h reads kv head h // (H / Hkv) (enable_gqa; never materialise repeated k/v).
         # mask None (unpadded, no cache) is the same SDPA call HF makes, so logits match bit for bit.
@@ -335,8 +335,16 @@ class Transformer(nn.Module):
         return mask[:, None]  # (B, 1, T, S)
 
     def setup_cache(self, batch_size: int, max_seq_len: int):
-        """Preallocate a static KV cache in every layer (fixed shapes: no reallocation while decoding)."""
+        """Preallocate a static KV cache in every layer (fixed shapes: no reallocation while decoding). A cache
+        kept from an earlier call is reused when it has this batch size and at least max_seq_len slots (as
+        gpt-fast does): compiled decoding then sees the same shapes and buffers again, so neither recompiles nor
+        re-records its CUDA graphs. Slots past the current position are masked, so stale entries are never read."""
         p = self.lm_head.weight
+        kept = self.model.layers[0].self_attn.kv_cache
+        if kept is not None and kept.k.shape[0] == batch_size and kept.k.shape[2] >= max_seq_len \
+                and kept.k.dtype == p.dtype and kept.k.device == p.device:
+            self.key_valid.zero_()
+            return
         for layer in self.model.layers:
             layer.self_attn.kv_cache = KVCache(batch_size, self.args.n_kv_heads, max_seq_len, self.args.head_dim, p.dtype, p.device)
         self.key_valid = torch.zeros(batch_size, max_seq_len, dtype=torch.bool, device=p.device)
@@ -762,7 +770,8 @@ def generate(
             pos = pos + 1
             logits = step(model, token[:, None], torch.tensor([T + i], device=device), pos).clone()
     finally:
-        model.clear_cache()
+        if not compile:  # compiled decoding keeps its cache for the next call (see setup_cache)
+            model.clear_cache()
     tokens = torch.stack(out, dim=1).tolist()  # (B, n)
     return [cut_at_eos(row, set(eos_ids)) for row in tokens]
 

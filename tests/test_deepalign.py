@@ -122,6 +122,14 @@ def test_alpha_zero_equals_plain_greedy_decoding(pair):
     assert got == M.generate(aligned, prompts(), max_new_tokens=16, eos_ids=[2])
 
 
+def test_compiled_contrastive_decoding_equals_eager(pair):
+    aligned, base = pair
+    eager = contrastive_generate(aligned, base, prompts(), max_new_tokens=8, alpha=1.0)
+    assert contrastive_generate(aligned, base, prompts(), max_new_tokens=8, alpha=1.0, compile=True) == eager
+    assert contrastive_generate(aligned, base, prompts(), max_new_tokens=8, alpha=1.0, compile=True) == eager  # kept caches
+    aligned.clear_cache(), base.clear_cache()
+
+
 @pytest.mark.parametrize("mode", ["full", "bf"])
 def test_cached_contrastive_decoding_equals_recomputing_from_scratch(pair, mode):
     aligned, base = pair

@@ -150,7 +150,21 @@ def test_compiled_decode_step_matches_eager(tmp_path):
     ours = M.load_model(folder)
     rows = [random_ids(1, n, seed=n)[0].tolist() for n in (6, 3)]
     torch._dynamo.reset()
-    assert M.generate(ours, rows, max_new_tokens=6, compile=True) == M.generate(ours, rows, max_new_tokens=6)
+    compiled = M.generate(ours, rows, max_new_tokens=6, compile=True)
+    # The compiled path keeps its cache and reuses it for a call that fits (shorter prompt, same batch) ...
+    kept = ours.model.layers[0].self_attn.kv_cache.k
+    shorter = [r[:2] for r in rows]
+    compiled_shorter = M.generate(ours, shorter, max_new_tokens=5, compile=True)
+    assert ours.model.layers[0].self_attn.kv_cache.k is kept
+    # ... a kept cache never leaks into a plain forward ...
+    x = random_ids(2, 9, seed=3)
+    with torch.no_grad():
+        with_kept_cache = ours(x)
+        ours.clear_cache()
+        assert torch.equal(with_kept_cache, ours(x))
+    # ... and every compiled token equals eager decoding.
+    assert compiled == M.generate(ours, rows, max_new_tokens=6)
+    assert compiled_shorter == M.generate(ours, shorter, max_new_tokens=5)
 
 
 # ------------------------------------------------------------------------------------------------
