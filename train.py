@@ -22,8 +22,8 @@ Data: safety triplets {"prompt", "harmful_response", "recovery"} (--data) and be
 (seed, step), so a resumed run sees exactly the batches an uninterrupted one would.
 
 Output (--out): a Hugging Face folder (LoRA merged) that eval.py, decode.py and transformers load, beside
-train_log.jsonl (every loss term, every step) and train_args.json; checkpoint.pt every --save-every steps
-(written atomically; --resume continues from it).
+train_log.jsonl (every loss term, every step) and train_args.json; checkpoint/ every --save-every steps
+(torch.distributed.checkpoint, written atomically; --resume continues from it, with any number of processes).
 """
 from __future__ import annotations
 
@@ -35,6 +35,7 @@ import random
 import shutil
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -344,36 +345,81 @@ def make_batches(step, tok, safety_rows, benign_rows, own_answers, student, args
 # ----------------------------------------------------------------------------------------------
 # Checkpoints
 # ----------------------------------------------------------------------------------------------
-def trainable_state(student, masters) -> dict:
-    """{name: float32 master} of every trainable parameter (the masters are the exact state of a bf16 run)."""
+CHECKPOINT = "checkpoint"  # a folder inside the run folder
+RESUME_KEYS = ("method", "seed", "lora_rank", "lora_alpha", "batch_size", "utility_batch_size", "grad_accum", "lr",
+               "steps", "warmup", "weight_decay", "clip", "dtype", "max_prefix", "insert_candidates", "lam", "alpha_t",
+               "beta", "tau", "top_k", "penalty_weight", "w_max", "gamma", "lambda_pen", "lambda_util", "data", "benign")
+
+
+def checkpoint_state(step, student, masters, opt, sched, args) -> dict:
+    """What a resumed run needs: the float32 masters by parameter name (under FSDP, each process's shards),
+    AdamW's and the schedule's state, the step, and the settings (as JSON, checked on resume)."""
     names = [n for n, p in student.named_parameters() if p.requires_grad]
-    return {n: m.detach().clone() for n, m in zip(names, masters)}
+    return {"step": step, "trainable": dict(zip(names, masters)), "optimizer": opt.state_dict(),
+            "scheduler": sched.state_dict(), "args": json.dumps(vars(args), sort_keys=True)}
+
+
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
 
 
 def save_checkpoint(path: Path, step, student, masters, opt, sched, args):
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    torch.save({"step": step, "trainable": trainable_state(student, masters), "optimizer": opt.state_dict(),
-                "scheduler": sched.state_dict(), "args": vars(args)}, tmp)
-    os.replace(tmp, path)  # a kill mid-write leaves the previous checkpoint intact
+    """Written with torch.distributed.checkpoint: every process writes its own shards, and any number of
+    processes can read them back (it reshards on load). Written to a temporary folder that replaces `path` only
+    when complete, so a kill mid-write leaves the previous checkpoint intact."""
+    import torch.distributed.checkpoint as dcp
+
+    rank, _ = world_info()
+    tmp, old = path.with_name(f"{path.name}.tmp"), path.with_name(f"{path.name}.old")
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+    barrier()
+    with warnings.catch_warnings():  # one process: dcp warns that it assumes so
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.save(checkpoint_state(step, student, masters, opt, sched, args), checkpoint_id=tmp,
+                 no_dist=not dist.is_initialized())
+    barrier()
+    if rank == 0:
+        if path.exists():
+            path.rename(old)
+        tmp.rename(path)
+        shutil.rmtree(old, ignore_errors=True)
+    barrier()
+
+
+def init_optimizer_state(opt):
+    """Give AdamW its state tensors (zeros) with a step of lr 0 on zero gradients, which moves nothing:
+    torch.distributed.checkpoint loads into existing tensors."""
+    lrs = [g["lr"] for g in opt.param_groups]
+    for g in opt.param_groups:
+        g["lr"] = 0.0
+        for p in g["params"]:
+            p.grad = torch.zeros_like(p)
+    opt.step()
+    for g, lr in zip(opt.param_groups, lrs):
+        g["lr"] = lr
+    opt.zero_grad(set_to_none=True)
 
 
 def load_checkpoint(path: Path, student, masters, opt, sched, args) -> int:
-    ck = torch.load(path, map_location="cpu", weights_only=False)
-    for key in ("method", "seed", "lora_rank", "lora_alpha", "batch_size", "utility_batch_size", "grad_accum", "lr",
-                "steps", "warmup", "weight_decay", "clip", "dtype", "max_prefix", "insert_candidates", "lam", "alpha_t",
-                "beta", "tau", "top_k", "penalty_weight", "w_max", "gamma", "lambda_pen", "lambda_util", "data", "benign"):
-        if ck["args"].get(key) != getattr(args, key):
-            raise ValueError(f"{path}: checkpoint has {key}={ck['args'].get(key)!r} but this run has "
+    import torch.distributed.checkpoint as dcp
+
+    init_optimizer_state(opt)
+    state = checkpoint_state(0, student, masters, opt, sched, args)
+    state["args"] = ""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(state, checkpoint_id=path, no_dist=not dist.is_initialized())  # masters and AdamW state, in place
+    saved = json.loads(state["args"])
+    for key in RESUME_KEYS:
+        if saved.get(key) != getattr(args, key):
+            raise ValueError(f"{path}: checkpoint has {key}={saved.get(key)!r} but this run has "
                              f"{getattr(args, key)!r}; resume with the original settings or start with --overwrite")
-    names = [n for n, p in student.named_parameters() if p.requires_grad]
-    params = [p for p in student.parameters() if p.requires_grad]
-    with torch.no_grad():
-        for name, m in zip(names, masters):
-            m.copy_(ck["trainable"][name])
-    masters_to_params(params, masters)
-    opt.load_state_dict(ck["optimizer"])
-    sched.load_state_dict(ck["scheduler"])
-    return ck["step"]
+    masters_to_params([p for p in student.parameters() if p.requires_grad], masters)
+    opt.load_state_dict(state["optimizer"])
+    sched.load_state_dict(state["scheduler"])
+    return state["step"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -382,10 +428,10 @@ def load_checkpoint(path: Path, student, masters, opt, sched, args) -> int:
 def prepare_out(args) -> Path:
     out = Path(args.out)
     if out.exists() and any(out.iterdir()):
-        if args.resume and (out / "checkpoint.pt").exists():
+        if args.resume and (out / CHECKPOINT).exists():
             return out
         if args.resume:
-            raise FileNotFoundError(f"{out} has no checkpoint.pt to resume (a finished run, or another folder); "
+            raise FileNotFoundError(f"{out} has no {CHECKPOINT}/ to resume (a finished run, or another folder); "
                                     "pass --overwrite to start it again")
         if not args.overwrite:
             raise FileExistsError(f"{out} exists and is not empty; pass --overwrite to replace it, or --resume to "
@@ -416,9 +462,8 @@ def init_distributed(args) -> tuple[int, int]:
             args.device = f"cuda:{local}"
         dist.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
     rank, world = world_info()
-    if world > 1 and (args.resume or args.stop_after or args.compile):
-        raise ValueError("--resume, --stop-after and --compile are single-process options for now; "
-                         "run without them under torchrun")
+    if world > 1 and args.compile:
+        raise ValueError("--compile is a single-process option for now; run without it under torchrun")
     if world > 1 and (args.batch_size % world or args.utility_batch_size % world):
         raise ValueError(f"--batch-size {args.batch_size} and --utility-batch-size {args.utility_batch_size} must be "
                          f"multiples of the {world} processes (each process takes an equal share of the global batch)")
@@ -445,7 +490,7 @@ def save_final(student, args, out: Path, rank: int, world: int):
     for f in tmp.iterdir():  # the run folder itself becomes the Hugging Face folder
         os.replace(f, out / f.name)
     tmp.rmdir()
-    (out / "checkpoint.pt").unlink(missing_ok=True)
+    shutil.rmtree(out / CHECKPOINT, ignore_errors=True)
     log(f"wrote {out}")
 
 
@@ -493,9 +538,10 @@ def train(args) -> Path:
     warmup = max(1, int(args.warmup * args.steps))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / args.steps))))
     start = 0
-    if args.resume and (out / "checkpoint.pt").exists():
-        start = load_checkpoint(out / "checkpoint.pt", student, masters, opt, sched, args)
-        log(f"resumed from {out / 'checkpoint.pt'} at step {start}")
+    if args.resume and (out / CHECKPOINT).exists():
+        start = load_checkpoint(out / CHECKPOINT, student, masters, opt, sched, args)
+        if rank == 0:
+            log(f"resumed from {out / CHECKPOINT} at step {start}")
     if rank == 0:
         log_file = out / "train_log.jsonl"
         kept = [line for line in log_file.read_text().splitlines() if json.loads(line)["step"] <= start] \
@@ -526,11 +572,14 @@ def train(args) -> Path:
             with open(out / "train_log.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
         bar.set_postfix({k: f"{v:.3f}" for k, v in logged.items() if k in ("loss", "kd", "pen", "util", "ce")}, refresh=False)
-        if world == 1 and (step + 1) % args.save_every == 0 and step + 1 < args.steps:
-            save_checkpoint(out / "checkpoint.pt", step + 1, student, masters, opt, sched, args)
+        if (step + 1) % args.save_every == 0 and step + 1 < args.steps:
+            save_checkpoint(out / CHECKPOINT, step + 1, student, masters, opt, sched, args)
         if args.stop_after and step + 1 == args.stop_after:  # for tests and demos of --resume
-            save_checkpoint(out / "checkpoint.pt", step + 1, student, masters, opt, sched, args)
-            log(f"stopped after step {step + 1} (--stop-after); continue with --resume")
+            save_checkpoint(out / CHECKPOINT, step + 1, student, masters, opt, sched, args)
+            if rank == 0:
+                log(f"stopped after step {step + 1} (--stop-after); continue with --resume")
+            if world > 1:
+                dist.destroy_process_group()
             return out
 
     student.eval()

@@ -155,7 +155,7 @@ def test_resume_reproduces_the_uninterrupted_run(toy, tmp_path, dtype):
     """In bf16 this holds only because checkpoints keep the float32 master weights, not the rounded bf16 ones."""
     straight = T.train(run_args(toy, tmp_path / "a", "--steps", "4", "--save-every", "2", "--dtype", dtype))
     T.train(run_args(toy, tmp_path / "b", "--steps", "4", "--save-every", "2", "--stop-after", "3", "--dtype", dtype))
-    assert (tmp_path / "b" / "run" / "checkpoint.pt").exists() and not (tmp_path / "b" / "run" / "config.json").exists()
+    assert (tmp_path / "b" / "run" / "checkpoint").is_dir() and not (tmp_path / "b" / "run" / "config.json").exists()
     with open(tmp_path / "b" / "run" / "train_log.jsonl", "a") as f:  # a step logged after the last checkpoint
         f.write(json.dumps({"step": 4, "loss": 999.0}) + "\n")
     resumed = T.train(run_args(toy, tmp_path / "b", "--steps", "4", "--save-every", "2", "--resume", "--dtype", dtype))
@@ -165,7 +165,7 @@ def test_resume_reproduces_the_uninterrupted_run(toy, tmp_path, dtype):
     log_a = [json.loads(line) for line in (straight / "train_log.jsonl").read_text().splitlines()]
     log_b = [json.loads(line) for line in (resumed / "train_log.jsonl").read_text().splitlines()]
     assert [r["loss"] for r in log_a] == [r["loss"] for r in log_b] and len(log_a) == 4
-    assert not (resumed / "checkpoint.pt").exists()
+    assert not (resumed / "checkpoint").exists()
 
 
 def test_bf16_weights_are_updated_through_float32_masters():
@@ -240,5 +240,5 @@ def test_resume_needs_a_checkpoint_and_the_same_settings(toy, tmp_path):
     with pytest.raises(ValueError, match="grad_accum"):
         T.train(run_args(toy, tmp_path, "--steps", "2", "--resume", "--grad-accum", "2"))
     T.train(run_args(toy, tmp_path, "--steps", "2", "--resume"))
-    with pytest.raises(FileNotFoundError, match="no checkpoint.pt to resume"):
+    with pytest.raises(FileNotFoundError, match="no checkpoint/ to resume"):
         T.train(run_args(toy, tmp_path, "--steps", "2", "--resume"))
