@@ -225,7 +225,8 @@ SHAPES = {  # config.json dicts, as the released checkpoints have them
     "tiny-qwen3": dict(model_type="qwen3", hidden_size=64, intermediate_size=160, num_hidden_layers=2,
                        num_attention_heads=4, num_key_value_heads=2, head_dim=32, vocab_size=2048),
 }
-TINY = {"llama3.1-8b": "tiny-llama", "qwen3-8b": "tiny-qwen3", "llama3.2-1b": "tiny-llama"}
+SHAPES["tiny-llama-tied"] = {**SHAPES["tiny-llama"], "tie_word_embeddings": True}
+TINY = {"llama3.1-8b": "tiny-llama", "qwen3-8b": "tiny-qwen3", "llama3.2-1b": "tiny-llama-tied"}
 
 
 def shape_args(shape: str, args):
@@ -239,8 +240,8 @@ def random_model(margs, dtype, device, seed: int = 0):
     from model import Transformer
 
     with torch.device("meta"):
-        model = Transformer(margs)
-    model = model.to_empty(device=device).to(dtype)
+        model = Transformer(margs).to(dtype)  # (to_empty keeps the dtype: no float32 copy is ever allocated)
+    model = model.to_empty(device=device)
     if margs.tie_word_embeddings:  # to_empty makes a fresh tensor per module: tie again
         model.lm_head.weight = model.model.embed_tokens.weight
     gen = torch.Generator(device=device).manual_seed(seed)
@@ -275,6 +276,12 @@ def copy_bandwidth_gbs(device) -> float:
     return 2 * x.numel() / t / 1e9
 
 
+def reset_peak_memory(device):
+    """Count the peak from here (after the models are built)."""
+    if str(device).startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+
+
 def peak_memory_mb(device) -> float:
     if str(device).startswith("cuda"):
         return torch.cuda.max_memory_allocated() / 2**20
@@ -287,12 +294,13 @@ def g_decode(args, shape):
 
     model = random_model(shape_args(shape, args), DTYPES[args.dtype], args.device)
     limit = copy_bandwidth_gbs(args.device) * 1e9 / weight_bytes(model)
+    reset_peak_memory(args.device)
     prompts = torch.randint(3, 1000, (1, 32)).tolist()
-    t0 = time.perf_counter()
-    generate(model, prompts, max_new_tokens=4, compile=args.compile)
-    warmup_s = time.perf_counter() - t0
+    t0 = time.perf_counter()  # the first call compiles (and records CUDA graphs); the same length, so it is reused
+    generate(model, prompts, max_new_tokens=args.new_tokens, compile=args.compile)
+    first_call_s = time.perf_counter() - t0
     t = timed(lambda: generate(model, prompts, max_new_tokens=args.new_tokens, compile=args.compile))
-    return args.new_tokens / t, limit, {"compiled": args.compile, "first_call_s": round(warmup_s, 1),
+    return args.new_tokens / t, limit, {"compiled": args.compile, "first_call_s": round(first_call_s, 1),
                                         "matvec_tokens_per_s": matvec_tokens_per_s(model),
                                         "weight_gb": round(weight_bytes(model) / 1e9, 2)}
 
@@ -304,6 +312,7 @@ def g_contrastive(args, shape):
 
     margs = shape_args(shape, args)
     a, b = random_model(margs, DTYPES[args.dtype], args.device, 0), random_model(margs, DTYPES[args.dtype], args.device, 1)
+    reset_peak_memory(args.device)
     prompts = torch.randint(3, 1000, (1, 32)).tolist()
     n = args.new_tokens
     t_cd, t_plain = timed_pair(lambda: contrastive_generate(a, b, prompts, max_new_tokens=n, compile=args.compile),
@@ -328,6 +337,7 @@ def g_profile(args, shape):
 
     margs = shape_args(shape, args)
     a, b = random_model(margs, DTYPES[args.dtype], args.device, 0), random_model(margs, DTYPES[args.dtype], args.device, 1)
+    reset_peak_memory(args.device)
     with tempfile.TemporaryDirectory() as tmp:
         tok, pairs = bench_tokenizer_and_pairs(Path(tmp))
     seqs = [sum(D.response_split(tok, r["prompt"], r["harmful_response"], max_tokens=64), []) for r in pairs]
@@ -378,31 +388,38 @@ def g_train(args, shape, lora_rank: int):
     valid = torch.ones(margs.vocab_size, dtype=torch.bool, device=args.device)
 
     def step(method, batches):
+        opt.zero_grad(set_to_none=True)  # as train.py: the masters' float32 gradients are freed before each step
         terms, _ = T.step_losses(method, student, teacher, base, *batches, targs, valid)
         terms["loss"].backward()
         T.optimizer_step(params, masters, opt, 1.0)
 
-    best = None
-    batch = 1
-    while batch <= args.max_batch:
-        batches = synthetic_batches(batch, args.seq_len, margs.vocab_size, args.device, batch)
+    def fits(batch) -> bool:
         try:
-            if str(args.device).startswith("cuda"):
-                torch.cuda.empty_cache()
-                torch.cuda.reset_peak_memory_stats()
-            t_tgt, t_ce = timed_pair(lambda: step("targeted", batches), lambda: step("augment", batches))
-        except torch.OutOfMemoryError:
+            step("targeted", synthetic_batches(batch, args.seq_len, margs.vocab_size, args.device, batch))
+            sync()
+            return True
+        except (torch.OutOfMemoryError, RuntimeError) as e:  # cuBLAS reports some OOMs as RuntimeError
+            if not isinstance(e, torch.OutOfMemoryError) and "out of memory" not in str(e).lower():
+                raise
+            return False
+        finally:
             opt.zero_grad(set_to_none=True)
             student.zero_grad(set_to_none=True)
-            break
-        tokens = 2 * batch * args.seq_len
-        best = (tokens / t_tgt, tokens / t_ce, {"largest_batch": batch, "seq_len": args.seq_len, "lora_rank": lora_rank,
-                                                "checkpointing": True, "peak_mb": round(peak_memory_mb(args.device))})
-        batch *= 2
-    if best is None:
+            if str(args.device).startswith("cuda"):
+                torch.cuda.empty_cache()
+
+    largest, batch = 0, 1
+    while batch <= args.max_batch and fits(batch):  # one step decides; only the largest is timed
+        largest, batch = batch, batch * 2
+    if not largest:
         raise RuntimeError(f"{shape}: even batch 1 at sequence length {args.seq_len} does not fit")
-    best[2]["fits_up_to_max_batch"] = batch > args.max_batch
-    return best
+    batches = synthetic_batches(largest, args.seq_len, margs.vocab_size, args.device, largest)
+    reset_peak_memory(args.device)
+    t_tgt, t_ce = timed_pair(lambda: step("targeted", batches), lambda: step("augment", batches))
+    tokens = 2 * largest * args.seq_len
+    return tokens / t_tgt, tokens / t_ce, {"largest_batch": largest, "fits_up_to_max_batch": batch > args.max_batch,
+                                           "seq_len": args.seq_len, "lora_rank": lora_rank, "checkpointing": True,
+                                           "peak_mb": round(peak_memory_mb(args.device))}
 
 
 GPU_MEASUREMENTS = {  # (function, target); decode rows: "reference" is the bandwidth limit in tokens/s
@@ -425,6 +442,12 @@ MEASUREMENTS = {
     "profile": (m_profile, ">= 0.45"),
     "train step": (m_train, "<= 1.8"),
 }
+
+
+def write_json_atomic(path, obj):
+    tmp = Path(path).with_name(Path(path).name + f".tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=1))
+    os.replace(tmp, path)
 
 
 def run_one(name, folder, args):
@@ -507,6 +530,8 @@ def main(argv=None):
             if "matvec_tokens_per_s" in row:
                 row["fraction_of_matvec_limit"] = row["ours"] / row["matvec_tokens_per_s"]
             rows.append(row)
+            if args.out:  # after every row, so that a run cut short keeps what it measured
+                write_json_atomic(args.out, {**header, "rows": rows})
             print(f"{name:34s} ours {row['ours']:10.2f}  ref {row['reference']:10.2f}  ratio {row['ratio']:5.2f}x "
                   f"(target {row['target']})  peak {row['peak_mb']} MB"
                   + (f"  {100 * row['fraction_of_bandwidth_limit']:.0f}% of limit" if "fraction_of_bandwidth_limit" in row else "")
@@ -519,10 +544,6 @@ def main(argv=None):
         table_md.append(f"| {r['name']} | {r['ours']:.2f} {unit} | {r['reference']:.2f} {unit} | {r['ratio']:.2f}x | "
                         f"{r['target']} | {r['peak_mb']} |")
     print("\n".join(table_md))
-    if args.out:
-        tmp = Path(args.out).with_name(Path(args.out).name + f".tmp-{os.getpid()}")
-        tmp.write_text(json.dumps({**header, "rows": rows}, indent=1))
-        os.replace(tmp, args.out)
 
 
 if __name__ == "__main__":
