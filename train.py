@@ -117,10 +117,11 @@ def fp32_masters(params: list) -> list:
 
 
 def grads_to_masters(params: list, masters: list):
-    """Move each parameter's gradient to its float32 master (freeing the low-precision one)."""
+    """Add each parameter's gradient into its float32 master's (freeing the low-precision one). Called after
+    every micro-batch's backward, so gradient accumulation sums in float32, not in bf16."""
     for p, m in zip(params, masters):
-        if m is not p:
-            m.grad = None if p.grad is None else p.grad.float()
+        if m is not p and p.grad is not None:
+            m.grad = p.grad.float() if m.grad is None else m.grad.add_(p.grad)
             p.grad = None
 
 
@@ -133,8 +134,8 @@ def masters_to_params(params: list, masters: list):
 
 
 def optimizer_step(params: list, masters: list, opt, clip: float) -> float:
-    """Gradients to the masters, clip their global norm, AdamW step, masters back to the weights. Returns the
-    gradient norm before clipping (of the whole model under FSDP)."""
+    """Gradients to the masters (what is left of them), clip their global norm, AdamW step, masters back to the
+    weights. Returns the gradient norm before clipping (of the whole model under FSDP)."""
     grads_to_masters(params, masters)
     grad_norm = torch.nn.utils.clip_grad_norm_(masters, clip)
     opt.step()
@@ -462,6 +463,9 @@ def init_distributed(args) -> tuple[int, int]:
             args.device = f"cuda:{local}"
         dist.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
     rank, world = world_info()
+    if args.dtype == "float16":
+        raise ValueError("--dtype float16: training in float16 needs loss scaling, which train.py does not do; "
+                         "use --dtype bfloat16 (or float32)")
     if world > 1 and args.compile:
         raise ValueError("--compile is a single-process option for now; run without it under torchrun")
     if world > 1 and (args.batch_size % world or args.utility_batch_size % world):
@@ -562,6 +566,7 @@ def train(args) -> Path:
                                            model_fn, args, device, rank, world)
             terms, shares = step_losses(args.method, model_fn, teacher_A, base, safety, utility, args, valid)
             (terms["loss"] / args.grad_accum).backward()
+            grads_to_masters(params, masters)
             for k, v in terms.items():  # the global batch's value of every term
                 logged[k] = logged.get(k, 0.0) + all_reduce(v.detach() * shares[k]).item() / world / args.grad_accum
         grad_norm = optimizer_step(params, masters, opt, args.clip)

@@ -202,6 +202,13 @@ def test_bf16_weights_are_updated_through_float32_masters():
     moved = lambda p: (p.detach().float() - w0.float()).abs().mean().item()  # noqa: E731
     assert moved(naive) < 0.25 * moved(ref)  # in place, most of the float32 run's movement is lost
     assert T.fp32_masters([ref])[0] is ref  # float32 parameters are their own masters
+    # Gradient accumulation: each micro-batch's bf16 gradient is added into the master's in float32.
+    masters[0].grad = None
+    g1, g2 = torch.full_like(w0, 1.0), torch.full_like(w0, 2.0**-9)  # 1 + 2^-9 is not a bf16 number
+    for g_micro in (g1, g2):
+        w.grad = g_micro.clone()
+        T.grads_to_masters([w], masters)
+    assert torch.equal(masters[0].grad, torch.full_like(masters[0], 1.0 + 2.0**-9))
 
 
 def test_bad_input_errors(toy, tmp_path):
@@ -216,6 +223,8 @@ def test_bad_input_errors(toy, tmp_path):
     args.data = str(bad)
     with pytest.raises(ValueError, match="bad.jsonl:2: missing key 'harmful_response'"):
         T.train(args)
+    with pytest.raises(ValueError, match="float16 needs loss scaling"):
+        T.train(run_args(toy, tmp_path, "--overwrite", "--dtype", "float16"))
 
 
 def test_examples_end_with_the_chat_formats_end_of_turn_token(tmp_path):
