@@ -222,7 +222,9 @@ def position_profile(base, aligned, tok, pairs: list[dict], tau: float = 1.0, to
     # Contexts k = 0..len(h) (METHOD §1): the last one, after the whole response, predicts the end of the turn. The
     # plain format has no end-of-turn token, so there the contexts stop at k = len(h) - 1.
     end = [tok.end_of_turn_id] if base_format == "chat" else []
-    valid = tok.real_token_mask(aligned.args.vocab_size).to(aligned.lm_head.weight.device)
+    valid = tok.real_token_mask(aligned.args.vocab_size)
+    valid[end] = True  # the end-of-turn token is special, but at k = len(h) it is what the models compete on
+    valid = valid.to(aligned.lm_head.weight.device)
     grad_model = grad_model or base
     acc, grad_acc, skipped = Accumulator(PROFILE_KEYS), Accumulator(["grad"]), 0
     for i in tqdm(range(0, len(pairs), batch_size), desc="profile", disable=not progress, file=sys.stderr):

@@ -134,11 +134,13 @@ def mean_nll(model, tok, rows: list[dict], batch_size: int, base=None, alpha: fl
         splits = [deepalign.response_split(tok, r["prompt"], r["response"]) for r in rows[i : i + batch_size]]
         seqs, starts, lens = [h + r for h, r in splits], [len(h) for h, _ in splits], [len(r) for _, r in splits]
         lp = deepalign.response_log_probs(model, seqs, starts, lens, tok.pad_id)  # (N, V)
-        if base is not None:
-            lp_B = deepalign.response_log_probs(base, seqs, starts, lens, tok.pad_id)
-            lp = deepalign.contrastive_logits(lp, lp_B, alpha, beta=0.0).log_softmax(-1)
         target = torch.tensor([y for _, r in splits for y in r], device=lp.device)  # (N,)
-        total -= lp.gather(-1, target[:, None]).sum().item()
+        if base is None:
+            total -= lp.gather(-1, target[:, None]).sum().item()
+        else:  # row by row: the contrastive scores are more (n, V) float32 temporaries
+            lp_B = deepalign.response_log_probs(base, seqs, starts, lens, tok.pad_id)
+            for a, b, y in zip(lp.split(lens), lp_B.split(lens), target.split(lens)):
+                total -= deepalign.contrastive_logits(a, b, alpha, beta=0.0).log_softmax(-1).gather(-1, y[:, None]).sum().item()
         count += len(target)
     return total / max(count, 1)
 

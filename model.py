@@ -342,7 +342,7 @@ class Transformer(nn.Module):
         p = self.lm_head.weight
         kept = self.model.layers[0].self_attn.kv_cache
         if kept is not None and kept.k.shape[0] == batch_size and kept.k.shape[2] >= max_seq_len \
-                and kept.k.dtype == p.dtype and kept.k.device == p.device:
+                and kept.k.dtype == p.dtype and kept.k.device == p.device and self.key_valid.device == p.device:
             self.key_valid.zero_()
             return
         for layer in self.model.layers:
