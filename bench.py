@@ -13,6 +13,7 @@ CPU rows (ours / reference, target):
   contrastive        tokens/s of contrastive decoding vs plain decoding (two forwards is 0.5x)        >= 0.45x
   profile            tokens/s of position_profile vs one teacher-forced forward                        >= 0.45x
   train step         seconds of one `targeted` step vs one plain cross-entropy step, same batch        <= 1.8x
+  train memory ...   bf16 `targeted` steps: measured peak bytes per parameter vs the README's table    report
 GPU rows (random weights made on the GPU in the real shapes of Llama-3.1-8B, Qwen3-8B and Llama-3.2-1B):
   decode b1 SHAPE    batch-1 greedy tokens/s vs the bandwidth limit (the reference column)             >= 0.70
   contrastive        two 8B models vs plain decoding of one                                            >= 0.45x
@@ -433,6 +434,37 @@ GPU_MEASUREMENTS = {  # (function, target); decode rows: "reference" is the band
 }
 
 
+def m_train_memory(folder, args, lora_rank: int):
+    """Peak resident memory of `targeted` training steps in bf16 (batch 1 x 32 tokens, so activations are
+    negligible), in bytes per model parameter over the process's baseline: checks the README's memory table,
+    whose held bytes per parameter are the reference (22 full, 4 with LoRA)."""
+    import train as T
+    from model import load_model
+
+    baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    student = load_model(folder, "bfloat16", "cpu")
+    base = load_model(folder, "bfloat16", "cpu").requires_grad_(False)
+    if lora_rank:
+        T.add_lora(student, lora_rank, 2.0 * lora_rank)
+        teacher = "adapters-off"
+    else:
+        teacher = load_model(folder, "bfloat16", "cpu").requires_grad_(False)
+    n = sum(p.numel() for p in base.parameters())
+    params = [p for p in student.parameters() if p.requires_grad]
+    masters = T.fp32_masters(params)
+    opt = torch.optim.AdamW(masters, lr=1e-5)
+    valid = torch.ones(student.args.vocab_size, dtype=torch.bool)
+    batches = synthetic_batches(1, 32, student.args.vocab_size, "cpu", 0)
+    student.train()
+    for _ in range(2):
+        opt.zero_grad(set_to_none=True)
+        terms, _ = T.step_losses("targeted", student, teacher, base, *batches, T.parse_args([]), valid)
+        terms["loss"].backward()
+        T.optimizer_step(params, masters, opt, 1.0)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return (peak - baseline) / n, 4.0 if lora_rank else 22.0, {}
+
+
 MEASUREMENTS = {
     "prefill": (m_prefill, ">= 1.0"),
     "decode b1": (lambda f, a: m_decode(f, a, 1), ">= 1.5"),
@@ -441,6 +473,8 @@ MEASUREMENTS = {
     "contrastive": (m_contrastive, ">= 0.45"),
     "profile": (m_profile, ">= 0.45"),
     "train step": (m_train, "<= 1.8"),
+    "train memory full": (lambda f, a: m_train_memory(f, a, 0), "report"),
+    "train memory lora16": (lambda f, a: m_train_memory(f, a, 16), "report"),
 }
 
 
@@ -540,7 +574,7 @@ def main(argv=None):
                   file=sys.stderr)
     table_md = ["| measurement | ours | reference | ratio | target | peak MB |", "| --- | --- | --- | --- | --- | --- |"]
     for r in rows:
-        unit = "s" if r["name"] == "train step" else "tok/s"
+        unit = {"train step": "s", "train memory full": "B/param", "train memory lora16": "B/param"}.get(r["name"], "tok/s")
         table_md.append(f"| {r['name']} | {r['ours']:.2f} {unit} | {r['reference']:.2f} {unit} | {r['ratio']:.2f}x | "
                         f"{r['target']} | {r['peak_mb']} |")
     print("\n".join(table_md))
