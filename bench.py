@@ -162,20 +162,28 @@ def m_contrastive(folder, args):
     return n / t_cd, n / t_plain, {}
 
 
-def m_profile(folder, args):
+def profile_vs_forward(aligned, base, n_pairs: int, batch_size: int, device):
+    """Tokens/s of position_profile (both models, all statistics) and of one teacher-forced forward of the aligned
+    model over the same (prompt, harmful response) token sequences."""
     import deepalign as D
-    from model import load_model
 
-    a, b = load_model(folder, args.dtype, args.device), load_model(folder, args.dtype, args.device)
     with tempfile.TemporaryDirectory() as tmp:
         tok, pairs = bench_tokenizer_and_pairs(Path(tmp))  # any tokenizer whose ids fit the vocabulary
-    pairs = pairs[:32]
+    pairs = pairs[:n_pairs]
     seqs = [sum(D.response_split(tok, r["prompt"], r["harmful_response"], max_tokens=64), []) for r in pairs]
     tokens = sum(len(s) for s in seqs)
     with torch.no_grad():
-        t_prof, t_fwd = timed_pair(lambda: D.position_profile(b, a, tok, pairs, batch_size=16, progress=False),
-                                   lambda: [a(D.right_pad(seqs[i : i + 16], 0, args.device)) for i in range(0, len(seqs), 16)])
+        t_prof, t_fwd = timed_pair(
+            lambda: D.position_profile(base, aligned, tok, pairs, batch_size=batch_size, progress=False),
+            lambda: [aligned(D.right_pad(seqs[i : i + batch_size], 0, device)) for i in range(0, len(seqs), batch_size)])
     return tokens / t_prof, tokens / t_fwd, {}
+
+
+def m_profile(folder, args):
+    from model import load_model
+
+    a, b = load_model(folder, args.dtype, args.device), load_model(folder, args.dtype, args.device)
+    return profile_vs_forward(a, b, 32, 16, args.device)
 
 
 def m_train(folder, args):
@@ -334,20 +342,38 @@ def bench_tokenizer_and_pairs(folder: Path):
 
 def g_profile(args, shape):
     """position_profile tokens/s with two real-shape models vs one teacher-forced forward over the same tokens."""
-    import deepalign as D
-
     margs = shape_args(shape, args)
     a, b = random_model(margs, DTYPES[args.dtype], args.device, 0), random_model(margs, DTYPES[args.dtype], args.device, 1)
     reset_peak_memory(args.device)
-    with tempfile.TemporaryDirectory() as tmp:
-        tok, pairs = bench_tokenizer_and_pairs(Path(tmp))
-    seqs = [sum(D.response_split(tok, r["prompt"], r["harmful_response"], max_tokens=64), []) for r in pairs]
-    bs = 32
-    with torch.no_grad():
-        t_prof, t_fwd = timed_pair(lambda: D.position_profile(b, a, tok, pairs, batch_size=bs, progress=False),
-                                   lambda: [a(D.right_pad(seqs[i : i + bs], 0, args.device)) for i in range(0, len(seqs), bs)])
-    tokens = sum(len(s) for s in seqs)
-    return tokens / t_prof, tokens / t_fwd, {}
+    return profile_vs_forward(a, b, 64, 32, args.device)
+
+
+def targeted_training(make_model, lora_rank: int):
+    """train.py's pieces for timing and measuring steps: the student (with LoRA adapters if lora_rank), the frozen
+    base and aligned teacher (the student with adapters off under LoRA), float32 masters and AdamW, and
+    step(method, batches), one optimizer step as train.py takes it. make_model(seed) builds one model."""
+    import train as T
+
+    student, base = make_model(0), make_model(1).requires_grad_(False)
+    if lora_rank:
+        T.add_lora(student, lora_rank, 2.0 * lora_rank)
+        teacher = "adapters-off"
+    else:
+        teacher = make_model(2).requires_grad_(False)
+    student.train()
+    params = [p for p in student.parameters() if p.requires_grad]
+    masters = T.fp32_masters(params)
+    opt = torch.optim.AdamW(masters, lr=1e-5)
+    targs = T.parse_args([])
+    valid = torch.ones(student.args.vocab_size, dtype=torch.bool, device=student.lm_head.weight.device)
+
+    def step(method, batches):
+        opt.zero_grad(set_to_none=True)  # as train.py: the masters' float32 gradients are freed before each step
+        terms, _ = T.step_losses(method, student, teacher, base, *batches, targs, valid)
+        terms["loss"].backward()
+        T.optimizer_step(params, masters, opt, 1.0)
+
+    return student, step
 
 
 def synthetic_batches(batch: int, seq: int, vocab: int, device, seed: int):
@@ -369,30 +395,9 @@ def g_train(args, shape, lora_rank: int):
     """train.py's `targeted` step at sequence length --seq-len, --checkpointing: the largest batch (powers of two up to
     --max-batch) that fits, its tokens/s (student tokens, safety + utility) and peak memory; reference: a plain
     cross-entropy step (`augment`) at the same batch."""
-    import train as T
-
     margs = shape_args(shape, args)
-    dtype = DTYPES[args.dtype]
-    student = random_model(margs, dtype, args.device, 0)
-    base = random_model(margs, dtype, args.device, 1).requires_grad_(False)
-    if lora_rank:
-        T.add_lora(student, lora_rank, 2.0 * lora_rank)
-        teacher = "adapters-off"
-    else:
-        teacher = random_model(margs, dtype, args.device, 2).requires_grad_(False)
+    student, step = targeted_training(lambda seed: random_model(margs, DTYPES[args.dtype], args.device, seed), lora_rank)
     student.checkpointing = True
-    student.train()
-    params = [p for p in student.parameters() if p.requires_grad]
-    masters = T.fp32_masters(params)
-    opt = torch.optim.AdamW(masters, lr=1e-5)
-    targs = T.parse_args([])
-    valid = torch.ones(margs.vocab_size, dtype=torch.bool, device=args.device)
-
-    def step(method, batches):
-        opt.zero_grad(set_to_none=True)  # as train.py: the masters' float32 gradients are freed before each step
-        terms, _ = T.step_losses(method, student, teacher, base, *batches, targs, valid)
-        terms["loss"].backward()
-        T.optimizer_step(params, masters, opt, 1.0)
 
     def fits(batch) -> bool:
         try:
@@ -404,8 +409,7 @@ def g_train(args, shape, lora_rank: int):
                 raise
             return False
         finally:
-            opt.zero_grad(set_to_none=True)
-            student.zero_grad(set_to_none=True)
+            student.zero_grad(set_to_none=True)  # (the masters' gradients are freed by the next step)
             if str(args.device).startswith("cuda"):
                 torch.cuda.empty_cache()
 
@@ -438,29 +442,14 @@ def m_train_memory(folder, args, lora_rank: int):
     """Peak resident memory of `targeted` training steps in bf16 (batch 1 x 32 tokens, so activations are
     negligible), in bytes per model parameter over the process's baseline: checks the README's memory table,
     whose held bytes per parameter are the reference (22 full, 4 with LoRA)."""
-    import train as T
     from model import load_model
 
     baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    student = load_model(folder, "bfloat16", "cpu")
-    base = load_model(folder, "bfloat16", "cpu").requires_grad_(False)
-    if lora_rank:
-        T.add_lora(student, lora_rank, 2.0 * lora_rank)
-        teacher = "adapters-off"
-    else:
-        teacher = load_model(folder, "bfloat16", "cpu").requires_grad_(False)
-    n = sum(p.numel() for p in base.parameters())
-    params = [p for p in student.parameters() if p.requires_grad]
-    masters = T.fp32_masters(params)
-    opt = torch.optim.AdamW(masters, lr=1e-5)
-    valid = torch.ones(student.args.vocab_size, dtype=torch.bool)
+    student, step = targeted_training(lambda seed: load_model(folder, "bfloat16", "cpu"), lora_rank)
+    n = sum(p.numel() for n, p in student.named_parameters() if "lora_" not in n)
     batches = synthetic_batches(1, 32, student.args.vocab_size, "cpu", 0)
-    student.train()
     for _ in range(2):
-        opt.zero_grad(set_to_none=True)
-        terms, _ = T.step_losses("targeted", student, teacher, base, *batches, T.parse_args([]), valid)
-        terms["loss"].backward()
-        T.optimizer_step(params, masters, opt, 1.0)
+        step("targeted", batches)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return (peak - baseline) / n, 4.0 if lora_rank else 22.0, {}
 
