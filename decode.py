@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 
 import deepalign
-from model import (DTYPES, Tokenizer, cut_at_eos, decoding_inputs, generate, get_decode_step, load_model, log,
-                   sample_next)
+from model import (DTYPES, Tokenizer, cut_at_eos, decoding_inputs, generate, get_decode_step, kv_caches, load_model,
+                   log, sample_next)
 
 
 @torch.no_grad()
@@ -35,9 +35,7 @@ def contrastive_generate(aligned, base, prompts: list[list[int]], max_new_tokens
     device = ids.device
     step = get_decode_step(compile)
     slots = torch.arange(T, device=device)
-    for m in (aligned, base):
-        m.setup_cache(B, T + max_new_tokens)
-    try:
+    with kv_caches([aligned, base], B, T + max_new_tokens, keep=compile):
         # Prefill: each model reads the whole prompt once and keeps its own KV cache.
         l_A = aligned(ids, attention_mask=mask, positions=positions, cache_pos=slots)[:, -1]  # (B, V)
         l_B = base(ids, attention_mask=mask, positions=positions, cache_pos=slots)[:, -1]
@@ -56,10 +54,6 @@ def contrastive_generate(aligned, base, prompts: list[list[int]], max_new_tokens
             slot = torch.tensor([T + i], device=device)
             l_A = step(aligned, token[:, None], slot, pos).clone()  # one new token through each cache
             l_B = step(base, token[:, None], slot, pos).clone()
-    finally:
-        if not compile:  # compiled decoding keeps its caches for the next call (see model.setup_cache)
-            aligned.clear_cache()
-            base.clear_cache()
     tokens = torch.stack(out, dim=1).tolist()  # (B, n)
     return [cut_at_eos(row, set(eos_ids)) for row in tokens]
 

@@ -23,6 +23,7 @@ import math
 import os
 import shutil
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -726,6 +727,20 @@ def get_decode_step(compile: bool = False):
     return _compiled_steps["step"]
 
 
+@contextmanager
+def kv_caches(models, batch_size: int, max_seq_len: int, keep: bool = False):
+    """Static KV caches for one decoding loop over `models`: set up on entry, freed on exit unless `keep`
+    (compiled decoding keeps them for its next call: same shapes and buffers, see Transformer.setup_cache)."""
+    for m in models:
+        m.setup_cache(batch_size, max_seq_len)
+    try:
+        yield
+    finally:
+        if not keep:
+            for m in models:
+                m.clear_cache()
+
+
 def decoding_inputs(prompts: list[list[int]], pad_id: int, eos_ids, seed, device):
     """What every decoding loop starts from: left-padded ids and mask (B, T), RoPE positions that skip the
     padding (B, T), the sampling generator (None: unseeded), and the stop ids as a tensor."""
@@ -755,8 +770,7 @@ def generate(
     device = ids.device
     step = get_decode_step(compile)
 
-    model.setup_cache(B, T + max_new_tokens)
-    try:
+    with kv_caches([model], B, T + max_new_tokens, keep=compile):
         logits = model(ids, attention_mask=mask, positions=positions, cache_pos=torch.arange(T, device=device))[:, -1]
         pos = positions[:, -1:]  # (B, 1)
         out, done = [], torch.zeros(B, dtype=torch.bool, device=device)
@@ -769,9 +783,6 @@ def generate(
                 break
             pos = pos + 1
             logits = step(model, token[:, None], torch.tensor([T + i], device=device), pos).clone()
-    finally:
-        if not compile:  # compiled decoding keeps its cache for the next call (see setup_cache)
-            model.clear_cache()
     tokens = torch.stack(out, dim=1).tolist()  # (B, n)
     return [cut_at_eos(row, set(eos_ids)) for row in tokens]
 

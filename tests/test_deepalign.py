@@ -162,6 +162,29 @@ def test_profile_of_a_model_against_itself_is_zero(tmp_path):
         assert r["grad"] is None or 0 < r["grad"] <= math.sqrt(2)
 
 
+def test_end_of_turn_context_can_be_base_favored(tmp_path):
+    """Hand-reasoned: B is A with +20 added to the end-of-turn logit everywhere. Then the end-of-turn token is B's
+    top token and far likelier under B than A at every context, and every other token is less likely under B
+    (renormalisation), so BF_t = {end of turn} at every t: bf_count = 1 everywhere, and bf_hit = 1 exactly at the
+    context after the whole response (k = len(h)), whose next token is the end of the turn, and 0 before it."""
+    folder = make_hf_checkpoint("llama", tmp_path / "m")
+    write_tokenizer(folder, "chatml")
+    tok, aligned, base = M.Tokenizer(folder), M.load_model(folder), M.load_model(folder)
+    eot = tok.end_of_turn_id
+    head = base.lm_head
+    base.lm_head = torch.nn.Linear(head.in_features, head.out_features, bias=True)
+    with torch.no_grad():
+        base.lm_head.weight.copy_(head.weight)
+        base.lm_head.bias.zero_()
+        base.lm_head.bias[eot] = 20.0
+    pair = {"prompt": "how do i bake bread ?", "harmful_response": "sure , first mix the flour and the water ."}
+    n = len(D.response_split(tok, pair["prompt"], pair["harmful_response"])[1])
+    rows = D.position_profile(base, aligned, tok, [pair], progress=False)["positions"]
+    assert len(rows) == n + 1
+    assert [r["bf_count"] for r in rows] == [1.0] * (n + 1)
+    assert [r["bf_hit"] for r in rows] == [0.0] * n + [1.0]
+
+
 def test_profile_and_tokens_commands_on_a_small_toy_world(toy, tmp_path, capsys):
     paths = ["--base", str(toy["base"]), "--aligned", str(toy["aligned"]), "--data", str(toy["data"] / "harmful_eval.jsonl")]
     out = tmp_path / "profile.json"
