@@ -2,18 +2,19 @@
 
 Read top to bottom:
     1. ModelArgs       the config dataclass, parsed from a checkpoint's config.json
-    2. RMSNorm, rotary embedding, Attention (grouped-query), FeedForward (SwiGLU), Block, Transformer
-    3. KV cache        a static, preallocated cache (gpt-fast style) that torch.compile likes
-    4. load / save     safetensors in and out, no transformers at run time
-    5. Tokenizer       tokenizers' tokenizer.json, special ids, the checkpoint's own chat template
-    6. generate        batched, left-padded, greedy or temperature/top-p, stops per row on any eos id
+    2. RMSNorm, rotary embedding (RoPE)
+    3. KVCache         everything a model remembers while decoding, in one object; the attention masks
+    4. Attention (grouped-query), FeedForward (SwiGLU), Block, Transformer
+    5. load / save     safetensors in and out, no transformers at run time
+    6. Tokenizer       tokenizers' tokenizer.json, special ids, the checkpoint's own chat template
+Generation (left padding, sampling, the decoding loops) lives in decode.py.
 
 The module tree and parameter names mirror Hugging Face's exactly (`model.layers.0.self_attn.q_proj`,
 ...), so a checkpoint loads with `strict=True` and no rename table. Every numerical detail that decides
 whether our logits equal transformers' (RMSNorm order, RoPE layout, Llama-3 frequency scaling, Qwen2
-biases, Qwen3 q/k norms, tied embeddings) is annotated where it happens; see ../shared/MODEL_NOTES.md.
+biases, Qwen3 q/k norms, tied embeddings) is annotated where it happens; see docs/model_notes.md.
 
-Shapes: B batch, T new tokens, S cache length, d hidden size, H query heads, Hkv key/value heads,
+Shapes: B batch, T new tokens, S cache length, L layers, d hidden size, H query heads, Hkv key/value heads,
 hd head dim, I MLP width, V vocabulary.
 """
 from __future__ import annotations
@@ -23,8 +24,7 @@ import math
 import os
 import shutil
 import sys
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -65,16 +65,19 @@ class ModelArgs:
         """Parse a Hugging Face config.json dict. Refuses what we do not implement, naming the key."""
         mt = cfg.get("model_type")
         if mt not in SUPPORTED_MODEL_TYPES:
-            raise ValueError(f"{source}: model_type={mt!r} is not supported; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
+            supported = ", ".join(SUPPORTED_MODEL_TYPES)
+            raise ValueError(f"{source}: model_type={mt!r} is not supported; supported: {supported}")
         act = cfg.get("hidden_act", "silu")
         if act != "silu":
             raise ValueError(f"{source}: hidden_act={act!r} is not supported; only 'silu' (SwiGLU) is")
         if cfg.get("use_sliding_window", False):
             raise ValueError(
-                f"{source}: use_sliding_window=true (sliding_window={cfg.get('sliding_window')}) is not supported; "
-                "released Qwen2.5/Qwen3 checkpoints have it false. Set it to false only if the model was trained without it."
+                f"{source}: use_sliding_window=true (sliding_window={cfg.get('sliding_window')}) is not "
+                "supported; released Qwen2.5/Qwen3 checkpoints have it false. Set it to false only if the "
+                "model was trained without it."
             )
-        for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size"):
+        for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                    "vocab_size"):
             if key not in cfg:
                 raise ValueError(f"{source}: required key {key!r} is missing")
         n_heads = cfg["num_attention_heads"]
@@ -101,8 +104,10 @@ class ModelArgs:
         )
 
     def to_hf_config(self, dtype: torch.dtype = torch.float32) -> dict:
-        """The config.json that transformers reads back as the same model (4.x key spelling, which 5.x also reads)."""
-        arch = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}[self.model_type]
+        """The config.json that transformers reads back as the same model (4.x key spelling, which 5.x also
+        reads)."""
+        archs = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+        arch = archs[self.model_type]
         cfg = {
             "architectures": [arch],
             "model_type": self.model_type,
@@ -157,7 +162,7 @@ def _parse_rope(cfg: dict, source: str) -> tuple[float, dict | None]:
 
 
 # ----------------------------------------------------------------------------------------------
-# 2. The network
+# 2. Normalisation and rotary embedding
 # ----------------------------------------------------------------------------------------------
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
@@ -177,11 +182,13 @@ def rope_inv_freq(args: ModelArgs, device=None) -> torch.Tensor:
     """inv_freq[i] = 1 / theta^(2i/hd), in fp32 always (never rounded by a .to(bf16) of the model).
     Llama 3.1/3.2 (`rope_type: llama3`): low frequencies divided by `factor`, a smooth band in between."""
     hd = args.head_dim
-    inv_freq = 1.0 / (args.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float32, device=device) / hd))  # (hd/2,)
+    even = torch.arange(0, hd, 2, dtype=torch.float32, device=device)  # (hd/2,): 2i
+    inv_freq = 1.0 / (args.rope_theta ** (even / hd))  # (hd/2,)
     s = args.rope_scaling
     if s is None:
         return inv_freq
-    f, lo, hi, L = s["factor"], s["low_freq_factor"], s["high_freq_factor"], s["original_max_position_embeddings"]
+    f, lo, hi = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
+    L = s["original_max_position_embeddings"]
     wavelen = 2 * math.pi / inv_freq
     scaled = torch.where(wavelen > L / lo, inv_freq / f, inv_freq)  # long wavelengths: divide by the factor
     smooth = (L / wavelen - lo) / (hi - lo)
@@ -206,10 +213,91 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotated * sin
 
 
+# ----------------------------------------------------------------------------------------------
+# 3. The KV cache and the attention masks
+# ----------------------------------------------------------------------------------------------
+def padded_causal_mask(key_valid: torch.Tensor, q_slot: torch.Tensor) -> torch.Tensor:
+    """Which keys each query sees: key_valid (B, S) bool, the slots that hold real (not padding) tokens;
+    q_slot (T,) the slot of each query. A query sees every real key at or before its own slot.
+    -> bool (B, 1, T, S). A padding query would see no key at all (NaN in softmax), so it sees its own slot;
+    its output is never used."""
+    k_slot = torch.arange(key_valid.shape[1], device=key_valid.device)  # (S,)
+    causal = k_slot[None, :] <= q_slot[:, None]  # (T, S)
+    mask = causal[None] & key_valid[:, None, :]  # (B, T, S)
+    mask = mask | (k_slot[None, :] == q_slot[:, None])[None]  # (B, T, S): a query always sees itself
+    return mask[:, None]  # (B, 1, T, S)
+
+
+class KVCache:
+    """Everything a model remembers while decoding, in one object (docs/model_notes.md §6 F2):
+
+        k[i], v[i]  (B, Hkv, S, hd)  the keys and values of layer i, written slot by slot
+        valid       (B, S) bool      which slots hold real tokens (left padding does not)
+
+    Preallocated for S slots (gpt-fast's static cache), so every decoding step has the same shapes. While
+    a model decodes, it holds its cache as `model.cache` (decode.attach_cache puts it there):
+    Transformer.forward calls `record` and `attention_mask`, and each layer's attention calls `update`.
+
+    For torch.compile (§6 F3), two choices:
+    - One tensor per layer, not one (L, B, Hkv, S, hd) tensor: inductor compiles a write into one layer of
+      a stacked tensor into a copy of the whole cache at every step; into a tensor of its own, it writes
+      just the new slot.
+    - With compile=True the tensors are marked with torch._dynamo.mark_static_address. The compiled step
+      writes them in place, and CUDA graphs (mode="reduce-overhead") can only do that for inputs at fixed
+      addresses: buffers of an nn.Module (gpt-fast's caches) or tensors marked so. guard=False: the aligned
+      and the base model's caches, of the same shapes, share one compiled graph. Eager decoding skips the
+      marking, which would import torch._dynamo (seconds)."""
+
+    def __init__(self, args: ModelArgs, batch_size: int, max_seq_len: int, dtype=torch.float32, device=None,
+                 compile: bool = False):
+        shape = (batch_size, args.n_kv_heads, max_seq_len, args.head_dim)  # (B, Hkv, S, hd)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(args.n_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(args.n_layers)]
+        self.valid = torch.zeros(batch_size, max_seq_len, dtype=torch.bool, device=device)  # (B, S)
+        if compile:
+            for t in (*self.k, *self.v, self.valid):
+                torch._dynamo.mark_static_address(t, guard=False)
+
+    def fits(self, batch_size: int, max_seq_len: int, dtype: torch.dtype, device: torch.device) -> bool:
+        """Whether this cache can serve a decoding call of this size, in this dtype on this device."""
+        B, S = self.valid.shape
+        same_place = self.k[0].dtype == dtype and self.k[0].device == device
+        return B == batch_size and S >= max_seq_len and same_place
+
+    def reset(self):
+        """Forget every token; the tensors stay where they are."""
+        self.valid.zero_()
+
+    def update(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        """Write one layer's new keys and values k, v (B, Hkv, T, hd) at slots (T,); return the layer's whole
+        cache k, v (B, Hkv, S, hd). Slots not written yet hold stale numbers, which the attention mask
+        hides."""
+        self.k[layer].index_copy_(2, slots, k)
+        self.v[layer].index_copy_(2, slots, v)
+        return self.k[layer], self.v[layer]  # (B, Hkv, S, hd)
+
+    def record(self, slots: torch.Tensor, attention_mask: torch.Tensor | None = None):
+        """Note which of the tokens written at slots (T,) are real: attention_mask (B, T), 1 = real,
+        0 = padding; None = all real (a decoding step)."""
+        if attention_mask is None:
+            real = torch.ones(self.valid.shape[0], len(slots), dtype=torch.bool, device=self.valid.device)
+        else:
+            real = attention_mask.bool()  # (B, T)
+        self.valid.index_copy_(1, slots, real)
+
+    def attention_mask(self, slots: torch.Tensor) -> torch.Tensor:
+        """bool (B, 1, T, S) for queries at slots (T,): each sees the real tokens at or before its slot."""
+        return padded_causal_mask(self.valid, slots)
+
+
+# ----------------------------------------------------------------------------------------------
+# 4. The network
+# ----------------------------------------------------------------------------------------------
 class Attention(nn.Module):
-    def __init__(self, args: ModelArgs):
+    def __init__(self, args: ModelArgs, layer_idx: int):
         super().__init__()
         self.args = args
+        self.layer_idx = layer_idx  # which layer of a KVCache is this one's (HF's layer_idx)
         H, Hkv, hd, d = args.n_heads, args.n_kv_heads, args.head_dim, args.dim
         self.q_proj = nn.Linear(d, H * hd, bias=args.attention_bias)  # H*hd may differ from d (Qwen3)
         self.k_proj = nn.Linear(d, Hkv * hd, bias=args.attention_bias)
@@ -219,25 +307,25 @@ class Attention(nn.Module):
         if args.qk_norm:  # Qwen3: RMSNorm over each head's hd features of q and k, before RoPE
             self.q_norm = RMSNorm(hd, args.norm_eps)
             self.k_norm = RMSNorm(hd, args.norm_eps)
-        self.kv_cache: KVCache | None = None
 
-    def forward(self, x, cos, sin, mask, cache_pos=None):
-        """x (B, T, d); mask None (plain causal) or bool (B, 1, T, S); cache_pos (T,) cache slots to write."""
+    def forward(self, x, cos, sin, mask, cache: KVCache | None = None, cache_pos=None):
+        """x (B, T, d); mask None (plain causal) or bool (B, 1, T, S); with a cache, cache_pos (T,) are the
+        slots to write this step's keys and values at."""
         B, T, _ = x.shape
         H, Hkv, hd = self.args.n_heads, self.args.n_kv_heads, self.args.head_dim
         q = self.q_proj(x).view(B, T, H, hd)  # (B, T, H, hd)
-        k = self.k_proj(x).view(B, T, Hkv, hd)
-        v = self.v_proj(x).view(B, T, Hkv, hd)
+        k = self.k_proj(x).view(B, T, Hkv, hd)  # (B, T, Hkv, hd)
+        v = self.v_proj(x).view(B, T, Hkv, hd)  # (B, T, Hkv, hd)
         if self.args.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H|Hkv, T, hd)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if cache_pos is not None:  # decoding: write this step into the static cache, attend over all of it
-            k, v = self.kv_cache.update(cache_pos, k, v)  # (B, Hkv, S, hd)
+        if cache is not None:  # decoding: write this step into the cache, attend over all of it
+            k, v = cache.update(self.layer_idx, cache_pos, k, v)  # (B, Hkv, S, hd)
         # GQA: query head h reads kv head h // (H / Hkv) (enable_gqa; never materialise repeated k/v).
         # mask None (unpadded, no cache) is the same SDPA call HF makes, so logits match bit for bit.
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=hd**-0.5,
-                                           enable_gqa=H != Hkv)
+                                           enable_gqa=H != Hkv)  # (B, H, T, hd)
         y = y.transpose(1, 2).reshape(B, T, H * hd)  # (B, T, H*hd)
         return self.o_proj(y)
 
@@ -255,15 +343,15 @@ class FeedForward(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, args: ModelArgs):
+    def __init__(self, args: ModelArgs, layer_idx: int):
         super().__init__()
         self.input_layernorm = RMSNorm(args.dim, args.norm_eps)
-        self.self_attn = Attention(args)
+        self.self_attn = Attention(args, layer_idx)
         self.post_attention_layernorm = RMSNorm(args.dim, args.norm_eps)
         self.mlp = FeedForward(args)
 
-    def forward(self, x, cos, sin, mask, cache_pos=None):
-        h = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache_pos)  # pre-norm residual
+    def forward(self, x, cos, sin, mask, cache=None, cache_pos=None):
+        h = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, cache_pos)  # pre-norm residual
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -273,7 +361,7 @@ class Backbone(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.embed_tokens = nn.Embedding(args.vocab_size, args.dim)  # no sqrt(d) scaling for Llama/Qwen
-        self.layers = nn.ModuleList(Block(args) for _ in range(args.n_layers))
+        self.layers = nn.ModuleList(Block(args, i) for i in range(args.n_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps)
 
 
@@ -285,95 +373,55 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(args.dim, args.vocab_size, bias=False)
         if args.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
-        self.key_valid: torch.Tensor | None = None  # (B, S) bool, which cache slots hold real tokens
+        self.cache: KVCache | None = None  # set while decoding (decode.py); the model's only decoding state
         self.checkpointing = False  # activation checkpointing per block (training big models)
 
-    def forward(self, idx, attention_mask=None, positions=None, cache_pos=None, logits_at=None):
+    def forward(self, idx, attention_mask=None, positions=None, logits_at=None, cache_pos=None):
         """Logits (B, T, V) in the model dtype (upcast yourself before log_softmax/KL).
 
         idx (B, T) token ids. attention_mask (B, T) 1 = real token, 0 = padding (left padding is the norm
         for generation; any padding works). positions (B, T) RoPE positions; default: count of real tokens
-        before each one (cumsum(mask) - 1), as HF `generate` does for left padding.
-        With a KV cache (`setup_cache`), cache_pos (T,) says which cache slots these tokens fill; the mask
-        then covers the whole cache.
+        before each one (cumsum(mask) - 1), as HF `generate` does for left padding (docs/model_notes.md
+        §6 F1).
         logits_at: compute logits only at these positions and return them as (N, V): a (B, T) bool mask or a
-        (rows, cols) pair of index tensors. Teacher-forced statistics and losses need the few response positions
-        only; the head's matmul and the (B, T, V) tensor (2 GB in bf16 at V = 128k, B*T = 8k) are skipped.
+        (rows, cols) pair of index tensors. Teacher-forced statistics and losses need the few response
+        positions only; the head's matmul and the (B, T, V) tensor (2 GB in bf16 at V = 128k, B*T = 8k) are
+        skipped.
+        cache_pos (T,): decode through `self.cache` (a KVCache, set up by decode.py): these tokens fill those
+        cache slots and attend to every real token the cache holds at or before their own slot.
         """
         B, T = idx.shape
         if attention_mask is not None and positions is None:
             positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, T)
         if positions is None:
             start = 0 if cache_pos is None else cache_pos[0]
-            positions = (torch.arange(T, device=idx.device) + start).expand(B, T)
-        mask = self._attention_mask(attention_mask, cache_pos, B, T, idx.device)
+            positions = (torch.arange(T, device=idx.device) + start).expand(B, T)  # (B, T)
+        cache = None if cache_pos is None else self.cache
+        if cache_pos is not None:  # decoding: read and write the KV cache
+            if cache is None:
+                raise ValueError("cache_pos needs a KVCache in model.cache (decode.attach_cache sets one up)")
+            cache.record(cache_pos, attention_mask)  # which of the new tokens are real
+            mask = cache.attention_mask(cache_pos)  # (B, 1, T, S): over every slot of the cache
+        elif attention_mask is None or bool(attention_mask.all()):
+            mask = None  # plain causal: SDPA's fastest path, the call HF makes
+        else:
+            slots = torch.arange(T, device=idx.device)  # (T,)
+            mask = padded_causal_mask(attention_mask.bool(), slots)  # (B, 1, T, T)
         x = self.model.embed_tokens(idx)  # (B, T, d)
         cos, sin = rope_cos_sin(rope_inv_freq(self.args, idx.device), positions, x.dtype)  # (B, T, hd)
         for layer in self.model.layers:
             if self.checkpointing and self.training:
-                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, cache_pos, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, cache, cache_pos,
+                                                      use_reentrant=False)
             else:
-                x = layer(x, cos, sin, mask, cache_pos)
+                x = layer(x, cos, sin, mask, cache, cache_pos)  # (B, T, d)
         if logits_at is not None:
             x = x[logits_at]  # (N, d): RMSNorm and the head act on each position alone
         return self.lm_head(self.model.norm(x))  # (B, T, V), or (N, V) with logits_at
 
-    def _attention_mask(self, attention_mask, cache_pos, B, T, device):
-        """None for the plain causal case (lets SDPA take its fastest path, as HF does); else bool (B, 1, T, S)."""
-        if cache_pos is None:
-            if attention_mask is None or bool(attention_mask.all()):
-                return None
-            key_valid, q_slot, S = attention_mask.bool(), torch.arange(T, device=device), T
-        else:
-            valid = torch.ones(B, T, dtype=torch.bool, device=device) if attention_mask is None else attention_mask.bool()
-            self.key_valid.index_copy_(1, cache_pos, valid)  # remember which slots are padding
-            key_valid, q_slot, S = self.key_valid, cache_pos, self.key_valid.shape[1]
-        k_slot = torch.arange(S, device=device)
-        causal = k_slot[None, :] <= q_slot[:, None]  # (T, S)
-        mask = causal[None] & key_valid[:, None, :]  # (B, T, S)
-        # A padding query row would see no key at all (NaN in softmax); let it see itself. Its output is never used.
-        mask = mask | (k_slot[None, :] == q_slot[:, None])[None]
-        return mask[:, None]  # (B, 1, T, S)
-
-    def setup_cache(self, batch_size: int, max_seq_len: int):
-        """Preallocate a static KV cache in every layer (fixed shapes: no reallocation while decoding). A cache
-        kept from an earlier call is reused when it has this batch size and at least max_seq_len slots (as
-        gpt-fast does): compiled decoding then sees the same shapes and buffers again, so neither recompiles nor
-        re-records its CUDA graphs. Slots past the current position are masked, so stale entries are never read."""
-        p = self.lm_head.weight
-        kept = self.model.layers[0].self_attn.kv_cache
-        if kept is not None and kept.k.shape[0] == batch_size and kept.k.shape[2] >= max_seq_len \
-                and kept.k.dtype == p.dtype and kept.k.device == p.device and self.key_valid.device == p.device:
-            self.key_valid.zero_()
-            return
-        for layer in self.model.layers:
-            layer.self_attn.kv_cache = KVCache(batch_size, self.args.n_kv_heads, max_seq_len, self.args.head_dim, p.dtype, p.device)
-        self.key_valid = torch.zeros(batch_size, max_seq_len, dtype=torch.bool, device=p.device)
-
-    def clear_cache(self):
-        for layer in self.model.layers:
-            layer.self_attn.kv_cache = None
-        self.key_valid = None
-
 
 # ----------------------------------------------------------------------------------------------
-# 3. Static KV cache
-# ----------------------------------------------------------------------------------------------
-class KVCache(nn.Module):
-    def __init__(self, B, Hkv, S, hd, dtype, device):
-        super().__init__()
-        self.register_buffer("k", torch.zeros(B, Hkv, S, hd, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v", torch.zeros(B, Hkv, S, hd, dtype=dtype, device=device), persistent=False)
-
-    def update(self, cache_pos, k, v):
-        """Write k, v (B, Hkv, T, hd) at slots cache_pos (T,); return the whole cache (B, Hkv, S, hd)."""
-        self.k.index_copy_(2, cache_pos, k)
-        self.v.index_copy_(2, cache_pos, v)
-        return self.k, self.v
-
-
-# ----------------------------------------------------------------------------------------------
-# 4. Loading and saving Hugging Face folders
+# 5. Loading and saving Hugging Face folders
 # ----------------------------------------------------------------------------------------------
 def read_json(path: Path) -> dict:
     try:
@@ -384,14 +432,16 @@ def read_json(path: Path) -> dict:
 
 
 def weight_files(folder: Path) -> dict[str, list[str]]:
-    """{file name: [tensor names]}: from model.safetensors.index.json's weight_map when sharded, else model.safetensors."""
+    """{file name: [tensor names]}: from model.safetensors.index.json's weight_map when sharded, else
+    model.safetensors."""
     from safetensors import safe_open
 
     index = folder / "model.safetensors.index.json"
     if index.exists():
         weight_map = read_json(index).get("weight_map")
         if not isinstance(weight_map, dict):
-            raise ValueError(f"{index}: no 'weight_map' object; expected {{'weight_map': {{tensor name: file}}}}")
+            raise ValueError(
+                f"{index}: no 'weight_map' object; expected {{'weight_map': {{tensor name: file}}}}")
         files: dict[str, list[str]] = {}
         for name, file in weight_map.items():
             files.setdefault(file, []).append(name)
@@ -409,6 +459,24 @@ def weight_files(folder: Path) -> dict[str, list[str]]:
         return {"model.safetensors": list(f.keys())}
 
 
+def check_folder(folder, needs=("config.json", "*.safetensors", "tokenizer.json")) -> Path:
+    """`folder` as a Path if it is a checkpoint folder holding every file pattern of `needs`; else one error
+    that says what was passed and what a checkpoint folder holds (a missing path, a single file such as a
+    .gguf or a bare model.safetensors, a folder without one of the files)."""
+    folder = Path(folder)
+    if not folder.exists():
+        raise FileNotFoundError(f"{folder}: no such folder; pass a Hugging Face checkpoint folder")
+    missing = list(needs)
+    if folder.is_dir():
+        missing = [pattern for pattern in needs if not list(folder.glob(pattern))]
+    if missing:
+        what = "a file" if folder.is_file() else f"a folder without {', '.join(missing)}"
+        raise ValueError(f"{folder}: not a checkpoint folder ({what}): it needs config.json, *.safetensors "
+                         "and tokenizer.json, as a Hugging Face model folder has them (.bin, .pth and .gguf "
+                         "weights: convert them with transformers' save_pretrained first)")
+    return folder
+
+
 def load_model(folder, dtype: torch.dtype | str = torch.float32, device="cpu") -> Transformer:
     """Build a Transformer from a Hugging Face checkpoint folder.
 
@@ -418,10 +486,8 @@ def load_model(folder, dtype: torch.dtype | str = torch.float32, device="cpu") -
     """
     from safetensors import safe_open
 
-    folder = Path(folder)
+    folder = check_folder(folder, needs=("config.json", "*.safetensors"))
     dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
-    if not (folder / "config.json").exists():
-        raise FileNotFoundError(f"{folder}: no config.json; pass a Hugging Face checkpoint folder")
     args = ModelArgs.from_hf_config(read_json(folder / "config.json"), source=str(folder / "config.json"))
     with torch.device("meta"):
         model = Transformer(args)
@@ -435,22 +501,26 @@ def load_model(folder, dtype: torch.dtype | str = torch.float32, device="cpu") -
     for file, names in files.items():
         with safe_open(folder / file, framework="pt") as f:
             for name in names:
-                if name.endswith("rotary_emb.inv_freq") or (name == "lm_head.weight" and args.tie_word_embeddings):
+                tied_head = name == "lm_head.weight" and args.tie_word_embeddings
+                if name.endswith("rotary_emb.inv_freq") or tied_head:
                     ignored.append(name)  # old checkpoints store the RoPE table; tied heads may be stored too
                 elif name not in expected:
                     unexpected.append(f"{name} (in {file})")
                 elif tuple(f.get_slice(name).get_shape()) != expected[name]:
-                    misshaped.append(f"{name} (in {file}): {tuple(f.get_slice(name).get_shape())}, expected {expected[name]}")
+                    shape = tuple(f.get_slice(name).get_shape())
+                    misshaped.append(f"{name} (in {file}): {shape}, expected {expected[name]}")
                 else:
                     found.add(name)
     missing = sorted(set(expected) - found)
     if args.tie_word_embeddings is False and "lm_head.weight" in missing:
-        missing[missing.index("lm_head.weight")] = "lm_head.weight (tie_word_embeddings=false, so the head must be stored)"
+        why = "lm_head.weight (tie_word_embeddings=false, so the head must be stored)"
+        missing[missing.index("lm_head.weight")] = why
     if missing or unexpected or misshaped:
         lines = [f"{folder}: checkpoint does not match its config.json ({args.model_type})"]
         for what, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", misshaped)):
             if items:
-                lines.append(f"  {what} ({len(items)}): " + "; ".join(items[:20]) + (" ..." if len(items) > 20 else ""))
+                more = " ..." if len(items) > 20 else ""
+                lines.append(f"  {what} ({len(items)}): " + "; ".join(items[:20]) + more)
         raise ValueError("\n".join(lines))
 
     # Pass 2: the data, one shard at a time, cast to dtype on the target device.
@@ -469,7 +539,8 @@ def load_model(folder, dtype: torch.dtype | str = torch.float32, device="cpu") -
     return model.eval()
 
 
-def save_model(model: Transformer, out_dir, tokenizer_from=None, max_shard_bytes: int = 2 * 1024**3, overwrite=False):
+def save_model(model: Transformer, out_dir, tokenizer_from=None, max_shard_bytes: int = 2 * 1024**3,
+               overwrite=False):
     """Write a Hugging Face folder that `transformers.AutoModelForCausalLM.from_pretrained` loads.
 
     config.json, generation_config.json, safetensors (sharded with an index above `max_shard_bytes`), and the
@@ -512,7 +583,9 @@ def save_model(model: Transformer, out_dir, tokenizer_from=None, max_shard_bytes
     with open(tmp / "config.json", "w") as f:
         json.dump(model.args.to_hf_config(dtype), f, indent=2)
     src = Path(tokenizer_from) if tokenizer_from else None
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja", "generation_config.json"):
+    tokenizer_files = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                       "chat_template.jinja", "generation_config.json")
+    for name in tokenizer_files:
         if src is not None and (src / name).exists():
             shutil.copy(src / name, tmp / name)
     if not (tmp / "generation_config.json").exists():
@@ -531,13 +604,17 @@ def save_model(model: Transformer, out_dir, tokenizer_from=None, max_shard_bytes
 
 
 # ----------------------------------------------------------------------------------------------
-# 5. Tokenizer and chat format
+# 6. Tokenizer and chat format
 # ----------------------------------------------------------------------------------------------
 PLAIN_FORMAT_DOC = """Plain chat format, used when a checkpoint has no chat template (base models):
     each message renders as "{Role}: {content}\\n\\n" (Role = System / User / Assistant),
     the generation prompt is "Assistant:\\n", and a forced response prefix follows it directly (after the
     newline, as in ChatML, so the response tokenizes the same way in both formats);
     the tokenizer's own special tokens (e.g. Llama's BOS) are added by its post-processor."""
+
+
+def _read_json_if_exists(path: Path) -> dict:
+    return read_json(path) if path.exists() else {}
 
 
 def _token_text(value):
@@ -551,26 +628,27 @@ class Tokenizer:
     def __init__(self, folder):
         from tokenizers import Tokenizer as HFTokenizer
 
-        folder = Path(folder)
-        if not (folder / "tokenizer.json").exists():
-            raise FileNotFoundError(f"{folder}: no tokenizer.json (deepalign reads fast-tokenizer files only)")
+        folder = check_folder(folder, needs=("tokenizer.json",))
         self.folder = folder
         self.tok = HFTokenizer.from_file(str(folder / "tokenizer.json"))
-        tcfg = read_json(folder / "tokenizer_config.json") if (folder / "tokenizer_config.json").exists() else {}
-        mcfg = read_json(folder / "config.json") if (folder / "config.json").exists() else {}
-        gcfg = read_json(folder / "generation_config.json") if (folder / "generation_config.json").exists() else {}
+        tcfg = _read_json_if_exists(folder / "tokenizer_config.json")
+        mcfg = _read_json_if_exists(folder / "config.json")
+        gcfg = _read_json_if_exists(folder / "generation_config.json")
         self.special_tokens = {
-            k: _token_text(tcfg[k]) for k in ("bos_token", "eos_token", "unk_token", "pad_token") if tcfg.get(k) is not None
+            k: _token_text(tcfg[k]) for k in ("bos_token", "eos_token", "unk_token", "pad_token")
+            if tcfg.get(k) is not None
         }
         self.bos_id = self._id(self.special_tokens.get("bos_token"), mcfg.get("bos_token_id"))
         # Stop on any of: generation_config's eos list, config.json's, and the tokenizer's eos token.
         eos: list[int] = []
-        for value in (gcfg.get("eos_token_id"), mcfg.get("eos_token_id"), self._id(self.special_tokens.get("eos_token"))):
+        tokenizer_eos = self._id(self.special_tokens.get("eos_token"))
+        for value in (gcfg.get("eos_token_id"), mcfg.get("eos_token_id"), tokenizer_eos):
             for i in value if isinstance(value, list) else [value]:
                 if i is not None and i not in eos:
                     eos.append(i)
         self.eos_ids = eos
-        pad = self._id(self.special_tokens.get("pad_token"), mcfg.get("pad_token_id"), gcfg.get("pad_token_id"))
+        pad = self._id(self.special_tokens.get("pad_token"), mcfg.get("pad_token_id"),
+                       gcfg.get("pad_token_id"))
         self.pad_id = pad if pad is not None else (eos[0] if eos else 0)
         self.chat_template, self._compiled_template = None, None
         if (folder / "chat_template.jinja").exists():  # overrides tokenizer_config's key (newer saves)
@@ -583,13 +661,13 @@ class Tokenizer:
 
     @property
     def end_of_turn_id(self) -> int:
-        """The token that closes an assistant turn in this checkpoint's chat format: the first special token the
-        template renders after an assistant message (Llama 3: <|eot_id|>, ChatML: <|im_end|>), else the
+        """The token that closes an assistant turn in this checkpoint's chat format: the first special token
+        the template renders after an assistant message (Llama 3: <|eot_id|>, ChatML: <|im_end|>), else the
         tokenizer's eos token. Not eos_ids[0]: Llama-3.1's generation_config lists <|end_of_text|> first."""
         if self.chat_template is not None:
             mark = "deepalign-end-of-turn-probe"
-            text = self.format_chat([{"role": "user", "content": "x"}, {"role": "assistant", "content": mark}],
-                                    add_generation_prompt=False)
+            turn = [{"role": "user", "content": "x"}, {"role": "assistant", "content": mark}]
+            text = self.format_chat(turn, add_generation_prompt=False)
             specials = {i for i, t in self.tok.get_added_tokens_decoder().items() if t.special}
             after = self.encode(text[text.index(mark) + len(mark):]) if mark in text else []
             for i in after:
@@ -627,8 +705,10 @@ class Tokenizer:
             return text
         if self._compiled_template is None:  # compile once per tokenizer
             self._compiled_template = _jinja_env().from_string(self.chat_template)
-        variables = {"tools": None, "documents": None, **self.special_tokens, **template_kwargs}  # as transformers passes
-        text = self._compiled_template.render(messages=messages, add_generation_prompt=add_generation_prompt, **variables)
+        # the variables transformers passes
+        variables = {"tools": None, "documents": None, **self.special_tokens, **template_kwargs}
+        text = self._compiled_template.render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                              **variables)
         return text + prefill
 
     def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True, prefill: str = "",
@@ -639,9 +719,11 @@ class Tokenizer:
         text = self.format_chat(messages, add_generation_prompt, prefill, plain, **template_kwargs)
         return self.encode(text, add_special_tokens=self.chat_template is None or plain)
 
-    def prompt_ids(self, prompt: str, prefill: str = "", system: str | None = None, plain: bool = False) -> list[int]:
+    def prompt_ids(self, prompt: str, prefill: str = "", system: str | None = None,
+                   plain: bool = False) -> list[int]:
         """A single user turn (optionally after a system message), the generation prompt, and `prefill`."""
-        messages = ([{"role": "system", "content": system}] if system is not None else []) + [{"role": "user", "content": prompt}]
+        messages = [{"role": "system", "content": system}] if system is not None else []
+        messages.append({"role": "user", "content": prompt})
         return self.encode_chat(messages, add_generation_prompt=True, prefill=prefill, plain=plain)
 
     def real_token_mask(self, vocab_size: int) -> torch.Tensor:
@@ -669,138 +751,24 @@ def _jinja_env():
     def raise_exception(message):
         raise jinja2.exceptions.TemplateError(message)
 
-    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
-        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+    def strftime_now(fmt):
+        return datetime.now().strftime(fmt)
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
+                          sort_keys=sort_keys)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=["jinja2.ext.loopcontrols"])
     env.filters["tojson"] = tojson
     env.globals["raise_exception"] = raise_exception
-    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    env.globals["strftime_now"] = strftime_now
     return env
 
 
 # ----------------------------------------------------------------------------------------------
-# 6. Generation
+# 7. Logging, for the scripts
 # ----------------------------------------------------------------------------------------------
-def left_pad(seqs: list[list[int]], pad_id: int, device="cpu"):
-    """Token lists -> ids (B, T) left-padded with pad_id, and attention mask (B, T) with 1 on real tokens."""
-    T = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
-    mask = torch.zeros(len(seqs), T, dtype=torch.long)
-    for i, s in enumerate(seqs):
-        if s:
-            ids[i, T - len(s) :] = torch.tensor(s)
-            mask[i, T - len(s) :] = 1
-    return ids.to(device), mask.to(device)
-
-
-def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0, generator=None) -> torch.Tensor:
-    """logits (B, V) -> next token ids (B,). temperature 0 is greedy (argmax); else softmax(logits/T) truncated
-    to the smallest set of tokens whose probability reaches top_p (nucleus sampling)."""
-    if temperature <= 0:
-        return logits.argmax(-1)
-    probs = torch.softmax(logits.float() / temperature, dim=-1)  # (B, V)
-    if top_p < 1.0:
-        sorted_p, order = probs.sort(dim=-1, descending=True)
-        outside = sorted_p.cumsum(-1) - sorted_p > top_p  # tokens after the nucleus is already full
-        sorted_p = sorted_p.masked_fill(outside, 0.0)
-        probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-
-
-def decode_step(model: Transformer, token: torch.Tensor, cache_pos: torch.Tensor, positions: torch.Tensor):
-    """One token per row through the cache: token (B, 1), cache_pos (1,), positions (B, 1) -> logits (B, V).
-    This is the function `--compile` compiles (fixed shapes, no host syncs)."""
-    return model(token, positions=positions, cache_pos=cache_pos)[:, -1]
-
-
-_compiled_steps: dict = {}
-
-
-def get_decode_step(compile: bool = False):
-    """The decode step, compiled once per process if asked (fullgraph=True: a graph break is an error)."""
-    if not compile:
-        return decode_step
-    if "step" not in _compiled_steps:
-        mode = "reduce-overhead" if torch.cuda.is_available() else None  # CUDA graphs only pay off on a GPU
-        _compiled_steps["step"] = torch.compile(decode_step, fullgraph=True, mode=mode)
-    return _compiled_steps["step"]
-
-
-@contextmanager
-def kv_caches(models, batch_size: int, max_seq_len: int, keep: bool = False):
-    """Static KV caches for one decoding loop over `models`: set up on entry, freed on exit unless `keep`
-    (compiled decoding keeps them for its next call: same shapes and buffers, see Transformer.setup_cache)."""
-    for m in models:
-        m.setup_cache(batch_size, max_seq_len)
-    try:
-        yield
-    finally:
-        if not keep:
-            for m in models:
-                m.clear_cache()
-
-
-def decoding_inputs(prompts: list[list[int]], pad_id: int, eos_ids, seed, device):
-    """What every decoding loop starts from: left-padded ids and mask (B, T), RoPE positions that skip the
-    padding (B, T), the sampling generator (None: unseeded), and the stop ids as a tensor."""
-    ids, mask = left_pad(prompts, pad_id, device)
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
-    eos = torch.tensor(list(eos_ids) or [-1], device=device)
-    return ids, mask, positions, generator, eos
-
-
-@torch.no_grad()
-def generate(
-    model: Transformer,
-    prompts: list[list[int]],
-    max_new_tokens: int = 64,
-    eos_ids=(),
-    pad_id: int = 0,
-    temperature: float = 0.0,
-    top_p: float = 1.0,
-    seed: int | None = None,
-    compile: bool = False,
-) -> list[list[int]]:
-    """Batched generation with a static KV cache. Prompts are left-padded; each row stops at its first eos id
-    (which is kept in its output). Returns the new token ids of each row."""
-    ids, mask, positions, generator, eos = decoding_inputs(prompts, pad_id, eos_ids, seed, model.lm_head.weight.device)
-    B, T = ids.shape
-    device = ids.device
-    step = get_decode_step(compile)
-
-    with kv_caches([model], B, T + max_new_tokens, keep=compile):
-        logits = model(ids, attention_mask=mask, positions=positions, cache_pos=torch.arange(T, device=device))[:, -1]
-        pos = positions[:, -1:]  # (B, 1)
-        out, done = [], torch.zeros(B, dtype=torch.bool, device=device)
-        for i in range(max_new_tokens):
-            token = sample_next(logits.float(), temperature, top_p, generator)  # (B,)
-            token = torch.where(done, pad_id, token)
-            out.append(token)
-            done = done | torch.isin(token, eos)
-            if i == max_new_tokens - 1 or bool(done.all()):
-                break
-            pos = pos + 1
-            logits = step(model, token[:, None], torch.tensor([T + i], device=device), pos).clone()
-    tokens = torch.stack(out, dim=1).tolist()  # (B, n)
-    return [cut_at_eos(row, set(eos_ids)) for row in tokens]
-
-
-def cut_at_eos(row: list[int], eos: set) -> list[int]:
-    for i, t in enumerate(row):
-        if t in eos:
-            return row[: i + 1]
-    return row
-
-
-def generate_text(model, tok: Tokenizer, prompts: list[str], prefill: str = "", **kw) -> list[str]:
-    """Chat-format each prompt (optionally with a forced response prefix), generate, decode the completions."""
-    ids = [tok.prompt_ids(p, prefill=prefill) for p in prompts]
-    outs = generate(model, ids, eos_ids=tok.eos_ids, pad_id=tok.pad_id, **kw)
-    return [tok.decode(o) for o in outs]
-
-
 def log(*a):
     """Progress and diagnostics go to stderr so stdout stays machine-readable."""
     print(*a, file=sys.stderr, flush=True)

@@ -1,27 +1,14 @@
-"""model.py against transformers (the reference): logits, KV cache, generation, loading/saving, chat format, errors."""
+"""model.py against transformers (the reference): logits, KV cache, loading/saving, chat format, errors.
+Generation (decode.py) is tested in test_decode.py."""
 import json
-import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 import transformers
+from conftest import hf_model, make_hf_checkpoint, random_ids, write_tokenizer
 
 import model as M
-from conftest import CHATML_QWEN25, make_hf_checkpoint, write_tokenizer
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def hf_model(folder, dtype=torch.float32):
-    return transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).eval()  # never .to(dtype)
-
-
-def random_ids(B, T, seed=0, low=3, high=512):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(low, high, (B, T), generator=g)  # ids 0..2 (pad/bos/eos) never occur in prompts
+from decode import decode_step, left_pad
 
 
 # ------------------------------------------------------------------------------------------------
@@ -51,7 +38,8 @@ def test_bf16_logits_and_greedy_tokens(hf_checkpoint):
 
 
 def test_logits_at_selected_positions_match_transformers(hf_checkpoint):
-    """logits_at (a bool mask or (rows, cols)) returns transformers' logits at exactly those positions, in order."""
+    """logits_at (a bool mask or (rows, cols)) returns transformers' logits at exactly those positions, in
+    order."""
     variant, folder = hf_checkpoint
     ours, ref = M.load_model(folder), hf_model(folder)
     x = random_ids(3, 20, seed=5)
@@ -72,7 +60,7 @@ def test_left_padded_batch_matches_unpadded_rows(hf_checkpoint):
     ours, ref = M.load_model(folder), hf_model(folder)
     lengths = [13, 5, 9]
     rows = [random_ids(1, n, seed=n)[0].tolist() for n in lengths]
-    ids, mask = M.left_pad(rows, pad_id=0)
+    ids, mask = left_pad(rows, pad_id=0)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     with torch.no_grad():
         a = ours(ids, attention_mask=mask)
@@ -84,87 +72,56 @@ def test_left_padded_batch_matches_unpadded_rows(hf_checkpoint):
 
 
 # ------------------------------------------------------------------------------------------------
-# KV cache and generation
+# KV cache
 # ------------------------------------------------------------------------------------------------
 def test_kv_cache_decoding_equals_full_forward(hf_checkpoint):
     variant, folder = hf_checkpoint
     ours = M.load_model(folder)
     rows = [random_ids(1, 11, seed=3)[0].tolist(), random_ids(1, 6, seed=4)[0].tolist()]
-    ids, mask = M.left_pad(rows, pad_id=0)
+    ids, mask = left_pad(rows, pad_id=0)
     B, T = ids.shape
     steps = random_ids(B, 12, seed=5)  # teacher-forced continuation
     full_ids = torch.cat([ids, steps], 1)
     full_mask = torch.cat([mask, torch.ones_like(steps)], 1)
     with torch.no_grad():
         full = ours(full_ids, attention_mask=full_mask)  # (B, T+12, V)
-        ours.setup_cache(B, T + 12)
+        ours.cache = M.KVCache(ours.args, B, T + 12)
         positions = (full_mask.cumsum(-1) - 1).clamp(min=0)
         pre = ours(ids, attention_mask=mask, positions=positions[:, :T], cache_pos=torch.arange(T))
         valid = mask.bool()
         # Same math, different reduction order (the cache attends over S slots): fp32 rounding only.
         assert (pre - full[:, :T])[valid].abs().max().item() <= 5e-5
         for i in range(steps.shape[1]):
-            step = M.decode_step(ours, steps[:, i : i + 1], torch.tensor([T + i]), positions[:, T + i : T + i + 1])
+            token, pos = steps[:, i : i + 1], positions[:, T + i : T + i + 1]  # (B, 1) each
+            step = decode_step(ours, token, torch.tensor([T + i]), pos)
             assert (step - full[:, T + i]).abs().max().item() <= 5e-5, f"{variant} step {i}"
-        ours.clear_cache()
+        ours.cache = None
 
 
-def test_greedy_generate_matches_transformers(hf_checkpoint):
-    variant, folder = hf_checkpoint
-    ours, ref = M.load_model(folder), hf_model(folder)
-    rows = [random_ids(1, n, seed=10 + n)[0].tolist() for n in (9, 4, 15)]
-    got = M.generate(ours, rows, max_new_tokens=20, eos_ids=[2], pad_id=0)
-    ids, mask = M.left_pad(rows, pad_id=0)
-    with torch.no_grad():
-        hf = ref.generate(ids, attention_mask=mask, max_new_tokens=20, do_sample=False, eos_token_id=2, pad_token_id=0)
-    for i, row in enumerate(got):
-        expected = hf[i, ids.shape[1]:].tolist()
-        expected = expected[: expected.index(2) + 1] if 2 in expected else expected
-        assert row == expected, f"{variant} row {i}"
+def test_cache_attention_mask_matches_brute_force():
+    """The masks a KVCache builds for a left-padded batch, at the prefill and at each decoding step, equal
+    the definition checked one (row, query, key) at a time: a query sees the real tokens at or before its own
+    slot, and a padding query sees only itself."""
+    lengths, T, steps = [5, 2, 4, 1], 5, 3
+    B, S = len(lengths), T + steps + 2  # two slots never written
+    real = [[s >= T - n for s in range(S)] for n in lengths]  # real[b][s]: slot s holds a real token
 
+    def brute_force(q_slots):
+        mask = torch.zeros(B, 1, len(q_slots), S, dtype=torch.bool)
+        for b in range(B):
+            for t, q in enumerate(q_slots):
+                for s in range(S):
+                    mask[b, 0, t, s] = s == q or (s < q and real[b][s])
+        return mask
 
-def test_generate_stops_per_row_and_samples_reproducibly(hf_checkpoint):
-    variant, folder = hf_checkpoint
-    ours = M.load_model(folder)
-    rows = [random_ids(1, 5, seed=s)[0].tolist() for s in range(4)]
-    greedy = M.generate(ours, rows, max_new_tokens=8)
-    stop = greedy[0][2]  # make row 0 stop at its third token
-    stopped = M.generate(ours, rows, max_new_tokens=8, eos_ids=[stop])
-    assert stopped[0] == greedy[0][: greedy[0].index(stop) + 1]
-    for g, s in zip(greedy, stopped):
-        assert s == g[: g.index(stop) + 1] if stop in g else s == g
-    a = M.generate(ours, rows, max_new_tokens=8, temperature=1.0, top_p=0.9, seed=7)
-    b = M.generate(ours, rows, max_new_tokens=8, temperature=1.0, top_p=0.9, seed=7)
-    assert a == b and all(len(r) == 8 for r in a)
-
-
-def test_top_p_keeps_only_the_nucleus():
-    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
-    seen = {M.sample_next(logits, 1.0, 0.7, torch.Generator().manual_seed(s)).item() for s in range(200)}
-    assert seen == {0, 1}  # 0.5 + 0.3 reaches 0.7: tokens 2 and 3 are cut
-    assert M.sample_next(logits, 0.0).item() == 0
-
-
-def test_compiled_decode_step_matches_eager(tmp_path):
-    folder = make_hf_checkpoint("llama", tmp_path / "m")
-    ours = M.load_model(folder)
-    rows = [random_ids(1, n, seed=n)[0].tolist() for n in (6, 3)]
-    torch._dynamo.reset()
-    compiled = M.generate(ours, rows, max_new_tokens=6, compile=True)
-    # The compiled path keeps its cache and reuses it for a call that fits (shorter prompt, same batch) ...
-    kept = ours.model.layers[0].self_attn.kv_cache.k
-    shorter = [r[:2] for r in rows]
-    compiled_shorter = M.generate(ours, shorter, max_new_tokens=5, compile=True)
-    assert ours.model.layers[0].self_attn.kv_cache.k is kept
-    # ... a kept cache never leaks into a plain forward ...
-    x = random_ids(2, 9, seed=3)
-    with torch.no_grad():
-        with_kept_cache = ours(x)
-        ours.clear_cache()
-        assert torch.equal(with_kept_cache, ours(x))
-    # ... and every compiled token equals eager decoding.
-    assert compiled == M.generate(ours, rows, max_new_tokens=6)
-    assert compiled_shorter == M.generate(ours, shorter, max_new_tokens=5)
+    cache = M.KVCache(M.ModelArgs(n_layers=2, n_kv_heads=2, head_dim=4), B, S)
+    _, prompt_mask = left_pad([[7] * n for n in lengths], pad_id=0)  # (B, T)
+    cache.record(torch.arange(T), prompt_mask)
+    assert torch.equal(cache.attention_mask(torch.arange(T)), brute_force(range(T)))
+    for i in range(steps):
+        slot = torch.tensor([T + i])
+        cache.record(slot)
+        assert torch.equal(cache.attention_mask(slot), brute_force([T + i]))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -204,17 +161,21 @@ def test_save_refuses_to_overwrite(tmp_path, hf_checkpoint):
 def test_config_spellings_4x_and_5x_agree():
     base = dict(model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                 num_attention_heads=4, vocab_size=100)
-    rope = {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+    rope = {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192}
     old = M.ModelArgs.from_hf_config({**base, "rope_theta": 5e5, "rope_scaling": {"type": "llama3", **rope}})
-    new = M.ModelArgs.from_hf_config({**base, "rope_parameters": {"rope_type": "llama3", "rope_theta": 5e5, **rope}})
+    new = M.ModelArgs.from_hf_config({**base, "rope_parameters": {"rope_type": "llama3", "rope_theta": 5e5,
+                                                                  **rope}})
     assert old == new and old.rope_scaling["factor"] == 8.0 and old.rope_theta == 5e5
     assert old.n_kv_heads == 4 and old.head_dim == 16  # defaults: MHA, hidden / heads
 
 
 def test_llama3_inv_freq_matches_transformers():
     cfg = transformers.LlamaConfig(hidden_size=2048, num_attention_heads=32, rope_theta=500000.0,
-                                   rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
-                                                 "high_freq_factor": 4.0, "original_max_position_embeddings": 8192})
+                                   rope_scaling={"rope_type": "llama3", "factor": 32.0,
+                                                 "low_freq_factor": 1.0,
+                                                 "high_freq_factor": 4.0,
+                                                 "original_max_position_embeddings": 8192})
     ref = transformers.models.llama.modeling_llama.LlamaRotaryEmbedding(cfg).inv_freq
     ours = M.rope_inv_freq(M.ModelArgs.from_hf_config(cfg.to_dict()))
     assert torch.equal(ours, ref)
@@ -245,14 +206,18 @@ def _edit_checkpoint(folder, edit):
 
 
 @pytest.mark.parametrize("edit, message", [
-    (lambda sd: sd.pop("model.layers.1.mlp.up_proj.weight"), "missing (1): model.layers.1.mlp.up_proj.weight"),
+    (lambda sd: sd.pop("model.layers.1.mlp.up_proj.weight"),
+     "missing (1): model.layers.1.mlp.up_proj.weight"),
     (lambda sd: sd.pop("lm_head.weight"), "lm_head.weight (tie_word_embeddings=false"),
-    (lambda sd: sd.update({"model.layers.0.extra.weight": torch.zeros(2)}), "unexpected (1): model.layers.0.extra.weight (in model.safetensors)"),
-    (lambda sd: sd.update({"model.norm.weight": torch.zeros(3)}), "wrong shape (1): model.norm.weight (in model.safetensors): (3,), expected (64,)"),
+    (lambda sd: sd.update({"model.layers.0.extra.weight": torch.zeros(2)}),
+     "unexpected (1): model.layers.0.extra.weight (in model.safetensors)"),
+    (lambda sd: sd.update({"model.norm.weight": torch.zeros(3)}),
+     "wrong shape (1): model.norm.weight (in model.safetensors): (3,), expected (64,)"),
 ])
 def test_bad_checkpoint_lists_the_problem(tmp_path, edit, message):
     folder = tmp_path / "m"
-    M.save_model(M.Transformer(M.ModelArgs(dim=64, n_heads=4, n_kv_heads=2, head_dim=16, n_layers=2, intermediate_size=96, vocab_size=50)), folder)
+    M.save_model(M.Transformer(M.ModelArgs(dim=64, n_heads=4, n_kv_heads=2, head_dim=16, n_layers=2,
+                                           intermediate_size=96, vocab_size=50)), folder)
     _edit_checkpoint(folder, edit)
     with pytest.raises(ValueError) as e:
         M.load_model(folder)
@@ -261,17 +226,27 @@ def test_bad_checkpoint_lists_the_problem(tmp_path, edit, message):
 
 def test_old_rotary_buffers_are_skipped(tmp_path):
     folder = tmp_path / "m"
-    m = M.Transformer(M.ModelArgs(dim=32, n_heads=2, n_kv_heads=2, head_dim=16, n_layers=1, intermediate_size=64, vocab_size=40))
+    m = M.Transformer(M.ModelArgs(dim=32, n_heads=2, n_kv_heads=2, head_dim=16, n_layers=1,
+                                  intermediate_size=64, vocab_size=40))
     M.save_model(m, folder)
-    _edit_checkpoint(folder, lambda sd: sd.update({"model.layers.0.self_attn.rotary_emb.inv_freq": torch.ones(8)}))
+    _edit_checkpoint(folder,
+                     lambda sd: sd.update({"model.layers.0.self_attn.rotary_emb.inv_freq": torch.ones(8)}))
     M.load_model(folder)
 
 
 def test_missing_files_are_named(tmp_path):
-    with pytest.raises(FileNotFoundError, match="no config.json"):
-        M.load_model(tmp_path)
+    """A missing path, a single file (a .gguf, a bare model.safetensors) or a folder without the files: one
+    error that names what was passed and what a checkpoint folder holds, from the model and the tokenizer."""
+    with pytest.raises(FileNotFoundError, match="no such folder"):
+        M.load_model(tmp_path / "nowhere")
+    (tmp_path / "model.gguf").write_bytes(b"GGUF")
+    for path in (tmp_path / "model.gguf", tmp_path):
+        for load in (M.load_model, M.Tokenizer):
+            with pytest.raises(ValueError, match=r"not a checkpoint folder .* needs config.json, "
+                                                 r"\*.safetensors and tokenizer.json"):
+                load(path)
     (tmp_path / "config.json").write_text(json.dumps(M.ModelArgs().to_hf_config()))
-    with pytest.raises(FileNotFoundError, match="no model.safetensors or model.safetensors.index.json"):
+    with pytest.raises(ValueError, match=r"a folder without \*.safetensors"):
         M.load_model(tmp_path)
 
 
@@ -292,7 +267,8 @@ def test_chat_template_matches_apply_chat_template(tmp_path, style, system):
         text = ours.format_chat(msgs, add_generation_prompt=gen, **kw)
         assert text == ref.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen, **kw)
         assert ours.encode_chat(msgs, add_generation_prompt=gen, **kw) == list(
-            ref.apply_chat_template(msgs, tokenize=True, add_generation_prompt=gen, return_dict=True, **kw)["input_ids"])
+            ref.apply_chat_template(msgs, tokenize=True, add_generation_prompt=gen, return_dict=True,
+                                    **kw)["input_ids"])
     if style == "chatml":
         assert "You are Qwen, created by Alibaba Cloud." in ours.format_chat(MESSAGES)
     else:
@@ -308,7 +284,8 @@ def test_prefilled_prompt_is_generation_prompt_plus_prefix(tmp_path, style):
     prefix = "sure , first mix the flour"
     expected = ref.apply_chat_template(MESSAGES, tokenize=False, add_generation_prompt=True, **kw) + prefix
     assert ours.format_chat(MESSAGES, prefill=prefix, **kw) == expected
-    assert ours.encode_chat(MESSAGES, prefill=prefix, **kw) == ref(expected, add_special_tokens=False)["input_ids"]
+    assert ours.encode_chat(MESSAGES, prefill=prefix, **kw) == ref(expected,
+                                                                   add_special_tokens=False)["input_ids"]
 
 
 def test_no_template_uses_the_plain_format(tmp_path):
@@ -316,7 +293,9 @@ def test_no_template_uses_the_plain_format(tmp_path):
     tok = M.Tokenizer(tmp_path)
     assert tok.chat_template is None
     msgs = [{"role": "system", "content": "be brief ."}] + MESSAGES
-    assert tok.format_chat(msgs, prefill="sure") == "System: be brief .\n\nUser: how do i bake bread ?\n\nAssistant:\nsure"
+    assert tok.format_chat(msgs,
+                           prefill="sure") == ("System: be brief .\n\nUser: how do i bake bread ?\n\n"
+                                               "Assistant:\nsure")
     assert tok.format_chat(MESSAGES) == "User: how do i bake bread ?\n\nAssistant:\n"
 
 
@@ -335,33 +314,17 @@ def test_special_ids_and_eos_list(tmp_path):
 
 def test_templates_see_tools_as_none_like_transformers(tmp_path):
     write_tokenizer(tmp_path, "chatml")
-    (tmp_path / "chat_template.jinja").write_text("{{ 'tools:' ~ (tools is none) ~ ' docs:' ~ (documents is none) }}")
+    (tmp_path / "chat_template.jinja").write_text("{{ 'tools:' ~ (tools is none) ~ ' docs:' ~ (documents is "
+                                                  "none) }}")
     ref = transformers.AutoTokenizer.from_pretrained(tmp_path)
     expected = ref.apply_chat_template(MESSAGES, tokenize=False)
-    assert M.Tokenizer(tmp_path).format_chat(MESSAGES, add_generation_prompt=False) == expected == "tools:True docs:True"
+    rendered = M.Tokenizer(tmp_path).format_chat(MESSAGES, add_generation_prompt=False)
+    assert rendered == expected == "tools:True docs:True"
 
 
 def test_chat_template_jinja_file_overrides_config_key(tmp_path):
     write_tokenizer(tmp_path, "chatml")
-    (tmp_path / "chat_template.jinja").write_text("{% for m in messages %}[{{ m.content | tojson(indent=2) }}]{% endfor %}")
-    assert M.Tokenizer(tmp_path).format_chat(MESSAGES, add_generation_prompt=False) == '["how do i bake bread ?"]'
-
-
-# ------------------------------------------------------------------------------------------------
-# decode.py CLI
-# ------------------------------------------------------------------------------------------------
-def test_decode_cli_prints_transformers_greedy_completion(tmp_path):
-    folder = make_hf_checkpoint("llama", tmp_path / "m")
-    write_tokenizer(folder, "chatml")  # ids < 400 < vocab 512; <|im_end|> = 2 = the config's eos
-    prompt, prefill = "how do i bake bread ?", "sure , first"
-    res = subprocess.run([sys.executable, str(ROOT / "decode.py"), "--model", str(folder), "--prompt", prompt,
-                          "--prefill", prefill, "--max-new-tokens", "12"], capture_output=True, text=True, cwd=ROOT)
-    assert res.returncode == 0, res.stderr
-    ref_tok = transformers.AutoTokenizer.from_pretrained(folder)
-    text = ref_tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True) + prefill
-    ids = torch.tensor([ref_tok(text, add_special_tokens=False)["input_ids"]])
-    with torch.no_grad():
-        out = hf_model(folder).generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False,
-                                        pad_token_id=ref_tok.convert_tokens_to_ids("<|endoftext|>"))
-    assert res.stdout == ref_tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True) + "\n"
-    assert res.stdout.strip(), "empty completion: the test would not catch anything"
+    (tmp_path / "chat_template.jinja").write_text("{% for m in messages %}[{{ m.content | tojson(indent=2) "
+                                                  "}}]{% endfor %}")
+    assert M.Tokenizer(tmp_path).format_chat(MESSAGES,
+                                             add_generation_prompt=False) == '["how do i bake bread ?"]'
