@@ -1,6 +1,8 @@
 # Two commands for a fresh clone (see README.md):
-#   make run    set up .venv and run the main job on the toy world
-#   make test   set up .venv (with the test-only reference, transformers) and run the tests
+#   make run     set up .venv, build the seed-0 toy world (once) and evaluate its base and aligned models
+#   make test    set up .venv (with the test-only references: transformers, peft) and run ruff and the tests
+# And the longer reproductions behind the README's tables (each writes its JSON into docs/):
+#   make compare        every method on the reporting worlds (seeds 0 1 2)
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -16,6 +18,9 @@ run: setup
 	$(PY) eval.py
 
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m ruff check . && $(PY) -m pytest -q
 
-.PHONY: setup run test
+compare: setup
+	$(PY) compare.py --seeds 0 1 2 --out docs/compare.json
+
+.PHONY: setup run test compare
