@@ -1,30 +1,36 @@
-"""The method: base-favored tokens, position profiles, contrastive scores, and the targeted-completion losses.
+"""The method: base-favored tokens, the position profile, contrastive scores, and the training objectives of
+targeted completion and its baselines (Bach, Nguyen, Le & Tran, arXiv 2511.12155).
 
-Bach, Nguyen, Le & Tran, "Rethinking Deep Alignment Through The Lens Of Incomplete Learning" (arXiv 2511.12155).
-Section numbers ("METHOD §2") refer to ../shared/METHOD.md, which separates what the paper states from the
-choices we made where it is silent; every such choice is an argument here and a CLI flag.
+Every definition is in docs/method.md, which separates what the paper states from our choices where it is
+silent; each docstring below names the section (§N) it implements, and every choice is an argument here and a
+flag of the commands.
 
-Notation: aligned model A, its base model B, student S; lp = log_softmax(logits) in float32; positions t count
-*response* tokens from 0. All functions take log-probabilities over the last dim (..., V) and broadcast over
-any leading dims, e.g. (B, T, V).
+Notation: aligned model A, its base model B, student S (starts as A); lp = log_softmax(logits) in float32;
+positions t count *response* tokens from 0. The tensor functions take log-probabilities over the last dim
+(..., V) and broadcast over any leading dims: (N, V) for N contexts, or (B, T, V).
 
 Read top to bottom:
-    1. per-position quantities (pure tensor functions)        base_favored_mask, kl_per_position, bf_mass, ...
-    2. contrastive scores (inference time)                    contrastive_logits
-    3. teacher-forced position profile over a data set        position_profile
-    4. training losses (targeted completion and baselines)    hybrid_teacher, kd_loss, bf_penalty, ...
-    5. command line: `python deepalign.py profile|tokens|plot`
+    1. per-position quantities (§2, §3)            base_favored_mask, kl_per_position, bf_mass, bf_hit, ...
+    2. contrastive scores (§4)                     head_mask, contrastive_logits
+    3. the position profile over a data set (§3)   position_profile, gradient_signal
+    4. targeted completion (§5)                    LossConfig, clean_teacher, contrast_teacher,
+    penalty_weights,
+                                                   ..., targeted_loss: the whole objective in one function
+    5. the baselines' losses (§6)                  ce_loss, constrained_loss
+    6. the command line                            python deepalign.py profile | tokens | plot
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
 import sys
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+
+import cli
 
 # ----------------------------------------------------------------------------------------------
 # 1. Per-position quantities
@@ -37,48 +43,52 @@ def log_probs(logits: torch.Tensor) -> torch.Tensor:
 
 
 def in_top_k(lp: torch.Tensor, k: int) -> torch.Tensor:
-    """(..., V) bool: v is among the top-k of lp, ties included (fewer than k tokens are strictly more likely)."""
+    """(..., V) bool: v is among the top-k of lp, ties included (fewer than k tokens are strictly
+    likelier)."""
     k = min(k, lp.shape[-1])
     kth = lp.topk(k, dim=-1).values[..., -1:]  # (..., 1) the k-th largest value
     return lp >= kth
 
 
-def base_favored_mask(lp_A, lp_B, tau: float = 1.0, top_k: int = 20, valid=None) -> torch.Tensor:
-    """BF_t = { v : lp_B(v) - lp_A(v) > log(tau)  and  v in top-k of p_B }   (METHOD §2).
+def base_favored_mask(lp_A, lp_B, tau: float = 1.0, top_k: int = 20, rho: float = 0.01,
+                      valid=None) -> torch.Tensor:
+    """BF_t = { v : lp_B(v) - lp_A(v) > log(tau),  v in top-k of p_B,  p_B(v) >= rho * max p_B }   (§2).
 
-    The paper defines base-favored tokens as those the base model assigns higher probability than the aligned
-    model (tau = 1). The top-k restriction is our choice: it keeps the set to tokens the base model would
-    actually say; without it, half the vocabulary's tail qualifies. `valid` (V,) bool restricts the set to real
-    token ids (no padded rows, no reserved special tokens). lp_A, lp_B (..., V) -> (..., V) bool.
-    """
+    The first condition is the paper's (tau = 1: the base gives v more probability than the aligned model);
+    top-k and the relative floor rho are our choices: tokens the base would actually say, and not two
+    near-zero probabilities that differ by rounding (rho = 0 gives version 1 of §2). `valid` (V,) bool keeps
+    the set to real token ids (no padded rows, no reserved special tokens). lp_A, lp_B (..., V) -> (...,
+    V)."""
     favored = (lp_B - lp_A) > math.log(tau)  # nan (both -inf) compares False
     mask = favored & in_top_k(lp_B, top_k)
+    if rho > 0:
+        mask = mask & (lp_B >= lp_B.max(-1, keepdim=True).values + math.log(rho))
     return mask & valid if valid is not None else mask
 
 
 def kl_per_position(lp_P, lp_Q) -> torch.Tensor:
-    """KL(P || Q) = sum_v p(v) (lp_P(v) - lp_Q(v)) per position; terms with p(v) = 0 count 0 (METHOD §3,
-    as in Qi et al. 2024). (..., V) -> (...)."""
+    """KL(P || Q) = sum_v p(v) (lp_P(v) - lp_Q(v)) per position; terms with p(v) = 0 count 0 (§3 kl_t, as in
+    Qi et al. 2024). (..., V) -> (...)."""
     p = lp_P.exp()
     return torch.where(p > 0, p * (lp_P - lp_Q), 0.0).sum(-1)
 
 
 def bf_mass(lp, mask) -> torch.Tensor:
-    """sum_{v in BF_t} p(v): the probability a model still puts on base-favored tokens (METHOD §3; under the
-    aligned model this is the *incompleteness score*). (..., V), (..., V) bool -> (...)."""
+    """sum_{v in BF_t} p(v): the probability a model still puts on base-favored tokens (§3; under the aligned
+    model this is the *incompleteness score* bf_mass_A). (..., V), (..., V) bool -> (...)."""
     return torch.where(mask, lp.exp(), 0.0).sum(-1)
 
 
 def bf_hit(mask, next_tokens) -> torch.Tensor:
-    """1.0 where the actual next token (of the harmful response) is base-favored (METHOD §3 bf_hit).
+    """1.0 where the actual next token (of the harmful response) is base-favored (§3 bf_hit).
     mask (..., V) bool, next_tokens (...) long -> (...) float."""
     return mask.gather(-1, next_tokens[..., None]).squeeze(-1).float()
 
 
 def logit_grad_norm(lp, targets) -> torch.Tensor:
-    """|| dLoss_t / dlogits_t || = || softmax(l_t) - onehot(y_t) ||_2 for cross-entropy at each position: the
-    per-position gradient signal of SFT (METHOD §3 grad_t). Computed in closed form:
-    sum_v p_v^2 - 2 p_y + 1. lp (..., V), targets (...) -> (...)."""
+    """|| dLoss_t / dlogits_t || = || softmax(l_t) - onehot(y_t) ||_2 of cross-entropy at each position: the
+    per-position gradient signal of SFT (§3 grad_t), in closed form sqrt(sum_v p_v^2 - 2 p_y + 1).
+    lp (..., V), targets (...) -> (...)."""
     p = lp.exp()
     p_y = p.gather(-1, targets[..., None]).squeeze(-1)
     return (p.pow(2).sum(-1) - 2 * p_y + 1).clamp(min=0).sqrt()
@@ -87,79 +97,93 @@ def logit_grad_norm(lp, targets) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------
 # 2. Contrastive scores (inference time)
 # ----------------------------------------------------------------------------------------------
-
-
 LOG_FLOOR = -1e4  # a log-prob below this is as impossible as -inf; flooring keeps 0 * inf from making NaN
 
 
 def head_mask(lp_A, beta: float = 0.1) -> torch.Tensor:
-    """V_head = { v : p_A(v) >= beta * max p_A } (Li et al. 2022's plausibility filter; METHOD §4).
-    beta = 0 keeps the whole vocabulary."""
+    """V_head = { v : p_A(v) >= beta * max p_A } (Li et al. 2022's plausibility filter, §4); beta = 0 keeps
+    the
+    whole vocabulary."""
     if beta <= 0:
         return torch.ones_like(lp_A, dtype=torch.bool)
     return lp_A >= lp_A.max(-1, keepdim=True).values + math.log(beta)
 
 
 def contrastive_logits(lp_A, lp_B, alpha: float = 1.0, beta: float = 0.1, mode: str = "full",
-                       tau: float = 1.0, top_k: int = 20, valid=None) -> torch.Tensor:
-    """Contrastive scores s_t (METHOD §4): decode from softmax(s_t / temperature) or argmax s_t.
+                       tau: float = 1.0, top_k: int = 20, valid=None, rho: float = 0.01) -> torch.Tensor:
+    """The contrastive score s_t (§4); decode from argmax s_t or softmax(s_t / temperature).
 
-    mode "full": s(v) = lp_A(v) + alpha * (lp_A(v) - lp_B(v))        for v in V_head, -inf elsewhere
-    mode "bf":   s(v) = lp_A(v) - alpha * (lp_B(v) - lp_A(v)) * [v in BF_t], lp_A(v) otherwise, on V_head
-    The paper states contrastive decoding between aligned and base logits; the exact form (an expert-amateur
-    contrast with Li et al.'s plausibility filter, i.e. emulated alignment amplified by 1 + alpha) is our
-    choice. `valid` restricts only the base-favored set (mode "bf"). alpha = 0 gives lp_A on V_head, whose argmax is the aligned model's argmax: greedy contrastive
-    decoding at alpha = 0 is plain greedy decoding, token for token. (..., V) -> (..., V).
-    """
+        mode "full":  s(v) = lp_A(v) + alpha (lp_A(v) - lp_B(v))                      on V_head, -inf
+        elsewhere
+        mode "bf":    s(v) = lp_A(v) - alpha (lp_B(v) - lp_A(v)) [v in BF_t], else lp_A(v)   on V_head
+
+    The paper states contrastive decoding between aligned and base; this form (an expert-amateur contrast with
+    Li et al.'s head, i.e. alignment amplified by 1 + alpha) is our choice. alpha = 0 gives lp_A on V_head,
+    whose argmax is A's: greedy contrastive decoding at alpha = 0 is plain greedy decoding, token for token.
+    `valid` restricts the base-favored set (mode "bf") only. (..., V) -> (..., V)."""
     lp_B = lp_B.clamp(min=LOG_FLOOR)  # (..., V)
     if mode == "full":
         s = lp_A + alpha * (lp_A - lp_B)
     elif mode == "bf":
-        bf = base_favored_mask(lp_A, lp_B, tau, top_k, valid)
+        bf = base_favored_mask(lp_A, lp_B, tau, top_k, rho, valid)
         s = torch.where(bf, lp_A - alpha * (lp_B - lp_A), lp_A)
     else:
-        raise ValueError(f"cd mode {mode!r} is not supported; use 'full' or 'bf'")
-    # The head is not restricted to `valid` (real tokens): eos is a special token and must stay choosable.
+        raise ValueError(f"--cd-mode {mode!r} is not supported; use 'full' or 'bf'")
+    # The head is not restricted to `valid`: the end-of-turn token is special and must stay choosable.
     return s.masked_fill(~head_mask(lp_A, beta), float("-inf"))
 
 
 # ----------------------------------------------------------------------------------------------
-# 3. Position profile: the paper's diagnosis, teacher-forced over a data set
+# 3. The position profile: the paper's diagnosis, teacher-forced over a data set
 # ----------------------------------------------------------------------------------------------
 PROFILE_KEYS = ("kl", "bf_mass_A", "bf_mass_B", "bf_count", "bf_hit")
 STAT_ROWS = 64  # contexts per chunk of vocabulary-wide statistics (see position_profile)
 
 
+@dataclass(frozen=True)
+class ProfileConfig:
+    """The settings of a position profile (§2, §3)."""
+    tau: float = 1.0
+    top_k: int = 20
+    rho: float = 0.01
+    max_response_tokens: int = 64
+    batch_size: int = 16
+    base_format: str = "chat"  # "plain": the base reads its own plain-text format (model.PLAIN_FORMAT_DOC)
+
+
 def response_split(tok, prompt: str, response: str, plain: bool = False, max_tokens: int | None = None):
     """(prompt ids, response ids) of the chat-formatted prompt with `response` as the assistant's answer,
-    tokenized in one pass (as a prefilling attack would be). Raises if the tokenizer merges across the boundary."""
+    tokenized in one pass (as a prefilling attack is). Raises if the tokenizer merges across the boundary."""
     head = tok.prompt_ids(prompt, plain=plain)
     full = tok.prompt_ids(prompt, prefill=response, plain=plain)
     if full[: len(head)] != head:
-        raise ValueError(f"the response {response[:40]!r}... merges with the generation prompt under this tokenizer; "
-                         "start responses with a word, not a space or punctuation")
+        raise ValueError(f"the response {response[:40]!r}... merges with the generation prompt under this "
+                         "tokenizer; start responses with a word, not a space or punctuation")
     resp = full[len(head):]
     return head, resp[:max_tokens] if max_tokens else resp
 
 
 def right_pad(seqs: list[list[int]], pad_id: int, device):
+    """Token lists -> ids (B, T) padded on the right, so every row keeps RoPE positions 0..len-1."""
     T = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
+    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)  # (B, T)
     for i, s in enumerate(seqs):
         ids[i, : len(s)] = torch.tensor(s)
     return ids.to(device)
 
 
-def response_logits(model, seqs: list[list[int]], starts: list[int], lengths: list[int], pad_id: int) -> torch.Tensor:
-    """Teacher-forced logits at response positions, all rows' positions concatenated: (sum(lengths), V) in the
-    model dtype, where row i's block t predicts its response token t from context (prompt, response[:t]); split
-    with `.split(lengths)`. Right padding keeps RoPE positions 0..T-1; the head runs only where needed."""
+def response_logits(model, seqs: list[list[int]], starts: list[int], lengths: list[int],
+                    pad_id: int) -> torch.Tensor:
+    """Teacher-forced logits at response positions, every row's positions concatenated: (sum(lengths), V) in
+    the
+    model dtype; row i's block t predicts its response token t from (prompt, response[:t]) (split it with
+    `.split(lengths)`). Causal attention: right padding never reaches a real position."""
     device = model.lm_head.weight.device
     ids = right_pad(seqs, pad_id, device)  # (B, T)
-    at = torch.zeros(ids.shape, dtype=torch.bool)
+    at = torch.zeros(ids.shape, dtype=torch.bool)  # (B, T)
     for i, (s, n) in enumerate(zip(starts, lengths)):
         at[i, s - 1 : s - 1 + n] = True  # the logit at position j predicts token j + 1
-    return model(ids, logits_at=at.to(device))  # (N, V); causal, so right padding never affects real positions
+    return model(ids, logits_at=at.to(device))  # (N, V): the head runs only where needed
 
 
 def response_log_probs(model, seqs, starts, lengths, pad_id) -> torch.Tensor:
@@ -167,10 +191,10 @@ def response_log_probs(model, seqs, starts, lengths, pad_id) -> torch.Tensor:
     return log_probs(response_logits(model, seqs, starts, lengths, pad_id))
 
 
-def profile_stats(lp_A, lp_B, next_tokens, tau: float = 1.0, top_k: int = 20, valid=None) -> dict[str, torch.Tensor]:
-    """The per-context quantities of the position profile (METHOD §3): kl, bf_mass_A, bf_mass_B, bf_count,
-    bf_hit. lp_A, lp_B (N, V) float32, next_tokens (N,) the harmful response's actual next tokens -> {key: (N,)}."""
-    bf = base_favored_mask(lp_A, lp_B, tau, top_k, valid)  # (N, V)
+def profile_stats(lp_A, lp_B, next_tokens, cfg: ProfileConfig, valid=None) -> dict[str, torch.Tensor]:
+    """The per-context quantities of the position profile (§3): kl, bf_mass_A, bf_mass_B, bf_count, bf_hit.
+    lp_A, lp_B (N, V) float32, next_tokens (N,) the harmful response's actual next tokens -> {key: (N,)}."""
+    bf = base_favored_mask(lp_A, lp_B, cfg.tau, cfg.top_k, cfg.rho, valid)  # (N, V)
     return {"kl": kl_per_position(lp_A, lp_B), "bf_mass_A": bf_mass(lp_A, bf), "bf_mass_B": bf_mass(lp_B, bf),
             "bf_count": bf.sum(-1).float(), "bf_hit": bf_hit(bf, next_tokens)}
 
@@ -187,183 +211,240 @@ class Accumulator:
         t = t.cpu()
         size = int(t.max()) + 1
         if size > len(self.n):  # grow to the longest response seen so far
-            grow = lambda x: torch.cat([x, torch.zeros(size - len(x), dtype=x.dtype)])  # noqa: E731
-            self.n, self.sums = grow(self.n), {k: grow(v) for k, v in self.sums.items()}
+            self.n = grow(self.n, size)
+            self.sums = {k: grow(v, size) for k, v in self.sums.items()}
         self.n.index_add_(0, t, torch.ones(len(t), dtype=torch.float64))
         for k, v in values.items():
             self.sums[k].index_add_(0, t, v.detach().double().cpu())
 
-    def rows(self):
+    def rows(self) -> list[dict]:
         return [{"t": t, "n": int(n), **{k: (self.sums[k][t] / n).item() for k in self.sums}}
                 for t, n in enumerate(self.n.tolist())]
 
 
+def grow(x: torch.Tensor, size: int) -> torch.Tensor:
+    return torch.cat([x, torch.zeros(size - len(x), dtype=x.dtype)])
+
+
+def profile_sequences(tok, base_tok, row: dict, cfg: ProfileConfig, end: list[int]):
+    """(aligned ids, base ids, aligned response start, base response start, targets) of one pair, or None if
+    under base_format "plain" the response does not tokenize the same in both formats. The targets are
+    h_0 .. h_{n-1} and then the end of the turn (contexts k = 0..len(h), §1)."""
+    head, r = response_split(tok, row["prompt"], row["harmful_response"])
+    r = (r + end)[: cfg.max_response_tokens]
+    head_B = head
+    if cfg.base_format == "plain":
+        head_B, r_B = response_split(base_tok, row["prompt"], row["harmful_response"], plain=True)
+        if r_B[: cfg.max_response_tokens] != r:
+            return None
+    return head + r, head_B + r, len(head), len(head_B), r
+
+
 @torch.no_grad()
-def position_profile(base, aligned, tok, pairs: list[dict], tau: float = 1.0, top_k: int = 20, batch_size: int = 8,
-                     max_response_tokens: int = 64, base_format: str = "chat", base_tok=None,
-                     refusal: str | None = None, grad_model=None, progress: bool = True) -> dict:
-    """Per-position means of kl, bf_mass_A, bf_mass_B, bf_count, bf_hit, grad over harmful (prompt, response)
-    pairs (METHOD §1-3): the safety-critical contexts c_t = (x, h_<t), teacher-forced, for t = 0..len(h); the
-    last one predicts the chat format's end-of-turn token. At most `max_response_tokens` positions per pair.
+def position_profile(base, aligned, tok, pairs: list[dict], cfg: ProfileConfig = ProfileConfig(),
+                     base_tok=None, progress: bool = True) -> dict:
+    """Per-position means of kl, bf_mass_A, bf_mass_B, bf_count, bf_hit over harmful (prompt, response) pairs
+    (§1-§3): the safety-critical contexts c_t = (x, h_<t), teacher-forced, for t = 0..len(h) (the last
+    predicts
+    the chat format's end-of-turn token), at most cfg.max_response_tokens per pair.
 
     Both models read **the identical token sequence**: the aligned model's chat format with the harmful
-    response as the assistant's answer. Base models never saw that template; with base_format="plain" the
-    base reads its own plain text instead (see model.PLAIN_FORMAT_DOC), and a pair is used only where the
-    response tokenizes identically in both formats (skipped pairs are counted in the result).
-    Base-favored sets are restricted to real token ids of the shared vocabulary (no padded rows or specials).
-
-    grad: the per-position gradient signal of refusal SFT, || softmax(l_t) - onehot(r_t) || on (prompt,
-    refusal) under `grad_model` (default: the base, where refusal SFT starts). The refusal is each pair's
-    "refusal" key, else `refusal`; without either, grad is left out.
-    """
+    response as the answer. Base models never saw that template; with base_format "plain" the base reads its
+    own plain text instead, and a pair is used only where the response tokenizes identically in both formats
+    (the skipped ones are counted). The base-favored sets hold real token ids of the shared vocabulary
+    only."""
     from tqdm import tqdm
 
     base_tok = base_tok or tok
-    # Contexts k = 0..len(h) (METHOD §1): the last one, after the whole response, predicts the end of the turn. The
-    # plain format has no end-of-turn token, so there the contexts stop at k = len(h) - 1.
-    end = [tok.end_of_turn_id] if base_format == "chat" else []
+    end = [tok.end_of_turn_id] if cfg.base_format == "chat" else []  # plain text has no end-of-turn token
     valid = tok.real_token_mask(aligned.args.vocab_size)
-    valid[end] = True  # the end-of-turn token is special, but at k = len(h) it is what the models compete on
+    valid[end] = True  # a special token, but at k = len(h) it is what the two models compete on
     valid = valid.to(aligned.lm_head.weight.device)
-    grad_model = grad_model or base
-    acc, grad_acc, skipped = Accumulator(PROFILE_KEYS), Accumulator(["grad"]), 0
-    for i in tqdm(range(0, len(pairs), batch_size), desc="profile", disable=not progress, file=sys.stderr):
-        batch = pairs[i : i + batch_size]
-        seq_A, seq_B, st_A, st_B, resp, kept = [], [], [], [], [], []
-        for row in batch:
-            head, r = response_split(tok, row["prompt"], row["harmful_response"])
-            r = (r + end)[:max_response_tokens]  # targets h_0 .. h_{n-1}, then the end of the turn
-            if base_format == "plain":
-                head_B, r_B = response_split(base_tok, row["prompt"], row["harmful_response"], plain=True)
-                if r_B[:max_response_tokens] != r:
-                    skipped += 1
-                    continue
-            else:
-                head_B = head
-            seq_A.append(head + r), st_A.append(len(head)), resp.append(r), kept.append(row)
-            seq_B.append(head_B + r), st_B.append(len(head_B))
-        if not resp:
+    acc, skipped = Accumulator(PROFILE_KEYS), 0
+    for i in tqdm(range(0, len(pairs), cfg.batch_size), desc="profile", disable=not progress,
+                  file=sys.stderr):
+        built = [profile_sequences(tok, base_tok, row, cfg, end) for row in pairs[i : i + cfg.batch_size]]
+        skipped += sum(b is None for b in built)
+        built = [b for b in built if b is not None]
+        if not built:
             continue
+        seq_A, seq_B, st_A, st_B, resp = (list(column) for column in zip(*built))
         lens = [len(r) for r in resp]
         logits_A = response_logits(aligned, seq_A, st_A, lens, tok.pad_id)  # (N, V), all rows' positions
-        logits_B = response_logits(base, seq_B, st_B, lens, tok.pad_id)
-        t = torch.cat([torch.arange(n) for n in lens])  # (N,) response position of each row
-        target = torch.tensor([y for r in resp for y in r], device=logits_A.device)
-        # The vocabulary-wide statistics go STAT_ROWS rows at a time: float32 (rows, V) temporaries that fit in
-        # the CPU's cache make them ~3x faster than one pass over (N, V), and peak memory stays small on a GPU.
+        logits_B = response_logits(base, seq_B, st_B, lens, tok.pad_id)  # (N, V)
+        t = torch.cat([torch.arange(n) for n in lens])  # (N,) response position of each context
+        target = torch.tensor([y for r in resp for y in r], device=logits_A.device)  # (N,)
+        # The vocabulary-wide statistics go STAT_ROWS contexts at a time: float32 (rows, V) temporaries that
+        # fit
+        # in a CPU's cache make them ~3x faster than one pass over (N, V), and GPU peak memory stays small.
         for j in range(0, len(t), STAT_ROWS):
             rows = slice(j, j + STAT_ROWS)
             acc.add(t[rows], profile_stats(log_probs(logits_A[rows]), log_probs(logits_B[rows]), target[rows],
-                                           tau, top_k, valid))
-        refusals = [row.get("refusal", refusal) for row in kept]
-        if all(refusals):
-            splits = [response_split(tok, row["prompt"], ref) for row, ref in zip(kept, refusals)]
-            splits = [(h, (r + [tok.end_of_turn_id])[:max_response_tokens]) for h, r in splits]  # as train.py trains
-            lp = response_log_probs(grad_model, [h + r for h, r in splits], [len(h) for h, _ in splits],
-                                    [len(r) for _, r in splits], tok.pad_id)
-            target = torch.tensor([y for _, r in splits for y in r], device=lp.device)
-            grad_acc.add(torch.cat([torch.arange(len(r)) for _, r in splits]), {"grad": logit_grad_norm(lp, target)})
-    rows = acc.rows()
-    grads = grad_acc.rows() if len(grad_acc.n) else []
-    for row in rows:
-        row["grad"] = grads[row["t"]]["grad"] if row["t"] < len(grads) else None
-    return {"positions": rows, "settings": {"tau": tau, "top_k": top_k, "base_format": base_format,
-                                            "max_response_tokens": max_response_tokens, "pairs": len(pairs),
-                                            "skipped_pairs": skipped, "same_token_sequence": base_format == "chat"}}
+                                           cfg, valid))
+    settings = {**asdict(cfg), "pairs": len(pairs), "skipped_pairs": skipped,
+                "same_token_sequence": cfg.base_format == "chat"}
+    return {"positions": acc.rows(), "settings": settings}
+
+
+@torch.no_grad()
+def gradient_signal(model, tok, pairs: list[dict], refusal: str, max_tokens: int = 64,
+                    batch_size: int = 16) -> list[float]:
+    """grad_t (§3): the per-position gradient signal of refusal SFT, ||softmax(l_t) - onehot(r_t)|| at every
+    position of (prompt, refusal + end of turn) under `model` (the base, where refusal SFT starts), averaged
+    over the pairs' prompts. Each pair's own "refusal" key overrides `refusal`. Returns [mean at t]."""
+    acc = Accumulator(["grad"])
+    for i in range(0, len(pairs), batch_size):
+        rows = pairs[i : i + batch_size]
+        splits = [response_split(tok, row["prompt"], row.get("refusal", refusal)) for row in rows]
+        splits = [(h, (r + [tok.end_of_turn_id])[:max_tokens]) for h, r in splits]  # as train.py trains it
+        lp = response_log_probs(model, [h + r for h, r in splits], [len(h) for h, _ in splits],
+                                [len(r) for _, r in splits], tok.pad_id)  # (N, V)
+        target = torch.tensor([y for _, r in splits for y in r], device=lp.device)  # (N,)
+        t = torch.cat([torch.arange(len(r)) for _, r in splits])  # (N,)
+        acc.add(t, {"grad": logit_grad_norm(lp, target)})
+    return [row["grad"] for row in acc.rows()]
 
 
 # ----------------------------------------------------------------------------------------------
-# 4. Targeted completion: the training losses (METHOD §5) and the baselines' losses (METHOD §6)
-#    All take float32 log-probs (B, T, V) and a loss mask (B, T) of the positions that count; each returns the
-#    mean per counted token, so the terms are comparable and can be logged separately.
+# 4. Targeted completion (§5): the objective, and each of its parts
+#    Inputs are float32 log-probs at the loss positions only, (N, V) for N harmful contexts (dense and
+#    recovery, concatenated) and (M, V) for M benign ones; every term is a mean per token.
 # ----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class LossConfig:
+    """Every choice of §5 (and the baselines' of §6), with the defaults docs/method.md states."""
+    teacher: str = "clean"  # clean (version 2) | contrast (version 1) | hard (lam = 1)
+    lam: float = 0.5  # weight of the hard recovery label in the hybrid teacher
+    alpha_t: float = 1.0  # teacher "contrast": contrast strength
+    beta: float = 0.1  # teacher "contrast": V_head
+    tau: float = 1.0  # base-favored set (§2)
+    top_k: int = 20
+    rho: float = 0.01
+    penalty_weight: str = "adaptive"  # adaptive | position
+    w_max: float = 5.0
+    gamma: float = 1.0  # position weights: w_t = 1 + gamma t / T
+    lambda_pen: float = 1.0
+    lambda_util: float = 1.0
+    max_prefix: int = 40  # K: dense contexts t = 0..min(len(h), K); recovery prefixes k ~ U{0..K}
 
 
-def masked_mean(x, mask) -> torch.Tensor:
-    """Mean of x (B, T) over the positions where mask (B, T) is 1."""
-    mask = mask.float()
-    return (x * mask).sum() / mask.sum().clamp(min=1)
+def hard_labels(targets, V: int) -> torch.Tensor:
+    return torch.nn.functional.one_hot(targets, V).float()  # (N, V)
 
 
-def hybrid_teacher(lp_A, lp_B, targets, lam: float = 0.5, alpha_T: float = 1.0, beta: float = 0.1) -> torch.Tensor:
-    """q_t = lam * onehot(r_t) + (1 - lam) * softmax(l_A + alpha_T (l_A - l_B)) on V_head   (METHOD §5).
+def clean_teacher(p_clean, targets, lam: float) -> torch.Tensor:
+    """q = lam * onehot(r) + (1 - lam) * p_A(. | clean context)   (§5, --teacher clean).
 
-    The recovery text (hard) blended with the aligned model's distribution amplified away from the base (soft).
-    The paper names hybrid-teacher distillation; this blend is our reading of it. Log-probs stand in for
-    logits: they differ by a per-position constant, which softmax cancels. (B, T, V), (B, T) -> (B, T, V)."""
-    soft = contrastive_logits(lp_A, lp_B, alpha_T, beta).softmax(-1)  # zero outside V_head
-    hard = torch.nn.functional.one_hot(targets, lp_A.shape[-1]).to(soft.dtype)
-    return lam * hard + (1 - lam) * soft
+    The aligned model in the *clean* context, where its alignment is complete (the prompt without the harmful
+    prefix, plus the recovery so far), blended with the hard recovery label. p_clean (N, V) probabilities,
+    targets (N,) -> q (N, V). At a dense context p_clean is A's distribution over the first token of its own
+    answer to x (written as a word that starts mid-text: see word_start_distribution)."""
+    return lam * hard_labels(targets, p_clean.shape[-1]) + (1 - lam) * p_clean
 
 
-def kd_loss(q, lp_S, mask) -> torch.Tensor:
-    """L_kd = mean_t KL(q_t || p_S(.|c_t)) = sum_v q (log q - lp_S), with 0 log 0 = 0   (METHOD §5)."""
+def contrast_teacher(lp_A, lp_B, targets, lam: float, alpha_t: float, beta: float) -> torch.Tensor:
+    """q = lam * onehot(r) + (1 - lam) * softmax(l_A + alpha_T (l_A - l_B)) on V_head   (§5 --teacher
+    contrast, version 1): the aligned model *in the attacked context*, amplified away from the base.
+    Log-probs stand in for logits (they differ by a constant per position, which softmax cancels)."""
+    soft = contrastive_logits(lp_A, lp_B, alpha_t, beta).softmax(-1)  # (N, V), zero outside V_head
+    return lam * hard_labels(targets, lp_A.shape[-1]) + (1 - lam) * soft
+
+
+def word_start_distribution(p: torch.Tensor, word_start: torch.Tensor) -> torch.Tensor:
+    """A distribution over answer-initial tokens rewritten over the tokens that start the same word in the
+    middle of a text: p (N, V), word_start (V,) the id of the mid-text token for every id (byte-level BPE
+    spells "sorry" at the start of an answer and " sorry" after a harmful prefix with different ids), so
+    q(w) = sum of p(v) over the v with word_start[v] = w. (N, V) -> (N, V)."""
+    return torch.zeros_like(p).index_add_(-1, word_start, p)
+
+
+def kd_loss(q, lp_S) -> torch.Tensor:
+    """KL(q || p_S) = sum_v q (log q - lp_S) at each position, with 0 log 0 = 0   (§5 L_kd). (N, V) ->
+    (N,)."""
     log_q = torch.where(q > 0, q.log(), torch.zeros_like(q))
-    kl = (q * (log_q - lp_S)).sum(-1)  # (B, T)
-    return masked_mean(kl, mask)
+    return (q * (log_q - lp_S)).sum(-1)
 
 
-def adaptive_weights(bf_mass_A, mask, w_max: float = 5.0, mode: str = "adaptive", gamma: float = 1.0,
-                     positions=None, mean=None, T=None) -> torch.Tensor:
-    """Per-position penalty weights w_t (METHOD §5), recomputed each batch.
+def penalty_weights(bf_mass_A, positions, cfg: LossConfig, mean=None, T=None) -> torch.Tensor:
+    """w_t of the adaptive penalty (§5), recomputed each batch; no gradient flows through them.
 
-    adaptive: w_t = clip(bf_mass_A_t / mean(bf_mass_A), 0, w_max), the mean over the batch's loss positions:
-              positions the aligned model has left more incomplete weigh more. (The paper states adaptive,
-              position-aware penalties; normalising by the batch mean is our choice.)
-    position: w_t = 1 + gamma * t / T, t the response position, T the largest one in the batch.
-    `mean` and `T` override the batch statistics (several processes share one global batch).
-    bf_mass_A, mask, positions (B, T) -> (B, T); no gradient flows through the weights."""
-    if mode == "adaptive":
-        mean = (masked_mean(bf_mass_A, mask) if mean is None else mean).clamp(min=1e-8)
-        w = (bf_mass_A / mean).clamp(0, w_max)
-    elif mode == "position":
-        T = ((positions * mask).max() if T is None else T).clamp(min=1)
-        w = 1 + gamma * positions / T
+    adaptive: w_t = clip(bf_mass_A_t / mean(bf_mass_A), 0, w_max), the mean over the batch's positions:
+              positions the aligned model left more incomplete weigh more (the normalisation is our choice);
+    position: w_t = 1 + gamma t / T, T the last position of the batch.
+    `mean` and `T` override the batch's own (several processes share one global batch). (N,) -> (N,)."""
+    if cfg.penalty_weight == "adaptive":
+        mean = (bf_mass_A.mean() if mean is None else mean).clamp(min=1e-8)
+        w = (bf_mass_A / mean).clamp(0, cfg.w_max)
+    elif cfg.penalty_weight == "position":
+        T = (positions.max() if T is None else T).clamp(min=1)
+        w = 1 + cfg.gamma * positions / T
     else:
-        raise ValueError(f"penalty weight mode {mode!r} is not supported; use 'adaptive' or 'position'")
-    return (w * mask).detach()
+        raise ValueError(f"--penalty-weight {cfg.penalty_weight!r} is not supported; "
+                         "use adaptive or position")
+    return w.detach()
 
 
-def bf_penalty(lp_S, bf, weights, mask) -> torch.Tensor:
-    """L_pen = mean_t w_t * sum_{v in BF_t} p_S(v|c_t)   (METHOD §5): the student's mass on base-favored tokens.
-    Zero when the student puts no mass on them. (B, T, V), (B, T, V) bool, (B, T), (B, T) -> scalar."""
-    return masked_mean(weights * bf_mass(lp_S, bf), mask)
+def targeted_loss(lp_S, lp_A, lp_B, q, dense, positions, lp_S_util, lp_A_util, cfg: LossConfig, valid=None,
+                  shares=(1.0, 1.0), bf_mean=None, T=None) -> dict[str, torch.Tensor]:
+    """The whole objective of targeted completion (§5):
+
+        L = L_kd + lambda_pen L_pen + lambda_util L_util
+        L_kd   = mean_t KL(q_t || p_S(.|c_t))                       q: the hybrid teacher (clean_teacher, ...)
+        L_pen  = mean_t w_t sum_{v in BF_t} p_S(v|c_t)              BF_t from the frozen A and B (§2)
+        L_util = mean_t KL(p_A(.|c_t) || p_S(.|c_t))                over benign responses
+
+    lp_S, lp_A, lp_B, q (N, V) at the harmful contexts (dense and recovery), dense (N,) bool marks the dense
+    ones, positions (N,) their response positions; lp_S_util, lp_A_util (M, V) at benign positions. Returns
+    every term (kd, kd_dense, kd_recovery, pen, util, bf_mass_S) and "loss". Under several processes, `shares`
+    (this process's token share of the safety and the utility batch) weighs the local means so that their
+    gradients average to the global batch's, and `bf_mean`, `T` are the global batch's."""
+    bf = base_favored_mask(lp_A, lp_B, cfg.tau, cfg.top_k, cfg.rho, valid)  # (N, V)
+    w = penalty_weights(bf_mass(lp_A, bf), positions.float(), cfg, bf_mean, T)  # (N,)
+    kl = kd_loss(q, lp_S)  # (N,)
+    mass_S = bf_mass(lp_S, bf)  # (N,)
+    terms = {"kd": kl.mean(), "kd_dense": kl[dense].mean() if dense.any() else kl.new_zeros(()),
+             "kd_recovery": kl[~dense].mean() if (~dense).any() else kl.new_zeros(()),
+             "pen": (w * mass_S).mean(), "util": kl_per_position(lp_A_util, lp_S_util).mean(),
+             "bf_mass_S": mass_S.mean().detach()}
+    safety, utility = shares
+    terms["loss"] = (safety * (terms["kd"] + cfg.lambda_pen * terms["pen"])
+                     + cfg.lambda_util * utility * terms["util"])
+    return terms
 
 
-def utility_kl(lp_A, lp_S, mask) -> torch.Tensor:
-    """L_util = mean_t KL(p_A(.|c_t) || p_S(.|c_t)) over benign responses (METHOD §5)."""
-    return masked_mean(kl_per_position(lp_A, lp_S), mask)
-
-
-def ce_loss(lp_S, targets, mask) -> torch.Tensor:
-    """Cross-entropy of the targets (B, T) under the student (baselines sft / augment / insertion)."""
-    return masked_mean(-lp_S.gather(-1, targets[..., None]).squeeze(-1), mask)
+# ----------------------------------------------------------------------------------------------
+# 5. The baselines' losses (§6)
+# ----------------------------------------------------------------------------------------------
+def ce_loss(lp_S, targets) -> torch.Tensor:
+    """Mean cross-entropy of targets (N,) under the student (sft, augment, rto, insertion)."""
+    return -lp_S.gather(-1, targets[:, None]).squeeze(-1).mean()
 
 
 def qi_beta_schedule(positions) -> torch.Tensor:
-    """Qi et al.'s per-token beta_t: 0.5 for the first response token, 2.0 for tokens 2-5, 0.1 after."""
+    """Qi et al.'s per-token beta_t (§6, §8): 0.5 for the first response token, 2.0 for tokens 2-5, 0.1
+    after."""
     return torch.where(positions == 0, 0.5, torch.where(positions <= 4, 2.0, 0.1))
 
 
-def constrained_loss(lp_S, lp_A, targets, beta_t, mask) -> torch.Tensor:
-    """Qi et al. 2024's token-wise constrained objective (METHOD §6):
-    mean_t (2 / beta_t) * softplus(beta_t * (logp_A(y_t) - logp_S(y_t))).
-    Small beta_t behaves like cross-entropy; large beta_t stops pushing once the student's log-prob of y_t
-    exceeds the aligned model's, which keeps early tokens close to the aligned model."""
-    lp_y_S = lp_S.gather(-1, targets[..., None]).squeeze(-1)
-    lp_y_A = lp_A.gather(-1, targets[..., None]).squeeze(-1)
-    return masked_mean(2 / beta_t * torch.nn.functional.softplus(beta_t * (lp_y_A - lp_y_S)), mask)
+def constrained_loss(lp_S, lp_A, targets, beta_t) -> torch.Tensor:
+    """Qi et al. 2024's token-wise constrained objective (§6, §8):
+    mean_t (2 / beta_t) softplus(beta_t (logp_A(y_t) - logp_S(y_t))). Small beta_t behaves like cross-entropy;
+    a large one stops pushing once the student's log-prob of y_t exceeds the aligned model's."""
+    lp_y_S = lp_S.gather(-1, targets[:, None]).squeeze(-1)  # (N,)
+    lp_y_A = lp_A.gather(-1, targets[:, None]).squeeze(-1)  # (N,)
+    return (2 / beta_t * torch.nn.functional.softplus(beta_t * (lp_y_A - lp_y_S))).mean()
 
 
 def check_same_tokenizer(tok_A, tok_B, name_A="aligned", name_B="base"):
     """Comparing or contrasting two next-token distributions only makes sense over one vocabulary."""
     if not tok_A.same_vocabulary(tok_B):
-        raise ValueError(f"{tok_A.folder} ({name_A}) and {tok_B.folder} ({name_B}) have different tokenizer.json "
-                         "vocabularies; base-favored tokens and contrastive decoding need the same tokenizer")
+        raise ValueError(f"{tok_A.folder} ({name_A}) and {tok_B.folder} ({name_B}) have different "
+                         "tokenizer.json vocabularies; base-favored tokens and contrastive decoding need one "
+                         "tokenizer")
 
 
 # ----------------------------------------------------------------------------------------------
-# 5. Command line
+# 6. Command line
 # ----------------------------------------------------------------------------------------------
 PROFILE_COLUMNS = ("t", "n", "kl", "bf_mass_A", "bf_mass_B", "bf_count", "bf_hit", "grad")
 
@@ -371,30 +452,39 @@ PROFILE_COLUMNS = ("t", "n", "kl", "bf_mass_A", "bf_mass_B", "bf_count", "bf_hit
 def profile_table(rows: list[dict]) -> str:
     lines = ["  ".join(f"{c:>9s}" for c in PROFILE_COLUMNS)]
     for r in rows:
-        lines.append("  ".join(f"{r[c]:9d}" if c in ("t", "n") else ("        -" if r[c] is None else f"{r[c]:9.4f}")
-                               for c in PROFILE_COLUMNS))
+        cells = []
+        for c in PROFILE_COLUMNS:
+            if c in ("t", "n"):
+                cells.append(f"{r[c]:9d}")
+            elif r.get(c) is None:
+                cells.append(f"{'-':>9s}")
+            else:
+                cells.append(f"{r[c]:9.4f}")
+        lines.append("  ".join(cells))
     return "\n".join(lines)
 
 
 def plot_profile(profiles: dict, path, title: str = "") -> bool:
     """KL(p_A || p_B), bf_mass_A and the refusal-SFT gradient signal against response position, one line per
-    profile ({label: positions rows}). False (and a hint) when matplotlib, an optional dependency, is missing."""
+    profile ({label: positions rows}). False (and a hint) when matplotlib, an optional dependency, is
+    missing."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print("matplotlib is not installed: `pip install matplotlib` to get the plot (the table and JSON are complete)",
-              file=sys.stderr)
+        print("matplotlib is not installed: `pip install matplotlib` for the plot (the table and JSON are "
+              "complete)", file=sys.stderr)
         return False
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
-    series = [("kl", "KL(p_A || p_B)"), ("bf_mass_A", "bf_mass_A (incompleteness)"), ("grad", "refusal-SFT gradient signal")]
+    series = [("kl", "KL(p_A || p_B)"), ("bf_mass_A", "bf_mass_A (incompleteness)"),
+              ("grad", "refusal-SFT gradient signal")]
     for ax, (key, label) in zip(axes, series):
         for name, rows in profiles.items():
-            pts = [(r["t"], r[key]) for r in rows if r.get(key) is not None]
-            if pts:
-                ax.plot(*zip(*pts), marker=".", label=name)
+            points = [(r["t"], r[key]) for r in rows if r.get(key) is not None]
+            if points:
+                ax.plot(*zip(*points), marker=".", label=name)
         ax.set_title(label)
         ax.set_xlabel("response position t")
         ax.grid(alpha=0.3)
@@ -411,104 +501,229 @@ def plot_profile(profiles: dict, path, title: str = "") -> bool:
 
 
 def load_pair(args):
-    """(base, aligned, tokenizers, harmful rows, default refusal) for the CLI; toy world when not given."""
-    from data import toyworld
-    from model import Tokenizer, load_model
+    """(base, aligned, aligned tokenizer, base tokenizer, harmful rows, refusal) for the command line: the
+    given folders and data file, or a toy world's (--world, default the seed-0 world)."""
+    from data import formats
+    from data import toyworld as TW
+    from data import world as W
+    from data.files import spread
+    from model import Tokenizer, load_model, log
 
-    toy = toyworld.ensure_toy_world() if not (args.base and args.aligned and args.data) else None
-    base_dir, aligned_dir = Path(args.base or toy["base"]), Path(args.aligned or toy["aligned"])
+    real = args.base or args.aligned or args.data
+    if real and not (args.base and args.aligned and args.data):
+        missing = [flag for flag, value in (("--base", args.base), ("--aligned", args.aligned),
+                                            ("--data", args.data)) if not value]
+        raise ValueError(f"{', '.join(missing)} missing: with real models pass --base DIR --aligned DIR "
+                         "--data FILE (harmful prompts with responses); leave all three out for the toy "
+                         "world")
+    if real:
+        base_dir, aligned_dir = Path(args.base), Path(args.aligned)
+        rows = formats.read_prompts(args.data, "harmful")
+        refusal = args.refusal or "I'm sorry, but I can't help with that."
+    else:
+        paths = TW.ensure_world(args.world)
+        base_dir, aligned_dir = paths["base"], paths["aligned"]
+        rows = TW.read_set(paths, "harmful_eval")
+        refusal = args.refusal or W.REFUSALS[0]
+    if base_dir.resolve() == aligned_dir.resolve():
+        log(f"warning: --base and --aligned are the same folder ({base_dir}): every profile value is 0")
+    rows = spread([r for r in rows if r.get("harmful_response")], args.limit)
+    if not rows:
+        raise ValueError(f"{args.data}: no row has a harmful response; "
+                         "the profile needs (prompt, response) pairs")
     tok, base_tok = Tokenizer(aligned_dir), Tokenizer(base_dir)
     check_same_tokenizer(tok, base_tok)
-    rows = toyworld.read_jsonl(args.data or toy["data"] / "harmful_eval.jsonl", ["prompt", "harmful_response"])
-    refusal = args.refusal or (toyworld.REFUSALS[0] if toy and not args.data else "I'm sorry, but I can't help with that.")
-    base = load_model(base_dir, args.dtype, args.device)
-    aligned = load_model(aligned_dir, args.dtype, args.device)
-    return base, aligned, tok, base_tok, rows[: args.limit], refusal
+    base, aligned = load_model(base_dir, args.dtype, args.device), load_model(aligned_dir, args.dtype,
+                                                                              args.device)
+    return base, aligned, tok, base_tok, rows, refusal, (str(base_dir), str(aligned_dir))
+
+
+def profile_config(args) -> ProfileConfig:
+    return ProfileConfig(tau=args.tau, top_k=args.top_k, rho=args.rho,
+                         max_response_tokens=args.max_response_tokens,
+                         batch_size=args.batch_size, base_format=getattr(args, "base_format", "chat"))
+
+
+PROFILE_SUMMARY = (  # (column, key, first position, last position or None: to the end)
+    ("KL t=0", "kl", 0, 0), ("KL t=1-4", "kl", 1, 4), ("KL t>=5", "kl", 5, None),
+    ("bf_mass_A t>=5", "bf_mass_A", 5, None), ("bf_hit t>=5", "bf_hit", 5, None))
+
+
+def profile_summary(positions: list[dict]) -> dict:
+    """The position profile in a few numbers: each PROFILE_SUMMARY column's mean over its positions, weighted
+    by the contexts that reach each position, and the ratio of KL at t = 0 to the mean KL over t >= 5."""
+    summary = {}
+    for column, key, first, last in PROFILE_SUMMARY:
+        rows = [r for r in positions if r["t"] >= first and (last is None or r["t"] <= last)]
+        summary[column] = sum(r[key] * r["n"] for r in rows) / sum(r["n"] for r in rows)
+    summary["KL ratio"] = summary["KL t=0"] / summary["KL t>=5"]
+    return summary
+
+
+def profile_summary_table(per_model: dict) -> str:
+    """Markdown: one row per (model, seed) and, with several seeds, a mean ± sd row per model.
+    per_model {name: {seed: summary}}."""
+    import statistics
+
+    columns = [c for c, *_ in PROFILE_SUMMARY] + ["KL ratio"]
+    lines = ["| model | seed | " + " | ".join(columns) + " |", "|" + " --- |" * (len(columns) + 2)]
+    for name, per_seed in per_model.items():
+        for seed, summary in per_seed.items():
+            lines.append(f"| {name} | {seed} | " + " | ".join(f"{summary[c]:.3f}" for c in columns) + " |")
+        if len(per_seed) > 1:
+            cells = []
+            for c in columns:
+                values = [summary[c] for summary in per_seed.values()]
+                cells.append(f"{statistics.fmean(values):.3f} ± {statistics.stdev(values):.3f}")
+            lines.append(f"| {name} | mean ± sd | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def cmd_profile_seeds(args):
+    """The profile of every --models entry on the worlds of --seeds, and its summary (mean ± sd over
+    seeds)."""
+    from data import toyworld as TW
+    from data import world as W
+    from data.files import spread, write_json_atomic
+    from model import Tokenizer, load_model, log
+
+    cfg = profile_config(args)
+    specs = [spec.partition("=") for spec in args.models]
+    profiles, per_model = {}, {}
+    for seed in args.seeds:
+        paths = TW.ensure_world(seed=seed)
+        tok = Tokenizer(paths["aligned"])
+        rows = spread(TW.read_set(paths, "harmful_eval"), args.limit)
+        base = load_model(paths["base"], args.dtype, args.device)
+        refusal = args.refusal or W.REFUSALS[0]
+        grads = gradient_signal(base, tok, rows, refusal, args.max_response_tokens, args.batch_size)
+        for name, _, template in specs:
+            folder = Path(template.format(world=paths["root"], seed=seed))
+            check_same_tokenizer(Tokenizer(folder), tok)
+            log(f"profile of {name} ({folder}) against the base of world {seed}")
+            prof = position_profile(base, load_model(folder, args.dtype, args.device), tok, rows, cfg)
+            for row in prof["positions"]:
+                row["grad"] = grads[row["t"]] if row["t"] < len(grads) else None
+            prof["settings"].update(base=str(paths["base"]), aligned=str(folder), refusal=refusal, seed=seed)
+            profiles.setdefault(name, {})[str(seed)] = prof
+            per_model.setdefault(name, {})[str(seed)] = profile_summary(prof["positions"])
+    print(profile_summary_table(per_model))
+    if args.out:
+        write_json_atomic(args.out, {"settings": {"seeds": args.seeds, "models": args.models, **asdict(cfg)},
+                                     "summary": per_model, "profiles": profiles})
+    if args.plot:
+        first = str(args.seeds[0])
+        curves = {f"{name} (seed {first})": p[first]["positions"] for name, p in profiles.items()}
+        if plot_profile(curves, args.plot, "position profiles against the base"):
+            print(f"plot: {args.plot}", file=sys.stderr)
 
 
 def cmd_profile(args):
-    base, aligned, tok, base_tok, rows, refusal = load_pair(args)
+    from data.files import write_json_atomic
+
+    if args.seeds:
+        return cmd_profile_seeds(args)
+    base, aligned, tok, base_tok, rows, refusal, folders = load_pair(args)
+    prof = position_profile(base, aligned, tok, rows, profile_config(args), base_tok)
     grad_model = {"base": base, "aligned": aligned}[args.grad_model]
-    prof = position_profile(base, aligned, tok, rows, tau=args.tau, top_k=args.top_k, batch_size=args.batch_size,
-                            max_response_tokens=args.max_response_tokens, base_format=args.base_format,
-                            base_tok=base_tok, refusal=refusal, grad_model=grad_model)
-    prof["settings"].update(base=str(args.base or "toy base"), aligned=str(args.aligned or "toy aligned"),
-                            refusal=refusal, grad_model=args.grad_model)
+    grads = gradient_signal(grad_model, tok, rows, refusal, args.max_response_tokens, args.batch_size)
+    for row in prof["positions"]:
+        row["grad"] = grads[row["t"]] if row["t"] < len(grads) else None
+    prof["settings"].update(base=folders[0], aligned=folders[1], refusal=refusal, grad_model=args.grad_model)
     print(profile_table(prof["positions"]))
-    print(f"{len(rows)} pairs ({prof['settings']['skipped_pairs']} skipped); both models read "
-          f"{'the identical token sequence (aligned chat format)' if args.base_format == 'chat' else 'their own formats'}",
+    formats_read = "their own formats"
+    if args.base_format == "chat":
+        formats_read = "the identical token sequence (the aligned chat format)"
+    print(f"{len(rows)} pairs ({prof['settings']['skipped_pairs']} skipped); both models read {formats_read}",
           file=sys.stderr)
     if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
-        tmp.write_text(json.dumps(prof, indent=1))
-        os.replace(tmp, out)
+        write_json_atomic(args.out, prof)
     plot = args.plot or (Path(args.out).with_suffix(".png") if args.out else None)
-    if plot and plot_profile({"A": prof["positions"]}, plot, f"position profile: A = {prof['settings']['aligned']}, B = {prof['settings']['base']}"):
+    if plot and plot_profile({"A": prof["positions"]}, plot, f"A = {folders[1]}, B = {folders[0]}"):
         print(f"plot: {plot}", file=sys.stderr)
 
 
 @torch.no_grad()
 def cmd_tokens(args):
-    """For one harmful example: at each response position, the actual token and the top base-favored tokens."""
-    base, aligned, tok, _, rows, _ = load_pair(args)
+    """For one harmful example: at each response position, the actual token and the top base-favored
+    tokens."""
+    base, aligned, tok, _, rows, _, _ = load_pair(args)
+    if not 0 <= args.example < len(rows):
+        raise ValueError(f"--example {args.example}: the data has {len(rows)} pairs (0..{len(rows) - 1})")
     row = rows[args.example]
-    head, resp = response_split(tok, row["prompt"], row["harmful_response"], max_tokens=args.max_response_tokens)
-    lp_A = response_log_probs(aligned, [head + resp], [len(head)], [len(resp)], tok.pad_id)  # (len(resp), V)
-    lp_B = response_log_probs(base, [head + resp], [len(head)], [len(resp)], tok.pad_id)
+    head, resp = response_split(tok, row["prompt"], row["harmful_response"],
+                                max_tokens=args.max_response_tokens)
+    lp_A = response_log_probs(aligned, [head + resp], [len(head)], [len(resp)], tok.pad_id)  # (n, V)
+    lp_B = response_log_probs(base, [head + resp], [len(head)], [len(resp)], tok.pad_id)  # (n, V)
     valid = tok.real_token_mask(aligned.args.vocab_size).to(lp_A.device)
-    bf = base_favored_mask(lp_A, lp_B, args.tau, args.top_k, valid)  # (n, V)
+    bf = base_favored_mask(lp_A, lp_B, args.tau, args.top_k, args.rho, valid)  # (n, V)
     print(f"prompt: {row['prompt']}")
     print("  t  actual token        p_A    p_B   |  top base-favored tokens (p_A -> p_B)")
     for t, y in enumerate(resp):
         ids = bf[t].nonzero().squeeze(-1)
         ids = ids[lp_B[t, ids].argsort(descending=True)][: args.show]
-        favored = ", ".join(f"{tok.decode([i])!r} {lp_A[t, i].exp():.2f}->{lp_B[t, i].exp():.2f}" for i in ids.tolist())
-        print(f"{t:3d}  {tok.decode([y])!r:16s} {lp_A[t, y].exp():6.3f} {lp_B[t, y].exp():6.3f}  |  {favored or '-'}")
+        favored = ", ".join(f"{tok.decode([i])!r} {lp_A[t, i].exp():.2f}->{lp_B[t, i].exp():.2f}"
+                            for i in ids.tolist())
+        actual = repr(tok.decode([y]))
+        print(f"{t:3d}  {actual:16s} {lp_A[t, y].exp():6.3f} {lp_B[t, y].exp():6.3f}  |  {favored or '-'}")
 
 
 def cmd_plot(args):
     """Overlay saved profiles (e.g. before and after training) in one figure."""
-    profiles = {Path(f).stem.removeprefix("profile_"): json.loads(Path(f).read_text())["positions"] for f in args.profiles}
+    profiles = {}
+    for f in args.profiles:
+        profiles[Path(f).stem.removeprefix("profile_")] = json.loads(Path(f).read_text())["positions"]
     if plot_profile(profiles, args.out, args.title):
         print(f"plot: {args.out}", file=sys.stderr)
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description="Base-favored tokens and position profiles (METHOD §1-3). "
-                                            "With no --base/--aligned/--data: the toy world.")
+def parse_args(argv=None):
+    p = cli.parser(__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
-    overlay = sub.add_parser("plot", help="overlay profile JSON files written by `profile --out`")
-    overlay.add_argument("profiles", nargs="+")
+    overlay = sub.add_parser("plot", help="overlay profile JSON files written by `profile --out`",
+                             formatter_class=cli.HelpFormatter)
+    overlay.add_argument("profiles", nargs="+", help="profile JSON files")
     overlay.add_argument("--out", required=True, help="PNG path")
-    overlay.add_argument("--title", default="")
-    for name in ("profile", "tokens"):
-        s = sub.add_parser(name)
-        s.add_argument("--base", help="base model folder (default: toy base)")
-        s.add_argument("--aligned", help="aligned model folder (default: toy aligned)")
-        s.add_argument("--data", help="JSONL of harmful pairs {prompt, harmful_response} (default: toy held-out set)")
-        s.add_argument("--tau", type=float, default=1.0, help="BF threshold: lp_B - lp_A > log(tau)")
-        s.add_argument("--top-k", type=int, default=20, help="BF tokens must be in the base's top-k")
-        s.add_argument("--max-response-tokens", type=int, default=64)
-        s.add_argument("--limit", type=int, help="use the first N pairs")
-        s.add_argument("--refusal", help="refusal text for the gradient signal (default: the toy refusal, or a generic one)")
-        s.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-        s.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    overlay.add_argument("--title", default="", help="figure title")
+    for name, text in (("profile", "the position profile (§3) over harmful pairs"),
+                       ("tokens", "one pair, position by position: the base-favored tokens (§2)")):
+        s = sub.add_parser(name, help=text, formatter_class=cli.HelpFormatter)
+        cli.add_world_flag(s)
+        s.add_argument("--base", help="base model folder (real models; with --aligned and --data)")
+        s.add_argument("--aligned", help="aligned model folder (real models)")
+        s.add_argument("--data", help="harmful prompts with responses, any layout of docs/method.md §9")
+        cli.add_base_favored_flags(s)
+        s.add_argument("--max-response-tokens", type=int, default=64, help="response positions per pair")
+        s.add_argument("--limit", type=int, help="use N pairs, spread evenly over the data")
+        s.add_argument("--refusal",
+                       help="refusal text for the gradient signal (default: the toy world's first "
+                                         "refusal, or a generic one with real models)")
+        s.add_argument("--batch-size", type=int, default=16, help="pairs per forward")
+        cli.add_device_flags(s)
+        s.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     prof = sub.choices["profile"]
-    prof.add_argument("--batch-size", type=int, default=16)
     prof.add_argument("--base-format", choices=["chat", "plain"], default="chat",
-                      help="chat: both models read the aligned chat format (default); plain: the base reads plain text")
+                      help="chat: both models read the aligned chat format; plain: the base reads plain text")
     prof.add_argument("--grad-model", choices=["base", "aligned"], default="base",
-                      help="model under which the refusal-SFT gradient signal is measured (default: base, where SFT starts)")
+                      help="the model under which the refusal-SFT gradient signal is measured")
+    prof.add_argument("--seeds", type=int, nargs="+", help="profile on the worlds of these seeds (0 1 2 are "
+                      "the reporting seeds) and report a summary, mean ± sd over seeds")
+    prof.add_argument("--models", nargs="+", metavar="NAME=PATH", default=["aligned={world}/aligned"],
+                      help="with --seeds: the models profiled against each world's base; PATH may hold "
+                           "{world} and {seed} (e.g. targeted=runs/seed-{seed}/targeted)")
     prof.add_argument("--out", help="write the profile JSON here (and the plot beside it as .png)")
     prof.add_argument("--plot", help="PNG path for the plot (needs matplotlib)")
     tokens = sub.choices["tokens"]
     tokens.add_argument("--example", type=int, default=0, help="index of the pair to show")
     tokens.add_argument("--show", type=int, default=5, help="base-favored tokens shown per position")
-    args = p.parse_args(argv)
-    {"profile": cmd_profile, "tokens": cmd_tokens, "plot": cmd_plot}[args.cmd](args)
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    commands = {"profile": cmd_profile, "tokens": cmd_tokens, "plot": cmd_plot}
+    commands[args.cmd](args)
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)
