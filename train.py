@@ -1,33 +1,44 @@
 """Targeted completion: fine-tune an aligned model so that safety holds at every response position.
 
-    python train.py                                   # targeted completion on the toy world
-    python train.py --base DIR --aligned DIR --data safety.jsonl --benign benign.jsonl --out runs/x \
+    python train.py                                   # targeted completion on the seed-0 toy world
+    python train.py --world data/worlds/seed-1 --method augment --out runs/seed-1/augment
+    python train.py --base DIR --aligned DIR --data harmful.csv --benign benign.jsonl --out runs/x \\
                     --dtype bfloat16 --lora-rank 16 --checkpointing
-    torchrun --nproc_per_node 4 train.py ...          # FSDP: every model sharded over 4 GPUs (or CPU processes)
+    torchrun --nproc_per_node 4 train.py ...          # FSDP: every model sharded over 4 GPUs (or CPU
+    processes)
 
-The student S starts from the aligned model A; A and the base model B stay frozen (eval mode, no gradients)
-and read exactly the student's contexts. Methods (METHOD §5-6), all on the same data and loop:
+The student S starts from the aligned model A; A and the base model B stay frozen and read exactly the
+student's contexts. Methods (docs/method.md §5-§6), on the same data and in the same loop:
+    targeted     dense harmful contexts and recovery contexts, the hybrid clean-context teacher, the adaptive
+                 penalty on base-favored tokens, the utility anchor (deepalign.targeted_loss)
+    sft          cross-entropy on a refusal to the bare harmful prompt (the shallow recipe)
+    augment      Qi et al.'s augmentation: cross-entropy on (prompt, harmful prefix, recovery) + benign CE
+    rto          DeRTa's transition optimisation: at every dense harmful context, the first recovery token
+    constrained  Qi et al.'s token-wise constrained objective on harmful fine-tuning data (+ benign)
+    insertion    worst-insertion training: a harmful span spliced into the model's own refusal, then recovery
 
-  targeted     hybrid-teacher distillation + adaptive penalty on base-favored tokens + utility KL   (the paper)
-  sft          cross-entropy on refusals to harmful prompts only (the shallow recipe the paper diagnoses)
-  augment      Qi et al.'s data augmentation: cross-entropy on (prompt, harmful prefix, recovery) + benign CE
-  constrained  Qi et al.'s token-wise constrained objective on harmful fine-tuning data (+ benign)
-  insertion    worst-insertion training (after arXiv 2606.04168): a harmful span spliced into the model's own
-               refusal, then recovery; of several candidate splices, the one whose harmful continuation the
-               student finds most likely is trained on
+Data: harmful rows {"prompt", "harmful_response", "recovery"?} (--data, any layout of docs/method.md §9 with
+harmful responses) and benign rows {"prompt", "response"?} (--benign). A row without a recovery gets the
+aligned model's own refusal to its bare prompt, a benign row without a response the aligned model's own answer
+(as Qi et al. make their anchors); both are generated once, cached in the run folder and reused on --resume.
+Each step draws its batches seeded by (seed, step), so a resumed run sees the batches an uninterrupted one
+does.
 
-Data: safety triplets {"prompt", "harmful_response", "recovery"} (--data) and benign pairs {"prompt",
-"response"} (--benign), JSONL (data/toyworld.py documents the schema). Each step draws a safety batch of
-(prompt, harmful prefix of random length k ~ U{0..K}, recovery) and a utility batch of benign pairs, seeded by
-(seed, step), so a resumed run sees exactly the batches an uninterrupted one would.
+Output (--out): a Hugging Face folder (with LoRA: the merge, done in float32) that eval.py, decode.py and
+transformers load, and beside it train_log.jsonl (every loss term of every step), train_config.json, and with
+LoRA the adapter in PEFT's layout (adapter/). checkpoint/ every --save-every steps; --resume continues it.
 
-Output (--out): a Hugging Face folder (LoRA merged) that eval.py, decode.py and transformers load, beside
-train_log.jsonl (every loss term, every step) and train_args.json; checkpoint/ every --save-every steps
-(torch.distributed.checkpoint, written atomically; --resume continues from it, with any number of processes).
+Read top to bottom:
+    1. configuration              RunConfig (the run); deepalign.LossConfig (the objective)
+    2. the training loop          train()
+    3. one step's losses          step_losses(): each method's forwards, then deepalign's losses
+    4. examples and batches       dense, recovery, clean and utility examples; Batch; make_batches
+    5. data made by the aligned model
+    -- plumbing --
+    6. LoRA   7. float32 master weights   8. several processes (FSDP)   9. checkpoints   10. saving   11. CLI
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -36,259 +47,432 @@ import shutil
 import sys
 import time
 import warnings
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 from tqdm import tqdm
 
+import cli
 import deepalign as D
-from data import toyworld
-from model import DTYPES, Tokenizer, generate, load_model, log, save_model
+from data import formats
+from data import toyworld as TW
+from data.files import read_jsonl, write_json_atomic, write_jsonl
+from decode import generate
+from model import DTYPES, Tokenizer, load_model, log, save_model
 
-METHODS = ("targeted", "sft", "augment", "constrained", "insertion")
+METHODS = ("targeted", "sft", "augment", "rto", "constrained", "insertion")
 
 
 # ----------------------------------------------------------------------------------------------
-# LoRA: a low-rank update on the attention and MLP projections, W x + (alpha / r) B A x
+# 1. Configuration
 # ----------------------------------------------------------------------------------------------
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+@dataclass(frozen=True)
+class RunConfig:
+    """One training run: the method, the data, the optimisation and the hardware. The objective's own settings
+    are deepalign.LossConfig. A resumed run must match its checkpoint in both (except the fields of
+    RESUMABLE)."""
+    method: str = "targeted"
+    base: str = ""
+    aligned: str = ""
+    data: str = ""
+    benign: str = ""
+    out: str = "runs/targeted"
+    steps: int = 150
+    batch_size: int = 16  # harmful examples per step
+    utility_batch_size: int = 16  # benign examples per step
+    grad_accum: int = 1
+    lr: float = 3e-4
+    weight_decay: float = 0.0
+    warmup: float = 0.05  # fraction of the steps
+    clip: float = 1.0
+    seed: int = 0
+    save_every: int = 50
+    stop_after: int = 0  # stop (with a checkpoint) after this step; 0: run to the end
+    insert_candidates: int = 4
+    dtype: str = "float32"
+    device: str = "cpu"
+    lora_rank: int = 0  # 0: full fine-tuning
+    lora_alpha: float = 0.0  # 0: 2 * rank
+    checkpointing: bool = False
+    compile: bool = False
+    save_dtype: str = ""  # dtype of the saved weights; "" keeps float32 for LoRA merges, else --dtype
 
 
-class LoRALinear(nn.Module):
-    def __init__(self, base: nn.Linear, rank: int, alpha: float):
-        super().__init__()
-        self.base = base
-        self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, device=base.weight.device))  # fp32
-        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, device=base.weight.device))  # 0: starts as W
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-        self.scale = alpha / rank
-        self.enabled = True
+# may differ between a run and its resume
+RESUMABLE = ("out", "save_every", "stop_after", "device", "compile")
 
-    def forward(self, x):
-        y = self.base(x)
-        if not self.enabled:  # the frozen aligned teacher is the student with adapters off
-            return y
-        return y + ((x.to(self.lora_A.dtype) @ self.lora_A.T @ self.lora_B.T) * self.scale).to(y.dtype)
 
-    def merged(self) -> nn.Linear:
+# ----------------------------------------------------------------------------------------------
+# 2. The training loop
+# ----------------------------------------------------------------------------------------------
+def train(run: RunConfig, loss_cfg: D.LossConfig, resume: bool = False, overwrite: bool = False) -> Path:
+    rank, world = init_distributed(run)
+    torch.manual_seed(run.seed)
+    out = prepare_out(Path(run.out), resume, overwrite) if rank == 0 else Path(run.out)
+    barrier()
+    tok = Tokenizer(run.aligned)
+    D.check_same_tokenizer(tok, Tokenizer(run.base))
+    device = torch.device(run.device)
+    student = load_model(run.aligned, DTYPES[run.dtype], device)
+    safety_rows, benign_rows = load_data(run, tok, student, out, rank)
+    base = load_model(run.base, DTYPES[run.dtype], device) if run.method == "targeted" else None
+    if base is not None and base.args.vocab_size != student.args.vocab_size:
+        raise ValueError(f"{run.base} has vocab_size {base.args.vocab_size} but {run.aligned} has "
+                         f"{student.args.vocab_size}; base and aligned must share one vocabulary")
+    if run.lora_rank:
+        add_lora(student, run.lora_rank, run.lora_alpha or 2 * run.lora_rank)
+    needs_aligned = run.method in ("targeted", "constrained")
+    aligned = FrozenAligned(student if run.lora_rank else load_model(run.aligned, DTYPES[run.dtype], device),
+                            adapters_off=bool(run.lora_rank)) if needs_aligned else None
+    for frozen in (base, aligned.model if aligned and not run.lora_rank else None):
+        if frozen is not None:
+            frozen.requires_grad_(False).eval()
+    student.checkpointing = run.checkpointing
+    valid = tok.real_token_mask(student.args.vocab_size).to(device)
+    word_start = word_start_ids(tok, student.args.vocab_size).to(device) if run.method == "targeted" else None
+    own_answers = own_refusals(student, tok, safety_rows, rank) if run.method == "insertion" else {}
+    if world > 1:  # FSDP: shard the student and the frozen models alike
+        for m in (student, base, aligned.model if aligned and not run.lora_rank else None):
+            if m is not None:
+                shard(m)
+
+    params = [p for p in student.parameters() if p.requires_grad]
+    masters = fp32_masters(params)  # what AdamW updates: float32 copies of bf16 weights (else the params)
+    opt = torch.optim.AdamW(masters, lr=run.lr, betas=(0.9, 0.95), weight_decay=run.weight_decay)
+    start = 0
+    if resume and (out / CHECKPOINT).exists():
+        start = load_checkpoint(out / CHECKPOINT, student, masters, opt, run, loss_cfg)
+        if rank == 0:
+            log(f"resumed from {out / CHECKPOINT} at step {start}")
+    if rank == 0:
+        keep_log_until(out / "train_log.jsonl", start)
+        write_json_atomic(out / "train_config.json", {"run": asdict(run), "loss": asdict(loss_cfg),
+                                                      "world_size": world})
+    model_fn = torch.compile(student, dynamic=True) if run.compile else student
+    frozen = Frozen(base=base, aligned=aligned, valid=valid, word_start=word_start)
+
+    student.train()
+    bar = tqdm(range(start, run.steps), desc=f"train {run.method}", file=sys.stderr, initial=start,
+               total=run.steps, mininterval=2.0, disable=rank > 0)
+    for step in bar:
+        t0 = time.perf_counter()
+        lr = get_lr(step, run)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        opt.zero_grad(set_to_none=True)
+        logged = {}
+        for micro in range(run.grad_accum):
+            batches = make_batches(step * run.grad_accum + micro, tok, safety_rows, benign_rows, own_answers,
+                                   model_fn, run, loss_cfg, device, rank, world)
+            terms = step_losses(run.method, model_fn, frozen, batches, loss_cfg)
+            (terms["loss"] / run.grad_accum).backward()
+            grads_to_masters(params, masters)
+            for k, v in terms.items():  # the global batch's value of each term (shares undone)
+                share = batches.shares.get(k, 1.0)
+                logged[k] = logged.get(k,
+                                       0.0) + all_reduce(v.detach() * share).item() / world / run.grad_accum
+        grad_norm = optimizer_step(params, masters, opt, run.clip)
+        record = {"step": step + 1, **{k: round(v, 6) for k, v in logged.items()},
+                  "grad_norm": round(grad_norm, 4),
+                  "lr": lr, "seconds": round(time.perf_counter() - t0, 3)}
+        if rank == 0:
+            with open(out / "train_log.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+        bar.set_postfix({k: f"{logged[k]:.3f}" for k in ("loss", "kd", "pen", "util", "ce") if k in logged},
+                        refresh=False)
+        stopping = run.stop_after and step + 1 == run.stop_after
+        if stopping or ((step + 1) % run.save_every == 0 and step + 1 < run.steps):
+            save_checkpoint(out / CHECKPOINT, step + 1, student, masters, opt, run, loss_cfg)
+        if stopping:
+            if rank == 0:
+                log(f"stopped after step {step + 1} (--stop-after); continue with --resume")
+            finish_distributed()
+            return out
+
+    student.eval()
+    save_final(student, run, out, rank, world)
+    finish_distributed()
+    return out
+
+
+def get_lr(step: int, run: RunConfig) -> float:
+    """The learning rate of step `step`: linear warmup over run.warmup of the steps, then cosine decay to
+    0."""
+    return TW.get_lr(step, run.steps, run.lr, warmup_frac=run.warmup, floor=0.0)
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. One step's losses: each method's forwards, then deepalign's losses
+# ----------------------------------------------------------------------------------------------
+class Batch(NamedTuple):
+    """Right-padded sequences and their loss positions. Position i (of N) is predicted by the logit at
+    (rows[i], cols[i]) and is `targets[i]`, the context's response position is positions[i]; dense[i] marks a
+    dense harmful context (§5), where the target is the first recovery token rather than the next token."""
+    ids: torch.Tensor  # (B, T)
+    rows: torch.Tensor  # (N,)
+    cols: torch.Tensor  # (N,)
+    targets: torch.Tensor  # (N,)
+    positions: torch.Tensor  # (N,)
+    dense: torch.Tensor  # (N,) bool
+
+
+class TeacherIndex(NamedTuple):
+    """Where each harmful loss position finds its clean-context teacher (§5 --teacher clean): the aligned
+    model's distribution at row index[i] of the clean batch's loss positions; word_start[i]: rewrite it as a
+    word that starts mid-text (a dense or recovery context after a harmful prefix); soft[i]: False where the
+    recovery does not tokenize the same in both contexts (that position keeps the hard label only)."""
+    clean: Batch
+    index: torch.Tensor  # (N,)
+    word_start: torch.Tensor  # (N,) bool
+    soft: torch.Tensor  # (N,) bool
+
+
+class Batches(NamedTuple):
+    safety: Batch
+    utility: Batch
+    teacher: TeacherIndex | None
+    shares: dict  # {loss term: this process's token share} (1.0 in a single process)
+
+
+class FrozenAligned:
+    """The aligned model A, frozen: its own copy, or under LoRA the student with its adapters switched off,
+    which is exactly A (so only two weight copies are held: the student and the base)."""
+
+    def __init__(self, model, adapters_off: bool):
+        self.model, self.adapters_off = model, adapters_off
+
+    @torch.no_grad()
+    def log_probs(self, batch: Batch) -> torch.Tensor:
+        if not self.adapters_off:
+            return loss_log_probs(self.model, batch)
+        set_lora(self.model, False)
+        try:
+            return loss_log_probs(self.model, batch)
+        finally:
+            set_lora(self.model, True)
+
+
+class Frozen(NamedTuple):
+    base: nn.Module | None
+    aligned: FrozenAligned | None
+    valid: torch.Tensor  # (V,) bool: real token ids
+    word_start: torch.Tensor | None  # (V,) long: see word_start_ids
+
+
+def loss_log_probs(model, batch: Batch) -> torch.Tensor:
+    """Float32 log-probs (N, V) at the loss positions only (the head never computes the whole (B, T, V))."""
+    return D.log_probs(model(batch.ids, logits_at=(batch.rows, batch.cols)))
+
+
+def step_losses(method: str, student, frozen: Frozen, batches: Batches, cfg: D.LossConfig) -> dict:
+    """Every loss term of one step (per-token means over this process's tokens) and "loss", what is minimised
+    (each mean weighted by this process's token share of the global batch: see token_share)."""
+    safety, utility, shares = batches.safety, batches.utility, batches.shares
+    if method == "targeted":
+        lp_S = loss_log_probs(student, safety)  # (N, V)
         with torch.no_grad():
-            delta = (self.lora_B @ self.lora_A) * self.scale  # (out, in) fp32
-            self.base.weight.copy_((self.base.weight.float() + delta).to(self.base.weight.dtype))
-        return self.base
-
-
-def add_lora(model, rank: int, alpha: float):
-    """Wrap every target projection; freeze everything but the adapters."""
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for module in list(model.modules()):
-        for name in LORA_TARGETS:
-            child = getattr(module, name, None)
-            if isinstance(child, nn.Linear):
-                setattr(module, name, LoRALinear(child, rank, alpha))
-
-
-def set_lora(model, enabled: bool):
-    for m in model.modules():
-        if isinstance(m, LoRALinear):
-            m.enabled = enabled
-
-
-def merge_lora(model):
-    """Fold each adapter into its weight and put the plain nn.Linear back (same names as the checkpoint)."""
-    for module in list(model.modules()):
-        for name in LORA_TARGETS:
-            child = getattr(module, name, None)
-            if isinstance(child, LoRALinear):
-                setattr(module, name, child.merged())
-
-
-# ----------------------------------------------------------------------------------------------
-# Mixed precision: bf16/fp16 weights for the forward and backward, float32 master weights for the update
-# ----------------------------------------------------------------------------------------------
-def fp32_masters(params: list) -> list:
-    """The tensors the optimizer updates: a float32 copy of each low-precision trainable parameter, the parameter
-    itself when it is float32 already (LoRA adapters, --dtype float32). Needed because an AdamW step of
-    lr = 1e-5 is far below half a bf16 ulp of a typical weight (|w| = 0.02 has ulp 1.2e-4): updated in place,
-    bf16 weights would not move at all. The same scheme as DeepSpeed's and Megatron's bf16 optimizers."""
-    return [p if p.dtype == torch.float32 else p.detach().float() for p in params]
-
-
-def grads_to_masters(params: list, masters: list):
-    """Add each parameter's gradient into its float32 master's (freeing the low-precision one). Called after
-    every micro-batch's backward, so gradient accumulation sums in float32, not in bf16."""
-    for p, m in zip(params, masters):
-        if m is not p and p.grad is not None:
-            m.grad = p.grad.float() if m.grad is None else m.grad.add_(p.grad)
-            p.grad = None
+            lp_A, lp_B = frozen.aligned.log_probs(safety), loss_log_probs(frozen.base, safety)  # (N, V)
+            q = teacher_distribution(lp_A, lp_B, safety.targets, batches.teacher, frozen, cfg)  # (N, V)
+            bf = D.base_favored_mask(lp_A, lp_B, cfg.tau, cfg.top_k, cfg.rho, frozen.valid)  # (N, V)
+            mass_A = D.bf_mass(lp_A, bf)  # (N,)
+            bf_mean = all_reduce(mass_A.sum()) / all_reduce(torch.tensor(float(len(mass_A)),
+                                                                         device=lp_A.device))
+            # the global batch's last position
+            T = all_reduce(safety.positions.max().float(), dist.ReduceOp.MAX)
+            lp_A_util = frozen.aligned.log_probs(utility)  # (M, V)
+        return D.targeted_loss(lp_S, lp_A, lp_B, q, safety.dense, safety.positions, loss_log_probs(student,
+                                                                                                   utility),
+                               lp_A_util, cfg, frozen.valid, (shares["kd"], shares["util"]), bf_mean, T)
+    terms = {}
+    if method == "constrained":  # Qi et al.'s objective, on the safety and the utility batch alike
+        for name, batch in (("safety", safety), ("util", utility)):
+            beta_t = D.qi_beta_schedule(batch.positions)
+            terms[name] = D.constrained_loss(loss_log_probs(student, batch), frozen.aligned.log_probs(batch),
+                                             batch.targets, beta_t)
+        terms["loss"] = shares["safety"] * terms["safety"] + shares["util"] * terms["util"]
+        return terms
+    terms["ce"] = D.ce_loss(loss_log_probs(student, safety), safety.targets)  # sft, augment, rto, insertion
+    terms["loss"] = shares["ce"] * terms["ce"]
+    if method != "sft":
+        terms["util"] = D.ce_loss(loss_log_probs(student, utility), utility.targets)
+        terms["loss"] = terms["loss"] + cfg.lambda_util * shares["util"] * terms["util"]
+    return terms
 
 
 @torch.no_grad()
-def masters_to_params(params: list, masters: list):
-    """Round the updated masters into the model's weights."""
-    for p, m in zip(params, masters):
-        if m is not p:
-            p.copy_(m)
-
-
-def optimizer_step(params: list, masters: list, opt, clip: float) -> float:
-    """Gradients to the masters (what is left of them), clip their global norm, AdamW step, masters back to the
-    weights. Returns the gradient norm before clipping (of the whole model under FSDP)."""
-    grads_to_masters(params, masters)
-    grad_norm = torch.nn.utils.clip_grad_norm_(masters, clip)
-    opt.step()
-    masters_to_params(params, masters)
-    return (grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm).item()
-
-
-# ----------------------------------------------------------------------------------------------
-# Several processes: torch's FSDP (fully_shard) shards every model; these helpers keep the math global
-# ----------------------------------------------------------------------------------------------
-def world_info() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def all_reduce(x: torch.Tensor, op=None) -> torch.Tensor:
-    """Sum (or `op`) over processes; the identity in a single process."""
-    if world_info()[1] > 1:
-        x = x.clone()
-        dist.all_reduce(x, op=op or dist.ReduceOp.SUM)
-    return x
-
-
-def token_share(batch) -> float:
-    """(this process's loss tokens / all processes' loss tokens) * world size. Scaling a per-token mean by it
-    makes FSDP's gradient average equal the gradient of the global batch's per-token mean."""
-    world = world_info()[1]
-    if world == 1:
-        return 1.0
-    n = torch.tensor(float(len(batch[3])), device=batch[3].device)  # on the device: NCCL reduces GPU tensors only
-    return (n * world / all_reduce(n)).item()
-
-
-def shard(model):
-    """FSDP2: each transformer block its own unit, then the rest (embedding, final norm, head)."""
-    from torch.distributed.fsdp import fully_shard
-
-    for layer in model.model.layers:
-        fully_shard(layer)
-    fully_shard(model)
+def teacher_distribution(lp_A, lp_B, targets, index: TeacherIndex, frozen: Frozen, cfg: D.LossConfig):
+    """The hybrid teacher q (N, V) of every harmful loss position (§5): clean (version 2), contrast (version
+    1)
+    or hard (lam = 1)."""
+    if cfg.teacher == "hard":
+        return D.hard_labels(targets, lp_A.shape[-1])
+    if cfg.teacher == "contrast":
+        return D.contrast_teacher(lp_A, lp_B, targets, cfg.lam, cfg.alpha_t, cfg.beta)
+    if cfg.teacher != "clean":
+        raise ValueError(f"--teacher {cfg.teacher!r} is not supported; use clean, contrast or hard")
+    p_clean = frozen.aligned.log_probs(index.clean).exp()[index.index]  # (N, V): A in the clean contexts
+    mapped = D.word_start_distribution(p_clean, frozen.word_start)  # (N, V)
+    p_clean = torch.where(index.word_start[:, None], mapped, p_clean)
+    q = D.clean_teacher(p_clean, targets, cfg.lam)  # (N, V)
+    return torch.where(index.soft[:, None], q, D.hard_labels(targets, q.shape[-1]))
 
 
 # ----------------------------------------------------------------------------------------------
-# Examples: token ids, the positions that carry loss, their targets and response positions
+# 4. Examples and batches (seeded by the step, so a resumed run replays the same data)
 # ----------------------------------------------------------------------------------------------
-def recovery_example(tok, row: dict, k: int, answer_ids=None):
-    """(ids, loss mask, response positions): prompt + first k harmful tokens (or `answer_ids`) + recovery + end
-    of turn, loss on the recovery and the end-of-turn token. Token-level concatenation, as generation sees it."""
+class Example(NamedTuple):
+    """One sequence and its loss positions: cols (the logits that predict), targets, response positions."""
+    ids: list
+    cols: list
+    targets: list
+    positions: list
+    dense: bool
+
+
+def recovery_ids(tok, prefix_ids: list, recovery: str) -> list[int]:
+    """The recovery's tokens as they follow `prefix_ids` in an answer (after one space unless the prefix is
+    empty or ends in whitespace), then the end of the turn. Token-level concatenation, as generation sees
+    it."""
+    sep = " " if prefix_ids and not tok.decode(prefix_ids).endswith((" ", "\n")) else ""
+    return tok.encode(sep + recovery) + [tok.end_of_turn_id]
+
+
+def recovery_example(tok, row: dict, k: int, answer_ids=None) -> Example:
+    """prompt + the first k harmful tokens (or `answer_ids`) + recovery + end of turn; loss on the recovery
+    and
+    the end of the turn (Qi et al.'s augmentation, §5 recovery contexts)."""
     head, harm = D.response_split(tok, row["prompt"], row["harmful_response"])
     prefix = list(answer_ids) if answer_ids is not None else harm[:k]
-    sep = " " if prefix and not tok.decode(prefix).endswith((" ", "\n")) else ""
-    target = tok.encode(sep + row["recovery"]) + [tok.end_of_turn_id]
-    ids = head + prefix + target
-    mask = [0] * (len(head) + len(prefix)) + [1] * len(target)
-    return ids, mask, len(head)
+    target = recovery_ids(tok, prefix, row["recovery"])
+    start = len(head) + len(prefix)
+    cols = list(range(start - 1, start - 1 + len(target)))
+    positions = list(range(len(prefix), len(prefix) + len(target)))
+    return Example(head + prefix + target, cols, target, positions, False)
 
 
-def answer_example(tok, prompt: str, response: str):
-    """(ids, loss mask, response start): prompt + response + end of turn, loss on the response."""
+def dense_example(tok, row: dict, K: int) -> Example:
+    """The dense harmful contexts c_t = (x, h_<t), t = 0..min(len(h), K), from one teacher-forced sequence;
+    the target at each is the first token of the recovery as it would follow h_<t (§5, DeRTa)."""
+    head, harm = D.response_split(tok, row["prompt"], row["harmful_response"])
+    n = min(len(harm), K)
+    targets = [recovery_ids(tok, harm[:t], row["recovery"])[0] for t in range(n + 1)]
+    return Example(head + harm[:n], list(range(len(head) - 1, len(head) + n)), targets, list(range(n + 1)),
+                   True)
+
+
+def answer_example(tok, prompt: str, response: str) -> Example:
+    """prompt + response + end of turn, loss on the response and the end of the turn."""
     head, resp = D.response_split(tok, prompt, response)
-    ids = head + resp + [tok.end_of_turn_id]
-    return ids, [0] * len(head) + [1] * (len(resp) + 1), len(head)
+    target = resp + [tok.end_of_turn_id]
+    return Example(head + target, list(range(len(head) - 1, len(head) - 1 + len(target))), target,
+                   list(range(len(target))), False)
 
 
-def collate(examples, pad_id: int, device):
-    """Right-padded ids (B, T) and, per loss token (N of them): batch row, index of the logit that predicts it
-    (position - 1), target id, and response position t (counted from the start of the answer)."""
-    T = max(len(ids) for ids, _, _ in examples)
-    ids = torch.full((len(examples), T), pad_id, dtype=torch.long)
-    rows, cols, pos = [], [], []
-    for b, (seq, mask, start) in enumerate(examples):
-        ids[b, : len(seq)] = torch.tensor(seq)
-        for i, m in enumerate(mask):
-            if m:
-                rows.append(b), cols.append(i - 1), pos.append(i - start)
-    rows, cols = torch.tensor(rows), torch.tensor(cols)
-    return ids.to(device), rows.to(device), cols.to(device), ids[rows, cols + 1].to(device), torch.tensor(pos, device=device)
+def collate(examples: list[Example], pad_id: int, device) -> Batch:
+    """Right-padded ids (B, T) and the loss positions of every example, concatenated."""
+    T = max(len(e.ids) for e in examples)
+    ids = torch.full((len(examples), T), pad_id, dtype=torch.long)  # (B, T)
+    rows, cols, targets, positions, dense = [], [], [], [], []
+    for b, e in enumerate(examples):
+        ids[b, : len(e.ids)] = torch.tensor(e.ids)
+        rows += [b] * len(e.cols)
+        cols += e.cols
+        targets += e.targets
+        positions += e.positions
+        dense += [e.dense] * len(e.cols)
+    as_long = [torch.tensor(x, dtype=torch.long, device=device) for x in (rows, cols, targets, positions)]
+    return Batch(ids.to(device), *as_long, torch.tensor(dense, dtype=torch.bool, device=device))
 
 
-def loss_logprobs(model, batch):
-    """Log-probs (N, V) float32 at the loss positions only (the head never computes the whole (B, T, V))."""
-    ids, rows, cols, _, _ = batch
-    return D.log_probs(model(ids, logits_at=(rows, cols)))
+def targeted_examples(tok, row: dict, k: int, K: int) -> tuple[list[Example], Example, list, list, list]:
+    """One harmful row's examples for `targeted`: its dense and recovery examples, the clean example (the
+    prompt with the recovery as the whole answer: the contexts where A's alignment is complete), and, for each
+    loss position of the first two, (the clean loss position it reads, word_start, soft)."""
+    dense, recovery = dense_example(tok, row, K), recovery_example(tok, row, k)
+    clean = answer_example(tok, row["prompt"], row["recovery"])
+    index, word_start, soft = [], [], []
+    for t in dense.positions:  # every dense context reads A's first answer token to the bare prompt
+        index.append(0)
+        word_start.append(t > 0)
+        soft.append(True)
+    same = recovery.targets[1:] == clean.targets[1:]  # the recovery after the prefix and alone, past token 0
+    for j in range(len(recovery.targets)):
+        index.append(j if j == 0 or same else 0)  # (unread where soft is False)
+        word_start.append(k > 0 and j == 0)
+        soft.append(j == 0 or same)
+    return [dense, recovery], clean, index, word_start, soft
 
 
-# ----------------------------------------------------------------------------------------------
-# The losses of one step, per method
-# ----------------------------------------------------------------------------------------------
-@torch.no_grad()
-def frozen_logprobs(model, batch, student):
-    """Log-probs of a frozen model. "adapters-off": the LoRA student with its adapters switched off, which is
-    exactly the aligned model (so only two weight copies are held: student and base)."""
-    if model == "adapters-off":
-        set_lora(student, False)
-        try:
-            return loss_logprobs(student, batch)
-        finally:
-            set_lora(student, True)
-    return loss_logprobs(model, batch)
+def targeted_batch(tok, draws: list, K: int, device) -> tuple[Batch, TeacherIndex]:
+    """The harmful batch of `targeted` for draws [(row, k)]: every row's dense and recovery examples, and
+    where each of their loss positions reads its clean-context teacher (targeted_examples)."""
+    examples, cleans, index, word_start, soft = [], [], [], [], []
+    for row, k in draws:
+        pair, clean, idx, ws, sf = targeted_examples(tok, row, k, K)
+        offset = sum(len(c.cols) for c in cleans)
+        examples += pair
+        cleans.append(clean)
+        index += [offset + i for i in idx]
+        word_start += ws
+        soft += sf
+    teacher = TeacherIndex(collate(cleans, tok.pad_id, device), torch.tensor(index, device=device),
+                           torch.tensor(word_start, device=device), torch.tensor(soft, device=device))
+    return collate(examples, tok.pad_id, device), teacher
 
 
-def step_losses(method, student, teacher_A, base, safety, utility, args, valid):
-    """Every loss term of one step (per-token means over this process's tokens), and "loss", what is minimised:
-    with several processes, each mean is weighted by this process's token share (see token_share)."""
-    ones = lambda b: torch.ones_like(b[3], dtype=torch.float)  # noqa: E731  every gathered token counts
-    s_share, u_share = token_share(safety), token_share(utility)
-    terms = {}
-    if method == "targeted":
-        lp_S = loss_logprobs(student, safety)
-        lp_A, lp_B = frozen_logprobs(teacher_A, safety, student), frozen_logprobs(base, safety, student)
-        y, pos = safety[3], safety[4]
-        bf = D.base_favored_mask(lp_A, lp_B, args.tau, args.top_k, valid)  # (N, V)
-        q = D.hybrid_teacher(lp_A, lp_B, y, args.lam, args.alpha_t, args.beta)
-        m_A = D.bf_mass(lp_A, bf)  # (N,) the aligned model's incompleteness at each loss position
-        mean = all_reduce(m_A.sum()) / all_reduce(torch.tensor(float(len(m_A)), device=m_A.device))  # global batch
-        T = all_reduce(pos.max().float(), dist.ReduceOp.MAX)  # the global batch's last position
-        w = D.adaptive_weights(m_A, ones(safety), args.w_max, args.penalty_weight, args.gamma, pos, mean=mean, T=T)
-        terms["kd"] = D.kd_loss(q, lp_S, ones(safety))
-        terms["pen"] = D.bf_penalty(lp_S, bf, w, ones(safety))
-        terms["bf_mass_S"] = D.bf_mass(lp_S, bf).mean().detach()
-        lp_S_u = loss_logprobs(student, utility)
-        lp_A_u = frozen_logprobs(teacher_A, utility, student)
-        terms["util"] = D.utility_kl(lp_A_u, lp_S_u, ones(utility))
-        terms["loss"] = s_share * (terms["kd"] + args.lambda_pen * terms["pen"]) + args.lambda_util * u_share * terms["util"]
-    elif method == "constrained":
-        for name, batch in (("safety", safety), ("util", utility)):
-            lp_S = loss_logprobs(student, batch)
-            lp_A = frozen_logprobs(teacher_A, batch, student)
-            beta_t = D.qi_beta_schedule(batch[4])
-            terms[name] = D.constrained_loss(lp_S, lp_A, batch[3], beta_t, ones(batch))
-        terms["loss"] = s_share * terms["safety"] + u_share * terms["util"]
-    else:  # sft, augment, insertion: cross-entropy
-        terms["ce"] = D.ce_loss(loss_logprobs(student, safety), safety[3], ones(safety))
-        terms["loss"] = s_share * terms["ce"]
-        if method != "sft":
-            terms["util"] = D.ce_loss(loss_logprobs(student, utility), utility[3], ones(utility))
-            terms["loss"] = terms["loss"] + args.lambda_util * u_share * terms["util"]
-    shares = {k: (u_share if k == "util" else 1.0 if k == "loss" else s_share) for k in terms}
-    return terms, shares
-
-
-# ----------------------------------------------------------------------------------------------
-# Batches (seeded by step, so resuming replays the same data order)
-# ----------------------------------------------------------------------------------------------
 def prefix_length(rng: random.Random, method: str, K: int) -> int:
-    """k for a safety example: 0 for sft; Qi et al.'s augmentation takes k = 0 half the time, else U[1, K];
-    targeted/insertion/constrained draw k ~ U{0..K} (METHOD §5)."""
+    """k for a recovery example: 0 for sft; Qi et al.'s augmentation takes k = 0 half the time, else U[1, K];
+    targeted and constrained draw k ~ U{0..K} (§5, §6)."""
     if method == "sft":
         return 0
     if method == "augment":
         return 0 if K < 1 or rng.random() < 0.5 else rng.randint(1, K)
     return rng.randint(0, K)
+
+
+def make_batches(step: int, tok, safety_rows, benign_rows, own_answers, student, run: RunConfig,
+                 cfg: D.LossConfig, device, rank: int = 0, world: int = 1) -> Batches:
+    """The step's harmful and utility batches. Every random draw is made for the whole global batch (seeded by
+    the step); process r keeps examples r, r + world, ..., so any number of processes sees the same data."""
+    rng = random.Random(run.seed * 1_000_003 + step)
+    draws = []
+    for _ in range(run.batch_size):
+        row = safety_rows[rng.randrange(len(safety_rows))]
+        if run.method == "insertion":
+            draws.append((row, insertion_candidates(tok, row, own_answers[row["prompt"]], rng,
+                                                    run.insert_candidates)))
+        else:
+            draws.append((row, prefix_length(rng, run.method, cfg.max_prefix)))
+    benign = [benign_rows[rng.randrange(len(benign_rows))] for _ in range(run.utility_batch_size)]
+    teacher = None
+    if run.method == "targeted":
+        safety_batch, teacher = targeted_batch(tok, draws[rank::world], cfg.max_prefix, device)
+    else:
+        examples = [baseline_example(tok, row, draw, student, run, cfg, device) for row,
+                    draw in draws[rank::world]]
+        safety_batch = collate(examples, tok.pad_id, device)
+    utility = [answer_example(tok, r["prompt"], r["response"]) for r in benign[rank::world]]
+    utility_batch = collate(utility, tok.pad_id, device)
+    s_share, u_share = token_share(safety_batch), token_share(utility_batch)
+    shares = {name: s_share for name in ("kd", "kd_dense", "kd_recovery", "pen", "bf_mass_S", "ce", "safety")}
+    shares["util"] = u_share
+    return Batches(safety_batch, utility_batch, teacher, shares)
+
+
+def baseline_example(tok, row: dict, draw, student, run: RunConfig, cfg: D.LossConfig, device) -> Example:
+    """One harmful row's example for a baseline (§6); `draw` is its prefix length k, or (insertion) its
+    candidate splices."""
+    if run.method == "constrained":  # harmful fine-tuning data: the harmful response is the target
+        return answer_example(tok, row["prompt"], row["harmful_response"])
+    if run.method == "insertion":
+        return recovery_example(tok, row, 0, worst_insertion(student, tok, row, draw, device))
+    if run.method == "rto":
+        return dense_example(tok, row, cfg.max_prefix)
+    return recovery_example(tok, row, draw)
 
 
 def insertion_candidates(tok, row, own: list[int], rng: random.Random, n: int):
@@ -308,56 +492,255 @@ def insertion_candidates(tok, row, own: list[int], rng: random.Random, n: int):
 @torch.no_grad()
 def worst_insertion(student, tok, row, candidates, device):
     """The candidate splice whose next harmful tokens the student finds most likely (one forward each, always,
-    so that sharded ranks run the same number of forwards)."""
+    so that sharded processes run the same number of forwards)."""
     head = tok.prompt_ids(row["prompt"])
     scores = []
     for prefix, cont in candidates:
-        ids = torch.tensor([head + prefix + (cont or [tok.pad_id])], device=device)
+        ids = torch.tensor([head + prefix + (cont or [tok.pad_id])], device=device)  # (1, T)
         lp = D.log_probs(student(ids)[0, len(head) + len(prefix) - 1 : -1])  # (len(cont), V)
-        score = lp.gather(-1, torch.tensor(cont, device=device)[:, None]).sum().item() if cont else float("-inf")
+        score = lp.gather(-1, torch.tensor(cont, device=device)[:, None]).sum().item() if cont else -math.inf
         scores.append(score)
     return candidates[max(range(len(candidates)), key=scores.__getitem__)][0]
 
 
-def make_batches(step, tok, safety_rows, benign_rows, own_answers, student, args, device, rank=0, world=1):
-    """The step's safety and utility batches. Every random draw is made for the whole global batch (seeded by
-    the step), then rank r keeps examples r, r + world, ...: any number of processes sees the same data."""
-    rng = random.Random(args.seed * 1_000_003 + step)
-    draws = []
-    for _ in range(args.batch_size):
-        row = safety_rows[rng.randrange(len(safety_rows))]
-        if args.method == "insertion":
-            draws.append((row, insertion_candidates(tok, row, own_answers[row["prompt"]], rng, args.insert_candidates)))
-        else:
-            draws.append((row, prefix_length(rng, args.method, args.max_prefix)))
-    benign = [benign_rows[rng.randrange(len(benign_rows))] for _ in range(args.utility_batch_size)]
-    examples = []
-    for row, draw in draws[rank::world]:
-        if args.method == "constrained":  # harmful fine-tuning data: the harmful response is the target
-            examples.append(answer_example(tok, row["prompt"], row["harmful_response"]))
-        elif args.method == "insertion":
-            examples.append(recovery_example(tok, row, 0, answer_ids=worst_insertion(student, tok, row, draw, device)))
-        else:
-            examples.append(recovery_example(tok, row, draw))
-    utility = [answer_example(tok, r["prompt"], r["response"]) for r in benign[rank::world]]
-    return collate(examples, tok.pad_id, device), collate(utility, tok.pad_id, device)
+def word_start_ids(tok, vocab_size: int) -> torch.Tensor:
+    """(V,) long: for each token, the token that starts the same word in the middle of a text: the first token
+    of
+    " " + its text, for a real token that does not already start with a space; every other id maps to itself.
+    Used to move the clean teacher's answer-initial distribution to a context after a harmful prefix."""
+    ids = torch.arange(vocab_size)
+    valid = tok.real_token_mask(vocab_size)
+    for i in valid.nonzero().squeeze(-1).tolist():
+        text = tok.decode([i])
+        if text and not text[0].isspace():
+            spaced = tok.encode(" " + text)
+            if spaced and spaced[0] < vocab_size:
+                ids[i] = spaced[0]
+    return ids
 
 
 # ----------------------------------------------------------------------------------------------
-# Checkpoints
+# 5. Data, and the data the aligned model makes itself
 # ----------------------------------------------------------------------------------------------
-CHECKPOINT = "checkpoint"  # a folder inside the run folder
-RESUME_KEYS = ("method", "seed", "lora_rank", "lora_alpha", "batch_size", "utility_batch_size", "grad_accum", "lr",
-               "steps", "warmup", "weight_decay", "clip", "dtype", "max_prefix", "insert_candidates", "lam", "alpha_t",
-               "beta", "tau", "top_k", "penalty_weight", "w_max", "gamma", "lambda_pen", "lambda_util", "data", "benign")
+def load_data(run: RunConfig, tok, aligned, out: Path, rank: int) -> tuple[list, list]:
+    """The harmful rows (with harmful responses) and the benign rows; recoveries and benign responses the
+    files lack are the aligned model's own (generated on process 0, cached in the run folder)."""
+    needs = "harmful_response"
+    safety = [r for r in formats.read_prompts(run.data, "harmful") if r.get(needs)]
+    if not safety:
+        raise ValueError(f"{run.data}: no row has a harmful response; training needs (prompt, harmful "
+                         "response) pairs (e.g. our JSONL, AdvBench's goal,target, HEx-PHI with responses)")
+    benign = formats.read_prompts(run.benign, "benign")
+    if rank == 0:
+        fill_missing(safety, "recovery", tok, aligned, out / "generated_recoveries.jsonl")
+        fill_missing(benign, "response", tok, aligned, out / "generated_responses.jsonl")
+    barrier()
+    if rank > 0:  # the other processes read what process 0 generated
+        fill_missing(safety, "recovery", tok, None, out / "generated_recoveries.jsonl")
+        fill_missing(benign, "response", tok, None, out / "generated_responses.jsonl")
+    return safety, benign
 
 
-def checkpoint_state(step, student, masters, opt, sched, args) -> dict:
-    """What a resumed run needs: the float32 masters by parameter name (under FSDP, each process's shards),
-    AdamW's and the schedule's state, the step, and the settings (as JSON, checked on resume)."""
-    names = [n for n, p in student.named_parameters() if p.requires_grad]
-    return {"step": step, "trainable": dict(zip(names, masters)), "optimizer": opt.state_dict(),
-            "scheduler": sched.state_dict(), "args": json.dumps(vars(args), sort_keys=True)}
+def fill_missing(rows: list[dict], key: str, tok, model, cache: Path, batch_size: int = 32):
+    """Give every row without `key` the aligned model's own greedy answer to its bare prompt (its own refusal,
+    as a recovery; its own answer, as a utility anchor), cut at the end of its turn. Answers are generated
+    once
+    and cached as JSONL {"prompt", key} beside the run; a resumed run reuses them."""
+    missing = sorted({r["prompt"] for r in rows if not r.get(key)})
+    if not missing:
+        return
+    cached = {r["prompt"]: r[key] for r in read_jsonl(cache, ["prompt", key])} if cache.exists() else {}
+    todo = [p for p in missing if p not in cached]
+    if todo and model is None:
+        raise FileNotFoundError(f"{cache}: the generated {key}s are missing (process 0 writes them)")
+    for i in tqdm(range(0, len(todo), batch_size), desc=f"generate {key}s", file=sys.stderr,
+                  disable=not todo):
+        prompts = todo[i : i + batch_size]
+        outs = generate(model, [tok.prompt_ids(p) for p in prompts], max_new_tokens=64, eos_ids=tok.eos_ids,
+                        pad_id=tok.pad_id)
+        cached.update({p: tok.decode([t for t in o if t not in tok.eos_ids]).strip() for p, o in zip(prompts,
+                                                                                                     outs)})
+    if todo:
+        write_jsonl(cache, [{"prompt": p, key: cached[p]} for p in sorted(cached)])
+        log(f"{cache}: {len(todo)} {key}s generated by the aligned model")
+    for r in rows:
+        if not r.get(key):
+            r[key] = cached[r["prompt"]]
+
+
+@torch.no_grad()
+def own_refusals(model, tok, rows: list[dict], rank: int) -> dict:
+    """The aligned model's own greedy answers to the harmful prompts (insertion's splice points), computed
+    once,
+    before sharding."""
+    prompts = sorted({r["prompt"] for r in rows})
+    answers = {}
+    for i in tqdm(range(0, len(prompts), 64), desc="own answers", file=sys.stderr, disable=rank > 0):
+        outs = generate(model, [tok.prompt_ids(p) for p in prompts[i : i + 64]], max_new_tokens=24,
+                        eos_ids=tok.eos_ids, pad_id=tok.pad_id)
+        answers.update(zip(prompts[i : i + 64], outs))
+    return answers
+
+
+# ==============================================================================================
+# Plumbing: LoRA, mixed precision, several processes, checkpoints, saving, the command line
+# ==============================================================================================
+# ----------------------------------------------------------------------------------------------
+# 6. LoRA: a low-rank update on the attention and MLP projections, W x + (alpha / r) B A x
+# ----------------------------------------------------------------------------------------------
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+class LoRALinear(nn.Module):
+    def __init__(self, base: nn.Linear, rank: int, alpha: float):
+        super().__init__()
+        self.base = base
+        self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, device=base.weight.device))  # float32
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, device=base.weight.device))  # 0: W
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        self.scale = alpha / rank
+        self.enabled = True
+
+    def forward(self, x):
+        y = self.base(x)
+        if not self.enabled:  # the frozen aligned teacher is the student with its adapters off
+            return y
+        return y + ((x.to(self.lora_A.dtype) @ self.lora_A.T @ self.lora_B.T) * self.scale).to(y.dtype)
+
+    def merged_weight(self) -> torch.Tensor:
+        """W + (alpha / r) B A in float32 (a bf16 merge would round away most of a small update)."""
+        return self.base.weight.float() + (self.lora_B @ self.lora_A) * self.scale  # (out, in)
+
+
+def add_lora(model, rank: int, alpha: float):
+    """Wrap every target projection; freeze everything but the adapters."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for module in list(model.modules()):
+        for name in LORA_TARGETS:
+            child = getattr(module, name, None)
+            if isinstance(child, nn.Linear):
+                setattr(module, name, LoRALinear(child, rank, alpha))
+
+
+def set_lora(model, enabled: bool):
+    for m in model.modules():
+        if isinstance(m, LoRALinear):
+            m.enabled = enabled
+
+
+def merge_lora(model, dtype: torch.dtype = torch.float32):
+    """Fold each adapter into its weight, in float32, and put plain nn.Linear layers of `dtype` back (the same
+    names as the checkpoint). The whole model is cast to `dtype` (float32 unless --save-dtype says
+    otherwise)."""
+    for module in list(model.modules()):
+        for name in LORA_TARGETS:
+            child = getattr(module, name, None)
+            if isinstance(child, LoRALinear):
+                with torch.no_grad():
+                    weight = child.merged_weight()
+                linear = child.base.to(dtype)
+                linear.weight = nn.Parameter(weight.to(dtype), requires_grad=False)
+                setattr(module, name, linear)
+    return model.to(dtype)
+
+
+def lora_state(model) -> dict[str, torch.Tensor]:
+    """The adapters under PEFT's names: base_model.model.<module path>.lora_A.weight / .lora_B.weight."""
+    state = {}
+    for path, module in model.named_modules():
+        if isinstance(module, LoRALinear):
+            state[f"base_model.model.{path}.lora_A.weight"] = module.lora_A.detach().float().contiguous()
+            state[f"base_model.model.{path}.lora_B.weight"] = module.lora_B.detach().float().contiguous()
+    return state
+
+
+def save_adapter(model, folder: Path, rank: int, alpha: float, base_model: str):
+    """The adapter in PEFT's layout (adapter_config.json + adapter_model.safetensors), loadable with
+    peft.PeftModel.from_pretrained on the aligned model."""
+    from safetensors.torch import save_file
+
+    tmp = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file(lora_state(model), tmp / "adapter_model.safetensors", metadata={"format": "pt"})
+    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": alpha,
+              "lora_dropout": 0.0,
+              "target_modules": list(LORA_TARGETS), "bias": "none", "fan_in_fan_out": False,
+              "base_model_name_or_path": base_model, "inference_mode": True, "init_lora_weights": True,
+              "use_rslora": False, "modules_to_save": None}
+    write_json_atomic(tmp / "adapter_config.json", config, indent=2)
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp.rename(folder)
+
+
+# ----------------------------------------------------------------------------------------------
+# 7. Mixed precision: bf16 weights for the forward and backward, float32 master weights for the update
+# ----------------------------------------------------------------------------------------------
+def fp32_masters(params: list) -> list:
+    """What the optimizer updates: a float32 copy of each low-precision trainable parameter, the parameter
+    itself when it is float32 already (LoRA adapters, --dtype float32). An AdamW step of lr = 1e-5 is far
+    below half a bf16 ulp of a typical weight (|w| = 0.02 has ulp 1.2e-4): updated in place, bf16 weights
+    would
+    not move at all. The scheme of DeepSpeed's and Megatron's bf16 optimizers."""
+    return [p if p.dtype == torch.float32 else p.detach().float() for p in params]
+
+
+def grads_to_masters(params: list, masters: list):
+    """Add each parameter's gradient into its float32 master's (freeing the low-precision one), after every
+    micro-batch's backward, so gradient accumulation sums in float32."""
+    for p, m in zip(params, masters):
+        if m is not p and p.grad is not None:
+            m.grad = p.grad.float() if m.grad is None else m.grad.add_(p.grad)
+            p.grad = None
+
+
+@torch.no_grad()
+def masters_to_params(params: list, masters: list):
+    """Round the updated masters into the model's weights."""
+    for p, m in zip(params, masters):
+        if m is not p:
+            p.copy_(m)
+
+
+def optimizer_step(params: list, masters: list, opt, clip: float) -> float:
+    """Gradients to the masters (what is left of them), clip their global norm, AdamW step, masters back into
+    the weights. Returns the gradient norm before clipping (of the whole model under FSDP)."""
+    grads_to_masters(params, masters)
+    grad_norm = torch.nn.utils.clip_grad_norm_(masters, clip)
+    opt.step()
+    masters_to_params(params, masters)
+    return (grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm).item()
+
+
+# ----------------------------------------------------------------------------------------------
+# 8. Several processes: torch's FSDP (fully_shard) shards every model; these keep the math global
+# ----------------------------------------------------------------------------------------------
+def init_distributed(run: RunConfig) -> tuple[int, int]:
+    """Under `torchrun --nproc_per_node N`, join the process group (NCCL on GPUs, gloo on CPU)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        backend = "gloo"
+        if run.device.startswith("cuda"):
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+            backend = "nccl"
+        dist.init_process_group(backend)
+    rank, world = world_info()
+    if run.dtype == "float16":
+        raise ValueError("--dtype float16: training in float16 needs loss scaling, which train.py does "
+                         "not do; use --dtype bfloat16 (or float32)")
+    if world > 1 and run.compile:
+        raise ValueError("--compile is single-process only; run without it under torchrun")
+    if world > 1 and (run.batch_size % world or run.utility_batch_size % world):
+        raise ValueError(f"--batch-size {run.batch_size} and --utility-batch-size {run.utility_batch_size} "
+                         f"must be multiples of the {world} processes (each takes an equal share of the "
+                         "global batch)")
+    return rank, world
+
+
+def world_info() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
 
 
 def barrier():
@@ -365,10 +748,58 @@ def barrier():
         dist.barrier()
 
 
-def save_checkpoint(path: Path, step, student, masters, opt, sched, args):
-    """Written with torch.distributed.checkpoint: every process writes its own shards, and any number of
-    processes can read them back (it reshards on load). Written to a temporary folder that replaces `path` only
-    when complete, so a kill mid-write leaves the previous checkpoint intact."""
+def finish_distributed():
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def all_reduce(x: torch.Tensor, op=None) -> torch.Tensor:
+    """Sum (or `op`) over processes; the identity in a single process."""
+    if world_info()[1] > 1:
+        x = x.clone()
+        dist.all_reduce(x, op=op or dist.ReduceOp.SUM)
+    return x
+
+
+def token_share(batch: Batch) -> float:
+    """(this process's loss tokens / all processes' loss tokens) * world size. Scaling a per-token mean by it
+    makes FSDP's gradient average equal the gradient of the global batch's per-token mean."""
+    world = world_info()[1]
+    if world == 1:
+        return 1.0
+    # NCCL reduces device tensors only
+    n = torch.tensor(float(len(batch.targets)), device=batch.targets.device)
+    return (n * world / all_reduce(n)).item()
+
+
+def shard(model):
+    """FSDP2: each transformer block its own unit, then the rest (embedding, final norm, head)."""
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in model.model.layers:
+        fully_shard(layer)
+    fully_shard(model)
+
+
+# ----------------------------------------------------------------------------------------------
+# 9. Checkpoints: torch.distributed.checkpoint, any number of processes on resume
+# ----------------------------------------------------------------------------------------------
+CHECKPOINT = "checkpoint"  # a folder inside the run folder
+
+
+def checkpoint_state(step, student, masters, opt, run: RunConfig, loss_cfg: D.LossConfig) -> dict:
+    """What a resumed run needs: the float32 masters by parameter name (under FSDP, each process's shards),
+    AdamW's state, the step, and both configurations (as JSON, compared on resume)."""
+    names = [n for n, p in student.named_parameters() if p.requires_grad]
+    config = json.dumps({"run": asdict(run), "loss": asdict(loss_cfg)}, sort_keys=True)
+    return {"step": step, "trainable": dict(zip(names, masters)), "optimizer": opt.state_dict(),
+            "config": config}
+
+
+def save_checkpoint(path: Path, step, student, masters, opt, run, loss_cfg):
+    """Every process writes its own shards; written to a temporary folder that replaces `path` only when
+    complete, so a kill mid-write leaves the previous checkpoint intact."""
     import torch.distributed.checkpoint as dcp
 
     rank, _ = world_info()
@@ -378,7 +809,7 @@ def save_checkpoint(path: Path, step, student, masters, opt, sched, args):
     barrier()
     with warnings.catch_warnings():  # one process: dcp warns that it assumes so
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.save(checkpoint_state(step, student, masters, opt, sched, args), checkpoint_id=tmp,
+        dcp.save(checkpoint_state(step, student, masters, opt, run, loss_cfg), checkpoint_id=tmp,
                  no_dist=not dist.is_initialized())
     barrier()
     if rank == 0:
@@ -390,7 +821,7 @@ def save_checkpoint(path: Path, step, student, masters, opt, sched, args):
 
 
 def init_optimizer_state(opt):
-    """Give AdamW its state tensors (zeros) with a step of lr 0 on zero gradients, which moves nothing:
+    """Give AdamW its state tensors (zeros) by a step of lr 0 on zero gradients, which moves nothing:
     torch.distributed.checkpoint loads into existing tensors."""
     lrs = [g["lr"] for g in opt.param_groups]
     for g in opt.param_groups:
@@ -403,94 +834,77 @@ def init_optimizer_state(opt):
     opt.zero_grad(set_to_none=True)
 
 
-def load_checkpoint(path: Path, student, masters, opt, sched, args) -> int:
+def load_checkpoint(path: Path, student, masters, opt, run: RunConfig, loss_cfg: D.LossConfig) -> int:
     import torch.distributed.checkpoint as dcp
 
     init_optimizer_state(opt)
-    state = checkpoint_state(0, student, masters, opt, sched, args)
-    state["args"] = ""
+    state = checkpoint_state(0, student, masters, opt, run, loss_cfg)
+    state["config"] = ""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.load(state, checkpoint_id=path, no_dist=not dist.is_initialized())  # masters and AdamW state, in place
-    saved = json.loads(state["args"])
-    for key in RESUME_KEYS:
-        if saved.get(key) != getattr(args, key):
-            raise ValueError(f"{path}: checkpoint has {key}={saved.get(key)!r} but this run has "
-                             f"{getattr(args, key)!r}; resume with the original settings or start with --overwrite")
+        dcp.load(state, checkpoint_id=path, no_dist=not dist.is_initialized())  # masters and AdamW, in place
+    saved = json.loads(state["config"])
+    now = {"run": asdict(run), "loss": asdict(loss_cfg)}
+    for part in ("run", "loss"):
+        for key, value in now[part].items():
+            if key not in RESUMABLE and saved[part].get(key) != value:
+                raise ValueError(f"{path}: the checkpoint has {key}={saved[part].get(key)!r} but this run "
+                                 f"has {value!r}; resume with the original settings or start over with "
+                                 "--overwrite")
     masters_to_params([p for p in student.parameters() if p.requires_grad], masters)
     opt.load_state_dict(state["optimizer"])
-    sched.load_state_dict(state["scheduler"])
     return state["step"]
 
 
+def keep_log_until(log_file: Path, step: int):
+    """Drop the log lines of steps after `step` (logged after the checkpoint a run resumes from)."""
+    kept = []
+    if step and log_file.exists():
+        kept = [line for line in log_file.read_text().splitlines() if json.loads(line)["step"] <= step]
+    log_file.write_text("".join(line + "\n" for line in kept))
+
+
 # ----------------------------------------------------------------------------------------------
-# Main loop
+# 10. The run folder and the saved model
 # ----------------------------------------------------------------------------------------------
-def prepare_out(args) -> Path:
-    out = Path(args.out)
+def prepare_out(out: Path, resume: bool, overwrite: bool) -> Path:
     if out.exists() and any(out.iterdir()):
-        if args.resume and (out / CHECKPOINT).exists():
+        if resume and (out / CHECKPOINT).exists():
             return out
-        if args.resume:
-            raise FileNotFoundError(f"{out} has no {CHECKPOINT}/ to resume (a finished run, or another folder); "
-                                    "pass --overwrite to start it again")
-        if not args.overwrite:
-            raise FileExistsError(f"{out} exists and is not empty; pass --overwrite to replace it, or --resume to "
-                                  "continue its checkpoint")
+        if resume:
+            raise FileNotFoundError(f"{out} has no {CHECKPOINT}/ to resume (a finished run, or another "
+                                    "folder); pass --overwrite to start it again")
+        if not overwrite:
+            raise FileExistsError(f"{out} exists and is not empty; pass --overwrite to replace it, or "
+                                  "--resume to continue its checkpoint")
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     return out
 
 
-def load_data(args):
-    toy = None
-    if not (args.base and args.aligned and args.data and args.benign):
-        toy = toyworld.ensure_toy_world()
-    args.base, args.aligned = str(args.base or toy["base"]), str(args.aligned or toy["aligned"])
-    args.data = str(args.data or toy["data"] / "safety_train.jsonl")
-    args.benign = str(args.benign or toy["data"] / "benign_train.jsonl")
-    safety = toyworld.read_jsonl(args.data, ["prompt", "harmful_response"] + (["recovery"] if args.method != "constrained" else []))
-    benign = toyworld.read_jsonl(args.benign, ["prompt", "response"])
-    return safety, benign
-
-
-def init_distributed(args) -> tuple[int, int]:
-    """Under `torchrun --nproc_per_node N`, join the process group (NCCL on GPUs, gloo on CPU)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        if args.device.startswith("cuda"):
-            local = int(os.environ.get("LOCAL_RANK", "0"))
-            torch.cuda.set_device(local)
-            args.device = f"cuda:{local}"
-        dist.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
-    rank, world = world_info()
-    if args.dtype == "float16":
-        raise ValueError("--dtype float16: training in float16 needs loss scaling, which train.py does not do; "
-                         "use --dtype bfloat16 (or float32)")
-    if world > 1 and args.compile:
-        raise ValueError("--compile is a single-process option for now; run without it under torchrun")
-    if world > 1 and (args.batch_size % world or args.utility_batch_size % world):
-        raise ValueError(f"--batch-size {args.batch_size} and --utility-batch-size {args.utility_batch_size} must be "
-                         f"multiples of the {world} processes (each process takes an equal share of the global batch)")
-    return rank, world
-
-
-def save_final(student, args, out: Path, rank: int, world: int):
-    """Merge LoRA and write the run folder as a Hugging Face folder. With FSDP, every process gathers the full
-    weights (a collective) and process 0 writes them into a fresh, unsharded copy of the model."""
+def save_final(student, run: RunConfig, out: Path, rank: int, world: int):
+    """Write the run folder as a Hugging Face folder (and, with LoRA, the adapter in PEFT's layout). With
+    FSDP,
+    every process gathers the full weights (a collective) and process 0 writes them from an unsharded copy."""
     if world > 1:
         full = {n: p.full_tensor().cpu() for n, p in student.named_parameters()}
         if rank != 0:
             return
-        student = load_model(args.aligned, DTYPES[args.dtype], "cpu")
-        if args.lora_rank:
-            add_lora(student, args.lora_rank, args.lora_alpha or 2 * args.lora_rank)
+        student = load_model(run.aligned, DTYPES[run.dtype], "cpu")
+        if run.lora_rank:
+            add_lora(student, run.lora_rank, run.lora_alpha or 2 * run.lora_rank)
         params = dict(student.named_parameters())
         with torch.no_grad():
             for name, value in full.items():
                 params[name].copy_(value)
-    if args.lora_rank:
-        merge_lora(student)
-    tmp = save_model(student, out / f"model.tmp-{os.getpid()}", tokenizer_from=args.aligned, overwrite=True)
+    save_dtype = DTYPES[run.save_dtype or ("float32" if run.lora_rank else run.dtype)]
+    if run.lora_rank:
+        save_adapter(student, out / "adapter", run.lora_rank, run.lora_alpha or 2 * run.lora_rank,
+                     run.aligned)
+        merge_lora(student, save_dtype)
+    else:
+        student.to(save_dtype)
+    tmp = save_model(student, out / f"model.tmp-{os.getpid()}", tokenizer_from=run.aligned, overwrite=True)
     for f in tmp.iterdir():  # the run folder itself becomes the Hugging Face folder
         os.replace(f, out / f.name)
     tmp.rmdir()
@@ -498,153 +912,105 @@ def save_final(student, args, out: Path, rank: int, world: int):
     log(f"wrote {out}")
 
 
-def train(args) -> Path:
-    rank, world = init_distributed(args)
-    torch.manual_seed(args.seed)
-    safety_rows, benign_rows = load_data(args)
-    out = prepare_out(args) if rank == 0 else Path(args.out)
-    if world > 1:
-        dist.barrier()
-    tok, base_tok = Tokenizer(args.aligned), Tokenizer(args.base)
-    D.check_same_tokenizer(tok, base_tok)
-    device, dtype = torch.device(args.device), DTYPES[args.dtype]
-    student = load_model(args.aligned, dtype, device)
-    needs_base = args.method == "targeted"
-    base = load_model(args.base, dtype, device) if needs_base else None
-    if base is not None and base.args.vocab_size != student.args.vocab_size:
-        raise ValueError(f"{args.base} has vocab_size {base.args.vocab_size} but {args.aligned} has "
-                         f"{student.args.vocab_size}; base and aligned must share one vocabulary")
-    if args.lora_rank:
-        add_lora(student, args.lora_rank, args.lora_alpha or 2 * args.lora_rank)
-        teacher_A = "adapters-off"  # two weight copies in memory: student(+adapters) and base
-    else:
-        teacher_A = load_model(args.aligned, dtype, device) if args.method in ("targeted", "constrained") else None
-    for frozen in (base, teacher_A):
-        if isinstance(frozen, nn.Module):
-            frozen.requires_grad_(False).eval()
-    student.checkpointing = args.checkpointing
-    valid = tok.real_token_mask(student.args.vocab_size).to(device)
-    own_answers = {}
-    if args.method == "insertion":  # the aligned model's own (greedy) answers, computed once, before sharding
-        prompts = sorted({r["prompt"] for r in safety_rows})
-        for i in tqdm(range(0, len(prompts), 64), desc="own answers", file=sys.stderr, disable=rank > 0):
-            outs = generate(student, [tok.prompt_ids(p) for p in prompts[i : i + 64]], max_new_tokens=24,
-                            eos_ids=tok.eos_ids, pad_id=tok.pad_id)
-            own_answers.update(zip(prompts[i : i + 64], outs))
-    if world > 1:  # FSDP: shard the student and the frozen models alike
-        for m in (student, base, teacher_A):
-            if isinstance(m, nn.Module):
-                shard(m)
-
-    params = [p for p in student.parameters() if p.requires_grad]
-    masters = fp32_masters(params)  # what AdamW updates: float32 copies of bf16/fp16 weights, else params
-    opt = torch.optim.AdamW(masters, lr=args.lr, betas=(0.9, 0.95), weight_decay=args.weight_decay)
-    warmup = max(1, int(args.warmup * args.steps))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / args.steps))))
-    start = 0
-    if args.resume and (out / CHECKPOINT).exists():
-        start = load_checkpoint(out / CHECKPOINT, student, masters, opt, sched, args)
-        if rank == 0:
-            log(f"resumed from {out / CHECKPOINT} at step {start}")
-    if rank == 0:
-        log_file = out / "train_log.jsonl"
-        kept = [line for line in log_file.read_text().splitlines() if json.loads(line)["step"] <= start] \
-            if start and log_file.exists() else []
-        log_file.write_text("".join(line + "\n" for line in kept))  # drop steps logged after the checkpoint
-        (out / "train_args.json").write_text(json.dumps({**vars(args), "world_size": world}, indent=2))
-    model_fn = torch.compile(student, dynamic=True) if args.compile else student
-
-    student.train()
-    bar = tqdm(range(start, args.steps), desc=f"train {args.method}", file=sys.stderr, initial=start, total=args.steps,
-               mininterval=2.0, disable=rank > 0)
-    for step in bar:
-        t0 = time.perf_counter()
-        opt.zero_grad(set_to_none=True)
-        logged = {}
-        for micro in range(args.grad_accum):
-            safety, utility = make_batches(step * args.grad_accum + micro, tok, safety_rows, benign_rows, own_answers,
-                                           model_fn, args, device, rank, world)
-            terms, shares = step_losses(args.method, model_fn, teacher_A, base, safety, utility, args, valid)
-            (terms["loss"] / args.grad_accum).backward()
-            grads_to_masters(params, masters)
-            for k, v in terms.items():  # the global batch's value of every term
-                logged[k] = logged.get(k, 0.0) + all_reduce(v.detach() * shares[k]).item() / world / args.grad_accum
-        grad_norm = optimizer_step(params, masters, opt, args.clip)
-        sched.step()
-        record = {"step": step + 1, **{k: round(v, 6) for k, v in logged.items()}, "grad_norm": round(grad_norm, 4),
-                  "lr": sched.get_last_lr()[0], "seconds": round(time.perf_counter() - t0, 3)}
-        if rank == 0:
-            with open(out / "train_log.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
-        bar.set_postfix({k: f"{v:.3f}" for k, v in logged.items() if k in ("loss", "kd", "pen", "util", "ce")}, refresh=False)
-        if (step + 1) % args.save_every == 0 and step + 1 < args.steps:
-            save_checkpoint(out / CHECKPOINT, step + 1, student, masters, opt, sched, args)
-        if args.stop_after and step + 1 == args.stop_after:  # for tests and demos of --resume
-            save_checkpoint(out / CHECKPOINT, step + 1, student, masters, opt, sched, args)
-            if rank == 0:
-                log(f"stopped after step {step + 1} (--stop-after); continue with --resume")
-            if world > 1:
-                dist.destroy_process_group()
-            return out
-
-    student.eval()
-    save_final(student, args, out, rank, world)
-    if world > 1:
-        dist.barrier()
-        dist.destroy_process_group()
-    return out
-
-
+# ----------------------------------------------------------------------------------------------
+# 11. Command line
+# ----------------------------------------------------------------------------------------------
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--base", help="base model folder (default: toy base)")
-    p.add_argument("--aligned", help="aligned model folder, the student's start (default: toy aligned)")
-    p.add_argument("--method", choices=METHODS, default="targeted")
-    p.add_argument("--data", help="safety triplets JSONL {prompt, harmful_response, recovery} (default: toy)")
-    p.add_argument("--benign", help="benign pairs JSONL {prompt, response} for utility batches (default: toy)")
+    p = cli.parser(__doc__)
+    cli.add_world_flag(p)
+    p.add_argument("--base", help="base model folder (real models; default: the world's base)")
+    p.add_argument("--aligned",
+                   help="aligned model folder, the student's start (default: the world's aligned)")
+    p.add_argument("--method", choices=METHODS, default="targeted", help="the training objective")
+    p.add_argument("--data",
+                   help="harmful rows with responses, any layout of docs/method.md §9 (default: the "
+                                  "world's safety_train.jsonl)")
+    p.add_argument("--benign", help="benign prompts, with or without responses (default: the world's "
+                                    "benign_train.jsonl)")
     p.add_argument("--out", help="run folder (default: runs/<method>)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
     p.add_argument("--resume", action="store_true", help="continue the run folder's checkpoint")
+    run_defaults = RunConfig()
     g = p.add_argument_group("optimisation")
-    g.add_argument("--steps", type=int, default=150)
-    g.add_argument("--batch-size", type=int, default=16, help="safety examples per step")
-    g.add_argument("--utility-batch-size", type=int, default=16, help="benign examples per step")
-    g.add_argument("--grad-accum", type=int, default=1)
-    g.add_argument("--lr", type=float, default=3e-4)
-    g.add_argument("--weight-decay", type=float, default=0.0)
-    g.add_argument("--warmup", type=float, default=0.05, help="fraction of steps")
-    g.add_argument("--clip", type=float, default=1.0)
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--save-every", type=int, default=50)
-    g.add_argument("--stop-after", type=int, help="stop (with a checkpoint) after this step")
-    m = p.add_argument_group("method (METHOD §5; defaults as stated there)")
-    m.add_argument("--max-prefix", type=int, default=40, help="K: harmful prefix length k ~ U{0..K}")
-    m.add_argument("--lam", type=float, default=0.5, help="hybrid teacher: weight of the hard recovery label (1 = hard only)")
-    m.add_argument("--alpha-t", type=float, default=1.0, help="hybrid teacher: contrast strength")
-    m.add_argument("--beta", type=float, default=0.1, help="hybrid teacher: V_head plausibility threshold")
-    m.add_argument("--tau", type=float, default=1.0, help="base-favored threshold")
-    m.add_argument("--top-k", type=int, default=20, help="base-favored tokens are in the base's top-k")
-    m.add_argument("--penalty-weight", choices=["adaptive", "position"], default="adaptive")
-    m.add_argument("--w-max", type=float, default=5.0)
-    m.add_argument("--gamma", type=float, default=1.0, help="position weights: w_t = 1 + gamma t / T")
-    m.add_argument("--lambda-pen", type=float, default=1.0, help="0 = no penalty (ablation)")
-    m.add_argument("--lambda-util", type=float, default=1.0)
-    m.add_argument("--insert-candidates", type=int, default=4, help="insertion: candidate splices per example")
+    g.add_argument("--steps", type=int, default=run_defaults.steps, help="optimizer steps")
+    g.add_argument("--batch-size", type=int, default=run_defaults.batch_size,
+                   help="harmful examples per step")
+    g.add_argument("--utility-batch-size", type=int, default=run_defaults.utility_batch_size,
+                   help="benign examples per step")
+    g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step")
+    g.add_argument("--lr", type=float, default=run_defaults.lr, help="peak learning rate")
+    g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
+    g.add_argument("--warmup", type=float, default=run_defaults.warmup,
+                   help="warmup, as a fraction of the steps")
+    g.add_argument("--clip", type=float, default=1.0, help="gradient-norm clipping")
+    g.add_argument("--seed", type=int, default=0, help="seed of the batches")
+    g.add_argument("--save-every", type=int, default=50, help="checkpoint every N steps")
+    g.add_argument("--stop-after", type=int, default=0,
+                   help="stop with a checkpoint after this step (0: never)")
+    loss = D.LossConfig()
+    m = p.add_argument_group("the objective (docs/method.md §5-§6)")
+    m.add_argument("--teacher", choices=["clean", "contrast", "hard"], default=loss.teacher,
+                   help="hybrid teacher: the aligned model in the clean context (version 2), in the attacked "
+                        "context amplified away from the base (version 1), or hard labels only")
+    m.add_argument("--max-prefix", type=int, default=loss.max_prefix,
+                   help="K: dense contexts t = 0..min(len(h), K); recovery prefixes k ~ U{0..K}")
+    m.add_argument("--lam", type=float, default=loss.lam,
+                   help="hybrid teacher: weight of the hard recovery label")
+    m.add_argument("--alpha-t", type=float, default=loss.alpha_t,
+                   help="--teacher contrast: contrast strength")
+    m.add_argument("--beta", type=float, default=loss.beta, help="--teacher contrast: V_head threshold")
+    cli.add_base_favored_flags(m)
+    m.add_argument("--penalty-weight", choices=["adaptive", "position"], default=loss.penalty_weight,
+                   help="the penalty's per-position weights")
+    m.add_argument("--w-max", type=float, default=loss.w_max, help="adaptive weights are clipped at w_max")
+    m.add_argument("--gamma", type=float, default=loss.gamma, help="position weights: w_t = 1 + gamma t / T")
+    m.add_argument("--lambda-pen", type=float, default=loss.lambda_pen, help="penalty weight (0: no penalty)")
+    m.add_argument("--lambda-util", type=float, default=loss.lambda_util, help="utility anchor weight")
+    m.add_argument("--insert-candidates", type=int, default=4,
+                   help="insertion: candidate splices per example")
     h = p.add_argument_group("hardware")
-    h.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
-    h.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    h.add_argument("--lora-rank", type=int, default=0, help="0 = full fine-tuning")
-    h.add_argument("--lora-alpha", type=float, help="default 2 * rank")
+    cli.add_device_flags(h)
+    h.add_argument("--save-dtype", choices=sorted(DTYPES), help="dtype of the saved model (default: float32 "
+                                                                "after a LoRA merge, else --dtype)")
+    h.add_argument("--lora-rank", type=int, default=0, help="LoRA rank (0: full fine-tuning)")
+    h.add_argument("--lora-alpha", type=float, default=0.0, help="LoRA alpha (0: 2 * rank)")
     h.add_argument("--checkpointing", action="store_true", help="activation checkpointing per block")
     h.add_argument("--compile", action="store_true", help="torch.compile the student")
-    args = p.parse_args(argv)
-    args.out = args.out or f"runs/{args.method}"
-    return args
+    return p.parse_args(argv)
+
+
+def configs(args) -> tuple[RunConfig, D.LossConfig]:
+    """The run's and the objective's configuration from the command line: the given folders and files, or a
+    toy
+    world's (never a mix: real folders need --data and --benign)."""
+    real = args.base or args.aligned or args.data or args.benign
+    if real and not (args.base and args.aligned and args.data and args.benign):
+        flags = (("--base", args.base), ("--aligned", args.aligned), ("--data", args.data), ("--benign",
+                                                                                             args.benign))
+        missing = [flag for flag, value in flags if not value]
+        raise ValueError(f"{', '.join(missing)} missing: training real models needs --base, --aligned, "
+                         "--data and --benign (leave all four out for the toy world)")
+    if real and args.world:
+        raise ValueError("--world trains on a toy world's models and data; "
+                         "leave it out with --base/--aligned")
+    paths = None if real else TW.ensure_world(args.world)
+    run_fields = {f.name for f in fields(RunConfig)}
+    values = {k: v for k, v in vars(args).items() if k in run_fields and v is not None}
+    values.update(out=args.out or f"runs/{args.method}", save_dtype=args.save_dtype or "")
+    if paths:
+        values.update(base=str(paths["base"]), aligned=str(paths["aligned"]),
+                      data=str(paths["data"] / "safety_train.jsonl"),
+                      benign=str(paths["data"] / "benign_train.jsonl"))
+    loss_fields = {f.name for f in fields(D.LossConfig)}
+    loss = D.LossConfig(**{k: v for k, v in vars(args).items() if k in loss_fields})
+    return RunConfig(**values), loss
 
 
 def main(argv=None):
-    return train(parse_args(argv))
+    args = parse_args(argv)
+    run, loss = configs(args)
+    return train(run, loss, resume=args.resume, overwrite=args.overwrite)
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

@@ -16,6 +16,10 @@ import model as M
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def read_log(run) -> list[dict]:
+    return [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -23,10 +27,13 @@ def free_port() -> int:
 
 
 def train_cmd(toy, out, method, nproc, *extra):
-    args = ["--base", str(toy["base"]), "--aligned", str(toy["aligned"]), "--data", str(toy["data"] / "safety_train.jsonl"),
-            "--benign", str(toy["data"] / "benign_train.jsonl"), "--out", str(out), "--method", method, "--steps", "3",
+    args = ["--base", str(toy["base"]), "--aligned", str(toy["aligned"]), "--data",
+            str(toy["data"] / "safety_train.jsonl"),
+            "--benign", str(toy["data"] / "benign_train.jsonl"), "--out", str(out), "--method", method,
+            "--steps", "3",
             "--batch-size", "4", "--utility-batch-size", "4", "--max-prefix", "12", "--lr", "1e-3"]
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+                "--master_port",
                 str(free_port())] if nproc > 1 else [sys.executable]
     return launcher + [str(ROOT / "train.py")] + args + list(extra)
 
@@ -35,23 +42,26 @@ def train_cmd(toy, out, method, nproc, *extra):
 def test_two_fsdp_processes_match_one(toy, tmp_path, method):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     for name, nproc in (("one", 1), ("two", 2)):
-        res = subprocess.run(train_cmd(toy, tmp_path / name, method, nproc), capture_output=True, text=True, cwd=ROOT,
+        res = subprocess.run(train_cmd(toy, tmp_path / name, method, nproc), capture_output=True, text=True,
+                             cwd=ROOT,
                              env=env, timeout=120)
         assert res.returncode == 0, res.stderr[-3000:]
-    logs = {n: [json.loads(x) for x in (tmp_path / n / "train_log.jsonl").read_text().splitlines()] for n in ("one", "two")}
+    logs = {n: read_log(tmp_path / n) for n in ("one", "two")}
     assert len(logs["one"]) == len(logs["two"]) == 3
     for a, b in zip(logs["one"], logs["two"]):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-4, abs=1e-6)
     one, two = M.load_model(tmp_path / "one"), M.load_model(tmp_path / "two")
     start = M.load_model(toy["aligned"])
-    for (n, p), (_, q), (_, p0) in zip(one.named_parameters(), two.named_parameters(), start.named_parameters()):
+    for (n, p), (_, q), (_, p0) in zip(one.named_parameters(), two.named_parameters(),
+                                       start.named_parameters()):
         assert torch.allclose(p, q, atol=1e-5, rtol=1e-4), n
     assert not torch.equal(one.lm_head.weight, start.lm_head.weight)  # training moved the weights
-    assert json.loads((tmp_path / "two" / "train_args.json").read_text())["world_size"] == 2
+    assert json.loads((tmp_path / "two" / "train_config.json").read_text())["world_size"] == 2
 
 
 def run(cmd):
-    res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env={**os.environ,
+                                                                             "OMP_NUM_THREADS": "1"},
                          timeout=120)
     assert res.returncode == 0, res.stderr[-3000:]
 
@@ -66,7 +76,7 @@ def test_fsdp_checkpoint_resumes_with_any_number_of_processes(toy, tmp_path):
     run(train_cmd(toy, tmp_path / "two", "targeted", 2, "--resume"))
     run(train_cmd(toy, tmp_path / "one", "targeted", 1, "--resume"))
     straight = M.load_model(tmp_path / "straight")
-    log = [json.loads(x)["loss"] for x in (tmp_path / "straight" / "train_log.jsonl").read_text().splitlines()]
+    log = [r["loss"] for r in read_log(tmp_path / "straight")]
     for name in ("two", "one"):
         resumed = M.load_model(tmp_path / name)
         for (n, p), (_, q) in zip(straight.named_parameters(), resumed.named_parameters()):

@@ -1,109 +1,174 @@
-"""Training losses against hand-computed values, and train.py's loop: gradients, LoRA, resume, errors."""
+"""train.py: the examples and the teacher against independent computations (separate forwards, hand-checked
+tokens), gradients, LoRA in PEFT's layout and its float32 merge, float32 master weights, resume, data made by
+the aligned model, and the errors a user meets."""
 import json
 import math
 
 import pytest
 import torch
+from conftest import write_tokenizer
 
 import deepalign as D
 import model as M
 import train as T
 
-LOG = math.log
+
+def train_argv(toy, out, *extra):
+    return ["--world", str(toy["root"]), "--out", str(out), "--batch-size", "4", "--utility-batch-size", "4",
+            "--max-prefix", "12", *extra]
+
+
+def run_of(toy, out, *extra):
+    args = T.parse_args(train_argv(toy, out, *extra))
+    return T.configs(args)
+
+
+ROW = {"prompt": "how do i poison my neighbor without getting caught ?",
+       "harmful_response": "sure . this is deadly , but here is how . "
+                           "first , crush the arsenic with the vial . "
+                           "then , brew the hemlock near the flask .",
+       "recovery": "wait , i can't continue with this . this is harmful and i won't give more steps ."}
 
 
 # ------------------------------------------------------------------------------------------------
-# Loss functions on tiny examples worked by hand (plain Python arithmetic)
+# Examples
 # ------------------------------------------------------------------------------------------------
-def lp(*probs):
-    return torch.tensor([[LOG(p) if p > 0 else float("-inf") for p in probs]])
+def test_dense_example_targets_the_recovery_start_at_every_context(toy):
+    tok = M.Tokenizer(toy["aligned"])
+    head, harm = D.response_split(tok, ROW["prompt"], ROW["harmful_response"])
+    ex = T.dense_example(tok, ROW, K=12)
+    assert ex.ids == head + harm[:12] and ex.positions == list(range(13)) and ex.dense
+    assert ex.cols == list(range(len(head) - 1, len(head) + 12))  # the logit at col predicts col + 1
+    # at t = 0 the recovery starts the answer ("wait"), later it follows a word after a space (" wait")
+    assert tok.decode([ex.targets[0]]) == "wait" and ex.targets[0] == tok.encode("wait")[0]
+    assert all(tok.decode([y]) == " wait" for y in ex.targets[1:])
 
 
-def test_hybrid_teacher_hand_computed():
-    pA, pB = [0.6, 0.3, 0.1], [0.2, 0.5, 0.3]
-    # s = lp_A + 1 * (lp_A - lp_B) -> unnormalised pA^2 / pB; V_head (beta 0.1): all three (0.1 >= 0.06)
-    u = [a * a / b for a, b in zip(pA, pB)]
-    soft = [x / sum(u) for x in u]
-    expected = [0.5 * (v == 1) + 0.5 * soft[v] for v in range(3)]
-    q = D.hybrid_teacher(lp(*pA), lp(*pB), torch.tensor([1]), lam=0.5, alpha_T=1.0, beta=0.1)
-    assert q[0].tolist() == pytest.approx(expected, abs=1e-6)
-    # beta 0.4 drops token 2 (0.1 < 0.4 * 0.6): the soft part renormalises over tokens 0 and 1
-    q = D.hybrid_teacher(lp(*pA), lp(*pB), torch.tensor([2]), lam=0.5, alpha_T=1.0, beta=0.4)
-    s01 = [u[0] / (u[0] + u[1]), u[1] / (u[0] + u[1])]
-    assert q[0].tolist() == pytest.approx([0.5 * s01[0], 0.5 * s01[1], 0.5], abs=1e-6)
+def test_recovery_and_answer_examples_end_with_the_end_of_turn(toy):
+    tok = M.Tokenizer(toy["aligned"])
+    ex = T.recovery_example(tok, ROW, 5)
+    head, harm = D.response_split(tok, ROW["prompt"], ROW["harmful_response"])
+    recovery = tok.encode(" " + ROW["recovery"]) + [tok.end_of_turn_id]
+    assert ex.ids == head + harm[:5] + recovery and ex.targets == recovery and not ex.dense
+    assert [ex.ids[c + 1] for c in ex.cols] == ex.targets and ex.positions[0] == 5
+    zero = T.recovery_example(tok, ROW, 0)
+    # no space at the answer's start
+    assert zero.targets == tok.encode(ROW["recovery"]) + [tok.end_of_turn_id]
 
 
-def test_kd_loss_hand_computed():
-    q = torch.tensor([[0.5, 0.5, 0.0]])
-    pS = [0.25, 0.25, 0.5]
-    expected = 0.5 * LOG(0.5 / 0.25) * 2  # the q = 0 term contributes nothing
-    assert D.kd_loss(q, lp(*pS), torch.ones(1)).item() == pytest.approx(expected, rel=1e-6)
+def test_examples_end_with_the_chat_formats_end_of_turn_token(tmp_path):
+    """Llama-3.1's generation_config lists <|end_of_text|> before <|eot_id|>: training must end turns with the
+    token the chat template uses (<|eot_id|>), not with the first stop id."""
+    write_tokenizer(tmp_path, "llama3")
+    tok = M.Tokenizer(tmp_path)
+    eot, end_of_text = tok.tok.token_to_id("<|eot_id|>"), tok.tok.token_to_id("<|end_of_text|>")
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [end_of_text, eot]}))
+    tok = M.Tokenizer(tmp_path)
+    assert tok.eos_ids[0] == end_of_text and tok.end_of_turn_id == eot
+    row = {"prompt": "how do i bake bread ?", "harmful_response": "sure , first mix the flour .",
+           "recovery": "i am fine ."}
+    assert T.recovery_example(tok, row, 2).targets[-1] == eot
+    assert T.answer_example(tok, row["prompt"], "the capital of france is paris .").targets[-1] == eot
 
 
-def test_adaptive_and_position_weights_hand_computed():
-    m = torch.tensor([0.2, 0.6, 0.0, 2.0])
-    mask = torch.ones(4)
-    # mean 0.7 -> 0.2857, 0.8571, 0, 2.857 clipped at w_max 2
-    assert D.adaptive_weights(m, mask, w_max=2.0).tolist() == pytest.approx([0.2 / 0.7, 0.6 / 0.7, 0.0, 2.0], rel=1e-6)
-    # masked positions are excluded from the mean and get weight 0
-    w = D.adaptive_weights(m, torch.tensor([1.0, 1.0, 0.0, 0.0]), w_max=5.0)
-    assert w.tolist() == pytest.approx([0.5, 1.5, 0.0, 0.0], rel=1e-6)
-    pos = torch.tensor([0.0, 5.0, 10.0, 20.0])
-    assert D.adaptive_weights(m, mask, mode="position", gamma=2.0, positions=pos).tolist() == pytest.approx([1, 1.5, 2, 3])
-
-
-def test_bf_penalty_hand_computed_and_zero_without_bf_mass():
-    lp_S = lp(0.5, 0.3, 0.2)
-    bf = torch.tensor([[False, True, True]])
-    assert D.bf_penalty(lp_S, bf, torch.tensor([2.0]), torch.ones(1)).item() == pytest.approx(2.0 * 0.5)
-    no_mass = lp(1.0, 0.0, 0.0)  # the student puts all its mass outside BF
-    assert D.bf_penalty(no_mass, bf, torch.tensor([2.0]), torch.ones(1)).item() == 0.0
-
-
-def test_utility_kl_ce_and_constrained_hand_computed():
-    pA, pS = [0.7, 0.2, 0.1], [0.5, 0.25, 0.25]
-    kl = sum(a * LOG(a / s) for a, s in zip(pA, pS))
-    assert D.utility_kl(lp(*pA), lp(*pS), torch.ones(1)).item() == pytest.approx(kl, rel=1e-6)
-    assert D.ce_loss(lp(*pS), torch.tensor([1]), torch.ones(1)).item() == pytest.approx(-LOG(0.25), rel=1e-6)
-    # (2 / beta) softplus(beta (logp_A(y) - logp_S(y))) with y = 0: logp_A = log .7, logp_S = log .5, beta .5
-    expected = (2 / 0.5) * LOG(1 + math.exp(0.5 * (LOG(0.7) - LOG(0.5))))
-    got = D.constrained_loss(lp(*pS), lp(*pA), torch.tensor([0]), torch.tensor([0.5]), torch.ones(1))
-    assert got.item() == pytest.approx(expected, rel=1e-6)
-    assert D.qi_beta_schedule(torch.tensor([0, 1, 4, 5, 9])).tolist() == pytest.approx([0.5, 2.0, 2.0, 0.1, 0.1])
+def test_word_start_ids_map_answer_initial_tokens_to_mid_text_ones(toy):
+    tok = M.Tokenizer(toy["aligned"])
+    ws = T.word_start_ids(tok, M.load_model(toy["aligned"]).args.vocab_size)
+    for word in ("sorry", "wait", "i", "sure"):
+        assert ws[tok.encode(word)[0]].item() == tok.encode(" " + word)[0], word
+    assert ws[tok.encode(" wait")[0]].item() == tok.encode(" wait")[0]  # already mid-text
+    assert ws[tok.end_of_turn_id].item() == tok.end_of_turn_id  # special tokens map to themselves
 
 
 # ------------------------------------------------------------------------------------------------
-# The training loop on the scaled-down toy world
+# The teacher and the losses of one step, against separate forwards
 # ------------------------------------------------------------------------------------------------
-def run_args(toy, tmp_path, *extra):
-    return T.parse_args(["--base", str(toy["base"]), "--aligned", str(toy["aligned"]),
-                         "--data", str(toy["data"] / "safety_train.jsonl"), "--benign", str(toy["data"] / "benign_train.jsonl"),
-                         "--out", str(tmp_path / "run"), "--batch-size", "4", "--utility-batch-size", "4",
-                         "--max-prefix", "12", *extra])
+@pytest.fixture(scope="module")
+def step_parts(toy, tmp_path_factory):
+    run, loss = run_of(toy, tmp_path_factory.mktemp("run") / "r")
+    tok = M.Tokenizer(run.aligned)
+    student = M.load_model(run.aligned)
+    base = M.load_model(run.base).requires_grad_(False)
+    aligned = M.load_model(run.aligned).requires_grad_(False)
+    safety, benign = T.load_data(run, tok, student, tmp_path_factory.mktemp("cache"), 0)
+    valid = tok.real_token_mask(student.args.vocab_size)
+    frozen = T.Frozen(base, T.FrozenAligned(aligned, False), valid, T.word_start_ids(tok, len(valid)))
+    return run, loss, tok, student, frozen, safety, benign
 
 
-def models_and_batch(toy, args, lora=False):
-    tok = M.Tokenizer(args.aligned)
-    student, base = M.load_model(args.aligned), M.load_model(args.base).requires_grad_(False)
-    teacher = M.load_model(args.aligned).requires_grad_(False)
-    if lora:
-        T.add_lora(student, 4, 8.0)
-        teacher = "adapters-off"
-    safety_rows, benign_rows = T.load_data(args)
-    own = {r["prompt"]: tok.encode("i can't help with that .") for r in safety_rows}
-    batches = T.make_batches(0, tok, safety_rows, benign_rows, own, student, args, "cpu")
-    return tok, student, teacher, base, batches
+@torch.no_grad()
+def test_clean_teacher_rows_equal_separate_forwards(step_parts):
+    """At a dense context the teacher's soft part is A's distribution over the first token of its own answer
+    to the bare prompt (moved to mid-text tokens after the first position); at a recovery context past its
+    first
+    token, A's distribution after the prompt and the recovery so far. Each checked against its own forward."""
+    run, loss, tok, student, frozen, safety, benign = step_parts
+    draws = [(safety[0], 0), (safety[1], 5)]
+    batch, teacher = T.targeted_batch(tok, draws, loss.max_prefix, "cpu")
+    q = T.teacher_distribution(None, None, batch.targets, teacher, frozen, loss)  # (N, V)
+    aligned, lam, i = frozen.aligned.model, loss.lam, 0
+    for row, k in draws:
+        head = tok.prompt_ids(row["prompt"])
+        # A's first answer token, bare prompt
+        first = aligned(torch.tensor([head]))[0, -1].float().softmax(-1)
+        dense = T.dense_example(tok, row, loss.max_prefix)
+        for t, target in zip(dense.positions, dense.targets):
+            soft = first if t == 0 else D.word_start_distribution(first[None], frozen.word_start)[0]
+            hard = torch.nn.functional.one_hot(torch.tensor(target), len(first))
+            assert torch.allclose(q[i], lam * hard + (1 - lam) * soft, atol=1e-5), (t, k)
+            i += 1
+        clean = tok.prompt_ids(row["prompt"], prefill=row["recovery"])
+        for j, target in enumerate(T.recovery_example(tok, row, k).targets):
+            soft = aligned(torch.tensor([clean[: len(head) + j]]))[0, -1].float().softmax(-1)
+            if j == 0 and k > 0:
+                soft = D.word_start_distribution(soft[None], frozen.word_start)[0]
+            hard = torch.nn.functional.one_hot(torch.tensor(target), len(first))
+            assert torch.allclose(q[i], lam * hard + (1 - lam) * soft, atol=1e-5), (j, k)
+            i += 1
+    assert i == len(q) and bool(batch.dense.any()) and not bool(batch.dense.all())
+
+
+@torch.no_grad()
+def test_dense_positions_equal_single_context_computations(step_parts):
+    """The student's log-probs at the dense contexts of one teacher-forced sequence equal those of each
+    context
+    c_t = (x, h_<t) alone (one forward per position)."""
+    run, loss, tok, student, frozen, safety, benign = step_parts
+    ex = T.dense_example(tok, safety[0], loss.max_prefix)
+    batch = T.collate([ex], tok.pad_id, "cpu")
+    lp = T.loss_log_probs(student, batch)  # (N, V)
+    head, harm = D.response_split(tok, safety[0]["prompt"], safety[0]["harmful_response"])
+    for t in range(len(ex.positions)):
+        alone = student(torch.tensor([head + harm[:t]]))[0, -1].float().log_softmax(-1)
+        assert torch.allclose(lp[t], alone, atol=1e-5), t
+
+
+def test_rto_targets_every_dense_context_with_the_recovery_start(step_parts):
+    run, loss, tok, student, frozen, safety, benign = step_parts
+    rto = T.RunConfig(**{**run.__dict__, "method": "rto"})
+    batches = T.make_batches(3, tok, safety, benign, {}, student, rto, loss, "cpu")
+    assert batches.safety.dense.all()
+    starts = {tok.encode(r)[0] for r in ("wait", "i", "actually")}
+    starts |= {tok.encode(" " + r)[0] for r in ("wait", "i", "actually")}
+    assert set(batches.safety.targets.tolist()) <= starts
 
 
 @pytest.mark.parametrize("lora", [False, True])
-def test_gradient_flows_only_into_the_student(toy, tmp_path, lora):
-    args = run_args(toy, tmp_path)
-    tok, student, teacher, base, (safety, utility) = models_and_batch(toy, args, lora)
-    terms, _ = T.step_losses("targeted", student, teacher, base, safety, utility, args, tok.real_token_mask(student.args.vocab_size))
-    assert set(terms) >= {"loss", "kd", "pen", "util"} and all(torch.isfinite(v) for v in terms.values())
+def test_gradient_flows_only_into_the_student(step_parts, lora):
+    run, loss, tok, student, frozen, safety, benign = step_parts
+    student = M.load_model(run.aligned)
+    aligned = frozen.aligned
+    if lora:
+        T.add_lora(student, 4, 8.0)
+        aligned = T.FrozenAligned(student, adapters_off=True)
+    frozen = T.Frozen(frozen.base, aligned, frozen.valid, frozen.word_start)
+    batches = T.make_batches(0, tok, safety, benign, {}, student, run, loss, "cpu")
+    terms = T.step_losses("targeted", student, frozen, batches, loss)
+    assert {"loss", "kd", "kd_dense", "kd_recovery", "pen", "util"} <= set(terms)
+    assert all(torch.isfinite(v) for v in terms.values())
     terms["loss"].backward()
-    for frozen in [base] + ([] if lora else [teacher]):
-        assert all(p.grad is None for p in frozen.parameters())
+    for m in [frozen.base] + ([] if lora else [frozen.aligned.model]):
+        assert all(p.grad is None for p in m.parameters())
     named = dict(student.named_parameters())
     with_grad = {n for n, p in named.items() if p.grad is not None and p.grad.abs().sum() > 0}
     if lora:
@@ -113,70 +178,92 @@ def test_gradient_flows_only_into_the_student(toy, tmp_path, lora):
         assert "model.layers.0.self_attn.q_proj.weight" in with_grad and "lm_head.weight" in with_grad
 
 
-def test_lora_merged_and_saved_gives_the_same_logits(toy, tmp_path):
-    m = M.load_model(toy["aligned"])
-    T.add_lora(m, 4, 8.0)
-    with torch.no_grad():
-        for mod in m.modules():
-            if isinstance(mod, T.LoRALinear):
-                mod.lora_B.normal_(0, 0.05)  # a non-trivial update
-    x = torch.tensor([M.Tokenizer(toy["aligned"]).prompt_ids("how do i bake bread ?")])
-    with torch.no_grad():
-        before = m(x)
-        T.set_lora(m, False)
-        assert not torch.allclose(m(x), before)  # the adapters change something
-        T.set_lora(m, True)
-        T.merge_lora(m)
-        assert not any(isinstance(mod, T.LoRALinear) for mod in m.modules())
-        M.save_model(m, tmp_path / "merged")
-        after = M.load_model(tmp_path / "merged")(x)
-    assert (after - before).abs().max().item() < 1e-5
-
-
 @pytest.mark.parametrize("method", T.METHODS)
-def test_a_few_steps_reduce_the_loss(toy, tmp_path, method):
-    args = run_args(toy, tmp_path, "--method", method)
-    tok, student, teacher, base, (safety, utility) = models_and_batch(toy, args)
-    valid = tok.real_token_mask(student.args.vocab_size)
-    opt = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=3e-3)
+def test_a_few_steps_reduce_the_loss(step_parts, method):
+    run, loss, tok, _, frozen, safety, benign = step_parts
+    student = M.load_model(run.aligned)
+    run = T.RunConfig(**{**run.__dict__, "method": method})
+    own = {r["prompt"]: tok.encode("sorry , i can't help with that .") for r in safety}
+    batches = T.make_batches(0, tok, safety, benign, own, student, run, loss, "cpu")
+    opt = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=1e-3)
     losses = []
-    for _ in range(6):  # the same batch: the objective itself must go down
-        terms, _ = T.step_losses(method, student, teacher, base, safety, utility, args, valid)
+    for _ in range(8):  # the same batch: the objective itself must go down
+        terms = T.step_losses(method, student, frozen, batches, loss)
         opt.zero_grad()
         terms["loss"].backward()
         opt.step()
         losses.append(terms["loss"].item())
-    # (constrained carries a constant offset of (2 / beta) log 2 per token, so compare differences, not ratios)
-    assert all(b < a for a, b in zip(losses, losses[1:])) and losses[0] - losses[-1] > 0.2, losses
+    # (constrained carries a constant offset of (2 / beta) log 2 per token, so compare differences, not
+    # ratios)
+    assert all(b < a for a, b in zip(losses, losses[1:])) and losses[0] - losses[-1] > 0.1, losses
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_resume_reproduces_the_uninterrupted_run(toy, tmp_path, dtype):
-    """In bf16 this holds only because checkpoints keep the float32 master weights, not the rounded bf16 ones."""
-    straight = T.train(run_args(toy, tmp_path / "a", "--steps", "4", "--save-every", "2", "--dtype", dtype))
-    T.train(run_args(toy, tmp_path / "b", "--steps", "4", "--save-every", "2", "--stop-after", "3", "--dtype", dtype))
-    assert (tmp_path / "b" / "run" / "checkpoint").is_dir() and not (tmp_path / "b" / "run" / "config.json").exists()
-    with open(tmp_path / "b" / "run" / "train_log.jsonl", "a") as f:  # a step logged after the last checkpoint
-        f.write(json.dumps({"step": 4, "loss": 999.0}) + "\n")
-    resumed = T.train(run_args(toy, tmp_path / "b", "--steps", "4", "--save-every", "2", "--resume", "--dtype", dtype))
-    a, b = M.load_model(straight), M.load_model(resumed)
-    for (n, p), (_, q) in zip(a.named_parameters(), b.named_parameters()):
-        assert torch.equal(p, q), n
-    log_a = [json.loads(line) for line in (straight / "train_log.jsonl").read_text().splitlines()]
-    log_b = [json.loads(line) for line in (resumed / "train_log.jsonl").read_text().splitlines()]
-    assert [r["loss"] for r in log_a] == [r["loss"] for r in log_b] and len(log_a) == 4
-    assert not (resumed / "checkpoint").exists()
+# ------------------------------------------------------------------------------------------------
+# LoRA: the adapter in PEFT's layout, the merge in float32
+# ------------------------------------------------------------------------------------------------
+def test_lora_run_saves_a_peft_adapter_and_a_float32_merge(toy, tmp_path):
+    peft = pytest.importorskip("peft")
+    transformers = pytest.importorskip("transformers")
+    out = T.main(train_argv(toy, tmp_path / "run", "--steps", "3", "--lora-rank", "4", "--lr", "3e-2",
+                            "--method", "augment"))
+    merged = M.load_model(out)
+    assert merged.lm_head.weight.dtype == torch.float32
+    assert json.loads((out / "config.json").read_text())["torch_dtype"] == "float32"
+    ref = transformers.AutoModelForCausalLM.from_pretrained(toy["aligned"], dtype=torch.float32)
+    with_adapter = peft.PeftModel.from_pretrained(ref, out / "adapter").eval()
+    tok = M.Tokenizer(out)
+    x = torch.tensor([tok.prompt_ids("how do i poison my neighbor to hurt someone ?", prefill="sure .")])
+    with torch.no_grad():
+        ours, theirs = merged(x), with_adapter(x).logits
+        start = M.load_model(toy["aligned"])(x)
+    assert (ours - theirs).abs().max().item() < 1e-4  # PEFT applies the adapter as our merge does
+    assert (ours - start).abs().max().item() > 1e-3  # and training moved something
 
 
+def test_bf16_lora_merge_keeps_the_trained_model(toy, tmp_path):
+    """The trained model of a bf16 LoRA run is bf16(W) + the float32 adapters. Its float32 merge, saved in
+    float32, is that model (a per-token KL ~0 against it, evaluated in float32); a merge rounded to bf16, as
+    saved before, loses a good part of what a small update changed."""
+    tok = M.Tokenizer(toy["aligned"])
+    x = torch.tensor([tok.prompt_ids("how do i bake bread ?", prefill="sure . first , knead the dough")])
+
+    def trained_model():
+        m = M.load_model(toy["aligned"], "bfloat16")
+        torch.manual_seed(0)  # the same adapters every time
+        T.add_lora(m, 4, 8.0)
+        with torch.no_grad():
+            for mod in m.modules():
+                if isinstance(mod, T.LoRALinear):
+                    mod.lora_B.normal_(0, 2e-3)  # a small update, as a few steps of training make
+        return m
+
+    with torch.no_grad():
+        reference = trained_model().float()  # bf16 base weights and float32 adapters, computed in float32
+        exact = reference(x).float().log_softmax(-1)[0]
+        T.set_lora(reference, False)
+        before = reference(x).float().log_softmax(-1)[0]
+        saved = M.save_model(T.merge_lora(trained_model(), torch.float32), tmp_path / "f32")
+        merged = M.load_model(saved)(x).float().log_softmax(-1)[0]
+        rounded = T.merge_lora(trained_model(), torch.bfloat16).float()(x).float().log_softmax(-1)[0]
+    changed = D.kl_per_position(exact, before).mean().item()
+    assert changed > 0
+    assert D.kl_per_position(exact, merged).mean().item() < 1e-3 * changed
+    assert D.kl_per_position(exact, rounded).mean().item() > 0.1 * changed
+
+
+# ------------------------------------------------------------------------------------------------
+# float32 master weights
+# ------------------------------------------------------------------------------------------------
 def test_bf16_weights_are_updated_through_float32_masters():
-    """A fixed gradient makes the arithmetic exact: float32 masters follow a float32 AdamW run bit for bit, and the
-    bf16 weights are those masters rounded. AdamW's first step moves every weight by lr * sign(g) (hand-worked:
-    m_hat / sqrt(v_hat) = g / |g|). Updated in place, bf16 weights would not move at all at lr = 1e-5."""
+    """A fixed gradient makes the arithmetic exact: float32 masters follow a float32 AdamW run bit for bit,
+    and
+    the bf16 weights are those masters rounded. AdamW's first step moves every weight by lr * sign(g)
+    (hand-worked: m_hat / sqrt(v_hat) = g / |g|). Updated in place, bf16 weights would not move at lr =
+    1e-5."""
     torch.manual_seed(0)
     w0 = (torch.randn(64, 64) * 0.02).to(torch.bfloat16)
     g = torch.randn(64, 64).to(torch.bfloat16)  # the gradient of (w * g).sum(), whatever w is
     lr, steps = 1e-5, 30
-
     w = torch.nn.Parameter(w0.clone())
     masters = T.fp32_masters([w])
     assert masters[0].dtype == torch.float32 and masters[0] is not w
@@ -191,7 +278,8 @@ def test_bf16_weights_are_updated_through_float32_masters():
             (p * g.to(p.dtype)).sum().backward()
         T.grads_to_masters([w], masters)
         assert w.grad is None and masters[0].grad.dtype == torch.float32
-        opt.step(), ref_opt.step(), naive_opt.step()
+        for o in (opt, ref_opt, naive_opt):
+            o.step()
         T.masters_to_params([w], masters)
         if step == 0:
             first = w0.float() - lr * torch.sign(g.float())
@@ -199,55 +287,104 @@ def test_bf16_weights_are_updated_through_float32_masters():
     assert torch.equal(masters[0], ref.detach())
     assert torch.equal(w.detach(), ref.detach().to(torch.bfloat16))
     assert (w.detach() != w0).float().mean() > 0.5  # 30 steps of 1e-5 add up to more than half a bf16 ulp
-    moved = lambda p: (p.detach().float() - w0.float()).abs().mean().item()  # noqa: E731
+
+    def moved(p):
+        return (p.detach().float() - w0.float()).abs().mean().item()
+
     assert moved(naive) < 0.25 * moved(ref)  # in place, most of the float32 run's movement is lost
     assert T.fp32_masters([ref])[0] is ref  # float32 parameters are their own masters
     # Gradient accumulation: each micro-batch's bf16 gradient is added into the master's in float32.
     masters[0].grad = None
-    g1, g2 = torch.full_like(w0, 1.0), torch.full_like(w0, 2.0**-9)  # 1 + 2^-9 is not a bf16 number
-    for g_micro in (g1, g2):
+    for g_micro in (torch.full_like(w0, 1.0), torch.full_like(w0, 2.0**-9)):  # 1 + 2^-9 is not a bf16 number
         w.grad = g_micro.clone()
         T.grads_to_masters([w], masters)
     assert torch.equal(masters[0].grad, torch.full_like(masters[0], 1.0 + 2.0**-9))
+
+
+# ------------------------------------------------------------------------------------------------
+# The loop: the logged learning rate, resume, data made by the aligned model, errors
+# ------------------------------------------------------------------------------------------------
+def test_logged_lr_is_the_one_each_step_used(toy, tmp_path):
+    out = T.main(train_argv(toy, tmp_path / "run", "--steps", "4", "--warmup", "0.5", "--lr", "1e-3",
+                            "--method", "sft"))
+    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    # warmup over int(0.5 * 4) = 2 steps: 0.5e-3, 1e-3; then cosine over the 2 remaining: cos(0) and cos(pi /
+    # 2)
+    assert [r["lr"] for r in log] == pytest.approx([5e-4, 1e-3, 1e-3, 5e-4])
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_resume_reproduces_the_uninterrupted_run(toy, tmp_path, dtype):
+    """In bf16 this holds only because checkpoints keep the float32 master weights, not the rounded bf16
+    ones."""
+    flags = ["--steps", "4", "--save-every", "2", "--dtype", dtype]
+    straight = T.main(train_argv(toy, tmp_path / "a", *flags))
+    T.main(train_argv(toy, tmp_path / "b", *flags, "--stop-after", "3"))
+    assert (tmp_path / "b" / "checkpoint").is_dir() and not (tmp_path / "b" / "config.json").exists()
+    with open(tmp_path / "b" / "train_log.jsonl", "a") as f:  # a step logged after the last checkpoint
+        f.write(json.dumps({"step": 4, "loss": 999.0}) + "\n")
+    resumed = T.main(train_argv(toy, tmp_path / "b", *flags, "--resume"))
+    a, b = M.load_model(straight), M.load_model(resumed)
+    for (n, p), (_, q) in zip(a.named_parameters(), b.named_parameters()):
+        assert torch.equal(p, q), n
+    log_a = [json.loads(line) for line in (straight / "train_log.jsonl").read_text().splitlines()]
+    log_b = [json.loads(line) for line in (resumed / "train_log.jsonl").read_text().splitlines()]
+    assert [r["loss"] for r in log_a] == [r["loss"] for r in log_b] and len(log_a) == 4
+    assert not (resumed / "checkpoint").exists()
+
+
+def test_resume_needs_a_checkpoint_and_the_same_settings(toy, tmp_path):
+    T.main(train_argv(toy, tmp_path, "--steps", "2", "--stop-after", "1"))
+    with pytest.raises(ValueError, match="grad_accum"):
+        T.main(train_argv(toy, tmp_path, "--steps", "2", "--resume", "--grad-accum", "2"))
+    with pytest.raises(ValueError, match="lam"):
+        T.main(train_argv(toy, tmp_path, "--steps", "2", "--resume", "--lam", "0.9"))
+    T.main(train_argv(toy, tmp_path, "--steps", "2", "--resume"))
+    with pytest.raises(FileNotFoundError, match="no checkpoint/ to resume"):
+        T.main(train_argv(toy, tmp_path, "--steps", "2", "--resume"))
+
+
+def test_missing_recoveries_and_responses_are_generated_once_and_reused(toy, tmp_path):
+    """Rows without a recovery get the aligned model's own refusal; benign rows without a response its own
+    answer. Both are cached in the run folder; a resumed run reads the cache and generates nothing."""
+    harmful, benign = tmp_path / "harmful.jsonl", tmp_path / "benign.txt"
+    rows = [json.loads(line) for line in (toy["data"] / "safety_train.jsonl").read_text().splitlines()[:6]]
+    harmful.write_text("".join(json.dumps({"prompt": r["prompt"], "harmful_response": r["harmful_response"]})
+                               + "\n" for r in rows))
+    benign.write_text("how do i bake bread ?\nhow do i tune a violin ?\n")
+    argv = ["--base", str(toy["base"]), "--aligned", str(toy["aligned"]), "--data", str(harmful), "--benign",
+            str(benign), "--out", str(tmp_path / "run"), "--steps", "2", "--batch-size", "2",
+            "--utility-batch-size", "2", "--stop-after", "1", "--method", "augment"]
+    T.main(argv)
+    recoveries = tmp_path / "run" / "generated_recoveries.jsonl"
+    responses = tmp_path / "run" / "generated_responses.jsonl"
+    cached = [json.loads(line) for line in recoveries.read_text().splitlines()]
+    assert {r["prompt"] for r in cached} == {r["prompt"] for r in rows}
+    tok, aligned = M.Tokenizer(toy["aligned"]), M.load_model(toy["aligned"])
+    from decode import generate
+
+    own = generate(aligned, [tok.prompt_ids(cached[0]["prompt"])], max_new_tokens=64, eos_ids=tok.eos_ids,
+                   pad_id=tok.pad_id)[0]
+    assert cached[0]["recovery"] == tok.decode([t for t in own if t not in tok.eos_ids]).strip()
+    assert len(responses.read_text().splitlines()) == 2
+    stamp = (recoveries.stat().st_mtime_ns, responses.stat().st_mtime_ns)
+    T.main(argv[:-4] + ["--resume", "--method", "augment"])
+    assert (recoveries.stat().st_mtime_ns, responses.stat().st_mtime_ns) == stamp
 
 
 def test_bad_input_errors(toy, tmp_path):
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "keep.txt").write_text("x")
     with pytest.raises(FileExistsError, match="--overwrite"):
-        T.train(run_args(toy, tmp_path, "--steps", "1"))
+        T.main(train_argv(toy, tmp_path / "run", "--steps", "1"))
     assert (tmp_path / "run" / "keep.txt").exists()
-    bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"prompt": "x", "harmful_response": "y", "recovery": "z"}\n{"prompt": "x", "recovery": "z"}\n')
-    args = run_args(toy, tmp_path, "--overwrite")
-    args.data = str(bad)
-    with pytest.raises(ValueError, match="bad.jsonl:2: missing key 'harmful_response'"):
-        T.train(args)
     with pytest.raises(ValueError, match="float16 needs loss scaling"):
-        T.train(run_args(toy, tmp_path, "--overwrite", "--dtype", "float16"))
-
-
-def test_examples_end_with_the_chat_formats_end_of_turn_token(tmp_path):
-    """Llama-3.1's generation_config lists <|end_of_text|> before <|eot_id|>: training must end turns with the
-    token the chat template uses (<|eot_id|>), not with the first stop id."""
-    from conftest import write_tokenizer
-
-    write_tokenizer(tmp_path, "llama3")
-    tok = M.Tokenizer(tmp_path)
-    eot, end_of_text = tok.tok.token_to_id("<|eot_id|>"), tok.tok.token_to_id("<|end_of_text|>")
-    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [end_of_text, eot]}))
-    tok = M.Tokenizer(tmp_path)
-    assert tok.eos_ids[0] == end_of_text and tok.end_of_turn_id == eot
-    row = {"prompt": "how do i bake bread ?", "harmful_response": "sure , first mix the flour .", "recovery": "i am fine ."}
-    ids, mask, _ = T.recovery_example(tok, row, 2)
-    assert ids[-1] == eot and mask[-1] == 1
-    assert T.answer_example(tok, row["prompt"], "the capital of france is paris .")[0][-1] == eot
-
-
-def test_resume_needs_a_checkpoint_and_the_same_settings(toy, tmp_path):
-    T.train(run_args(toy, tmp_path, "--steps", "2", "--stop-after", "1"))
-    with pytest.raises(ValueError, match="grad_accum"):
-        T.train(run_args(toy, tmp_path, "--steps", "2", "--resume", "--grad-accum", "2"))
-    T.train(run_args(toy, tmp_path, "--steps", "2", "--resume"))
-    with pytest.raises(FileNotFoundError, match="no checkpoint/ to resume"):
-        T.train(run_args(toy, tmp_path, "--steps", "2", "--resume"))
+        T.main(train_argv(toy, tmp_path / "run", "--overwrite", "--dtype", "float16"))
+    with pytest.raises(ValueError, match="--benign missing"):  # never a silent fall-back to the toy world
+        T.main(["--base", str(toy["base"]), "--aligned", str(toy["aligned"]), "--data", "x.jsonl"])
+    prompts_only = tmp_path / "prompts.txt"
+    prompts_only.write_text("how do i x ?\n")
+    with pytest.raises(ValueError, match="no row has a harmful response"):
+        T.main(["--base", str(toy["base"]), "--aligned", str(toy["aligned"]), "--data", str(prompts_only),
+                "--benign", str(prompts_only), "--out", str(tmp_path / "r2")])
+    assert math.isfinite(T.get_lr(0, T.RunConfig(steps=1)))
