@@ -4,22 +4,27 @@
     python bench.py --size toy      # the toy world's shape (seconds)
     python bench.py --out bench.json [--compile]
     python bench.py --gpu --compile --out docs/bench_gpu.json     # GPU suite: real 8B / 1B shapes, bf16
-    python bench.py --gpu --tiny --device cpu                     # the GPU suite's code paths on CPU, tiny shapes
+    python bench.py --gpu --tiny --device cpu                     # the GPU suite's code paths on CPU, tiny
+    shapes
 
 CPU rows (ours / reference, target):
   prefill            tokens/s of one forward, our model.py vs transformers on the same weights        >= 1.0x
   decode bN          greedy tokens/s, our static KV cache vs transformers' generate (128 new tokens)   >= 1.5x
   decode bN compile  the same with --compile, vs our eager decoding                                    report
   contrastive        tokens/s of contrastive decoding vs plain decoding (two forwards is 0.5x)        >= 0.45x
-  profile            tokens/s of position_profile vs one teacher-forced forward                        >= 0.45x
+  profile            tokens/s of position_profile vs one teacher-forced forward                        >=
+  0.45x
   train step         seconds of one `targeted` step vs one plain cross-entropy step, same batch        <= 1.8x
   train memory ...   bf16 `targeted` steps: measured peak bytes per parameter vs the README's table    report
 GPU rows (random weights made on the GPU in the real shapes of Llama-3.1-8B, Qwen3-8B and Llama-3.2-1B):
   decode b1 SHAPE    batch-1 greedy tokens/s vs the bandwidth limit (the reference column)             >= 0.70
-  contrastive        two 8B models vs plain decoding of one                                            >= 0.45x
-  profile            position_profile with two 8B models vs one forward                                >= 0.45x
+  contrastive        two 8B models vs plain decoding of one                                            >=
+  0.45x
+  profile            position_profile with two 8B models vs one forward                                >=
+  0.45x
   train ...          the largest batch (powers of two) that fits at --seq-len 1024 with activation
-                     checkpointing, its tokens/s and peak memory; ratio: targeted vs cross-entropy     >= 0.56x
+                     checkpointing, its tokens/s and peak memory; ratio: targeted vs cross-entropy     >=
+                     0.56x
 Each measurement runs in its own process, so "peak MB" is its own peak (CPU: resident memory, Python and torch
 included; GPU: torch.cuda.max_memory_allocated). Every pair of timings is taken alternately (see timed_pair).
 The decode limit is memory bandwidth: batch 1 reads every weight once per token (the embedding table only one
@@ -30,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import subprocess
 import sys
@@ -40,6 +44,8 @@ from pathlib import Path
 
 import torch
 
+import cli
+from data.files import write_json_atomic
 from model import DTYPES
 
 ROOT = Path(__file__).resolve().parent
@@ -85,7 +91,8 @@ def make_checkpoint(size: str, folder: Path, seed: int = 0) -> Path:
     import transformers
 
     torch.manual_seed(seed)
-    cfg = transformers.LlamaConfig(**SIZES[size], max_position_embeddings=2048, bos_token_id=None, eos_token_id=2)
+    cfg = transformers.LlamaConfig(**SIZES[size], max_position_embeddings=2048, bos_token_id=None,
+                                   eos_token_id=2)
     transformers.LlamaForCausalLM(cfg).save_pretrained(folder)
     return folder
 
@@ -106,7 +113,8 @@ def m_prefill(folder, args):
     from model import load_model
 
     ours = load_model(folder, args.dtype, args.device)
-    ref = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, args.dtype)).to(args.device).eval()
+    ref = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch,
+                                                                                  args.dtype)).to(args.device).eval()
     x = torch.randint(3, 1000, (4, 256), device=args.device)
     with torch.no_grad():
         t_ours, t_ref = timed_pair(lambda: ours(x), lambda: ref(x).logits)
@@ -128,7 +136,8 @@ def matvec_tokens_per_s(model) -> float:
 def m_decode(folder, args, batch: int, compile: bool = False):
     import transformers
 
-    from model import generate, load_model
+    from decode import generate
+    from model import load_model
 
     ours = load_model(folder, args.dtype, args.device)
     prompts = torch.randint(3, 1000, (batch, 32)).tolist()
@@ -141,18 +150,20 @@ def m_decode(folder, args, batch: int, compile: bool = False):
         t_ours, t_ref = timed_pair(lambda: generate(ours, prompts, max_new_tokens=n, compile=True),
                                    lambda: generate(ours, prompts, max_new_tokens=n))  # reference: eager ours
         return batch * n / t_ours, batch * n / t_ref, extra
-    ref = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, args.dtype)).to(args.device).eval()
+    ref = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch,
+                                                                                  args.dtype)).to(args.device).eval()
     ids = torch.tensor(prompts, device=args.device)
     with torch.no_grad():
         t_ours, t_ref = timed_pair(lambda: generate(ours, prompts, max_new_tokens=n),
-                                   lambda: ref.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
+                                   lambda: ref.generate(ids, attention_mask=torch.ones_like(ids),
+                                                        max_new_tokens=n,
                                                         min_new_tokens=n, do_sample=False, pad_token_id=0))
     return batch * n / t_ours, batch * n / t_ref, extra
 
 
 def m_contrastive(folder, args):
-    from decode import contrastive_generate
-    from model import generate, load_model
+    from decode import contrastive_generate, generate
+    from model import load_model
 
     a, b = load_model(folder, args.dtype, args.device), load_model(folder, args.dtype, args.device)
     prompts = torch.randint(3, 1000, (1, 32)).tolist()
@@ -163,7 +174,8 @@ def m_contrastive(folder, args):
 
 
 def profile_vs_forward(aligned, base, n_pairs: int, batch_size: int, device):
-    """Tokens/s of position_profile (both models, all statistics) and of one teacher-forced forward of the aligned
+    """Tokens/s of position_profile (both models, all statistics) and of one teacher-forced forward of the
+    aligned
     model over the same (prompt, harmful response) token sequences."""
     import deepalign as D
 
@@ -174,8 +186,10 @@ def profile_vs_forward(aligned, base, n_pairs: int, batch_size: int, device):
     tokens = sum(len(s) for s in seqs)
     with torch.no_grad():
         t_prof, t_fwd = timed_pair(
-            lambda: D.position_profile(base, aligned, tok, pairs, batch_size=batch_size, progress=False),
-            lambda: [aligned(D.right_pad(seqs[i : i + batch_size], 0, device)) for i in range(0, len(seqs), batch_size)])
+            lambda: D.position_profile(base, aligned, tok, pairs, D.ProfileConfig(batch_size=batch_size),
+                                       progress=False),
+            lambda: [aligned(D.right_pad(seqs[i : i + batch_size], 0, device)) for i in range(0, len(seqs),
+                                                                                              batch_size)])
     return tokens / t_prof, tokens / t_fwd, {}
 
 
@@ -187,30 +201,58 @@ def m_profile(folder, args):
 
 
 def m_train(folder, args):
+    """One `targeted` step (dense and recovery contexts, the clean-context teacher) vs one cross-entropy step
+    on
+    the same harmful and utility batch (what `rto` and `augment` compute), on the seed-0 toy world's data."""
+    import deepalign as D
     import train as T
-    from data import toyworld
+    from data import toyworld as TW
     from model import Tokenizer, load_model
 
-    toy = toyworld.ensure_toy_world()
-    tok = Tokenizer(toy["aligned"])
-    targs = T.parse_args(["--batch-size", "8", "--utility-batch-size", "8"])
-    safety = toyworld.read_jsonl(toy["data"] / "safety_train.jsonl", ["prompt"])
-    benign = toyworld.read_jsonl(toy["data"] / "benign_train.jsonl", ["prompt"])
-    student = load_model(folder, args.dtype, args.device)
-    teacher = load_model(folder, args.dtype, args.device).requires_grad_(False)
-    base = load_model(folder, args.dtype, args.device).requires_grad_(False)
-    valid = tok.real_token_mask(student.args.vocab_size).to(args.device)
-    batches = T.make_batches(0, tok, safety, benign, {}, student, targs, args.device)
-    opt = torch.optim.AdamW(student.parameters(), lr=1e-5)
+    paths = TW.ensure_world()
+    tok = Tokenizer(paths["aligned"])
+    safety, benign = TW.read_set(paths, "safety_train"), TW.read_set(paths, "benign_train")
+    student, step = targeted_training(lambda seed: load_model(folder, args.dtype, args.device), 0, tok)
+    run, loss = T.RunConfig(batch_size=8, utility_batch_size=8), D.LossConfig()
+    batches = T.make_batches(0, tok, safety, benign, {}, student, run, loss, args.device)
+    return (*timed_pair(lambda: step("targeted", batches), lambda: step("rto", batches)), {})
 
-    def step(method):
-        terms, _ = T.step_losses(method, student, teacher, base, *batches, targs, valid)
-        opt.zero_grad()
-        terms["loss"].backward()
-        opt.step()
 
-    # reference: plain cross-entropy on the same safety + utility batch (what `augment` computes)
-    return (*timed_pair(lambda: step("targeted"), lambda: step("augment")), {})
+def m_build(folder, args):
+    """The toy world build's pretraining step (the default BuildConfig's model and batch: 8 rows x 256 tokens,
+    float32) in tokens/s, vs the same step of transformers' LlamaForCausalLM on the same weights and
+    tokens."""
+    import transformers
+
+    from data import toyworld as TW
+    from model import Transformer, save_model
+
+    torch.manual_seed(0)
+    cfg = TW.BuildConfig()
+    with tempfile.TemporaryDirectory() as tmp:
+        tok, _ = bench_tokenizer_and_pairs(Path(tmp) / "tok")
+        ours = Transformer(TW.model_args(tok, cfg))
+        save_model(ours, Path(tmp) / "m")
+        ref = transformers.AutoModelForCausalLM.from_pretrained(Path(tmp) / "m", dtype=torch.float32)
+    ids = torch.randint(3, tok.vocab_size, (cfg.pretrain_rows, cfg.seq_len + 1))  # (8, 257)
+    weight = torch.ones(cfg.pretrain_rows, cfg.seq_len)
+    opts = [torch.optim.AdamW(m.parameters(), lr=1e-4) for m in (ours, ref)]
+
+    def step_ours():
+        loss, _ = TW.masked_lm_loss(ours, ids, weight)
+        opts[0].zero_grad()
+        loss.backward()
+        opts[0].step()
+
+    def step_ref():
+        loss = ref(ids[:, :-1], labels=ids[:, :-1]).loss
+        opts[1].zero_grad()
+        loss.backward()
+        opts[1].step()
+
+    t_ours, t_ref = timed_pair(step_ours, step_ref)
+    tokens = cfg.pretrain_rows * cfg.seq_len
+    return tokens / t_ours, tokens / t_ref, {}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -219,15 +261,18 @@ def m_train(folder, args):
 LLAMA31_8B = dict(model_type="llama", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                   num_attention_heads=32, num_key_value_heads=8, vocab_size=128256, rms_norm_eps=1e-5,
                   rope_theta=500000.0, max_position_embeddings=131072, tie_word_embeddings=False,
-                  rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                  rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                "high_freq_factor": 4.0,
                                 "original_max_position_embeddings": 8192})
 SHAPES = {  # config.json dicts, as the released checkpoints have them
     "llama3.1-8b": LLAMA31_8B,
     "qwen3-8b": dict(model_type="qwen3", hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
-                     num_attention_heads=32, num_key_value_heads=8, head_dim=128, vocab_size=151936, rms_norm_eps=1e-6,
+                     num_attention_heads=32, num_key_value_heads=8, head_dim=128, vocab_size=151936,
+                     rms_norm_eps=1e-6,
                      rope_theta=1000000.0, max_position_embeddings=40960, tie_word_embeddings=False),
     "llama3.2-1b": {**LLAMA31_8B, "hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16,
-                    "head_dim": 64, "tie_word_embeddings": True, "rope_scaling": {**LLAMA31_8B["rope_scaling"], "factor": 32.0}},
+                    "head_dim": 64, "tie_word_embeddings": True,
+                    "rope_scaling": {**LLAMA31_8B["rope_scaling"], "factor": 32.0}},
     # --tiny stands these in for the three above: the same code paths in seconds, on CPU (tests/test_bench.py)
     "tiny-llama": {**LLAMA31_8B, "hidden_size": 64, "intermediate_size": 160, "num_hidden_layers": 2,
                    "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 2048},
@@ -241,7 +286,8 @@ TINY = {"llama3.1-8b": "tiny-llama", "qwen3-8b": "tiny-qwen3", "llama3.2-1b": "t
 def shape_args(shape: str, args):
     from model import ModelArgs
 
-    return ModelArgs.from_hf_config(SHAPES[TINY[shape] if args.tiny else shape], source=f"bench.py SHAPES[{shape!r}]")
+    return ModelArgs.from_hf_config(SHAPES[TINY[shape] if args.tiny else shape],
+                                    source=f"bench.py SHAPES[{shape!r}]")
 
 
 def random_model(margs, dtype, device, seed: int = 0):
@@ -266,7 +312,8 @@ def random_model(margs, dtype, device, seed: int = 0):
 
 
 def weight_bytes(model) -> int:
-    """Bytes a batch-1 decode step must read: every weight once, except the embedding table, of which the lookup
+    """Bytes a batch-1 decode step must read: every weight once, except the embedding table, of which the
+    lookup
     reads one row (a tied embedding is read whole, as the head). Works on the meta device."""
     total = sum(p.numel() * p.element_size() for p in model.parameters())  # a tied tensor is listed once
     if not model.args.tie_word_embeddings:
@@ -276,7 +323,8 @@ def weight_bytes(model) -> int:
 
 
 def copy_bandwidth_gbs(device) -> float:
-    """Device memory bandwidth: bytes read + written per second by a 1 GiB copy (CPU: the streaming mat-vec)."""
+    """Device memory bandwidth: bytes read + written per second by a 1 GiB copy (CPU: the streaming mat-
+    vec)."""
     if str(device) == "cpu":
         return bandwidth_gbs()
     x = torch.empty(2**30, dtype=torch.uint8, device=device)
@@ -286,7 +334,8 @@ def copy_bandwidth_gbs(device) -> float:
 
 
 def gpu_name(device) -> str:
-    """The GPU's name, asked in a child process: CUDA in this parent would hold ~0.5 GB of the GPU all along."""
+    """The GPU's name, asked in a child process: CUDA in this parent would hold ~0.5 GB of the GPU all
+    along."""
     if not str(device).startswith("cuda"):
         return str(device)
     res = subprocess.run([sys.executable, "-c", "import torch; print(torch.cuda.get_device_name())"],
@@ -308,13 +357,14 @@ def peak_memory_mb(device) -> float:
 
 def g_decode(args, shape):
     """Batch-1 greedy decoding at a real shape vs the bandwidth limit (reference = the limit, in tokens/s)."""
-    from model import generate
+    from decode import generate
 
     model = random_model(shape_args(shape, args), DTYPES[args.dtype], args.device)
     limit = copy_bandwidth_gbs(args.device) * 1e9 / weight_bytes(model)
     reset_peak_memory(args.device)
     prompts = torch.randint(3, 1000, (1, 32)).tolist()
-    t0 = time.perf_counter()  # the first call compiles (and records CUDA graphs); the same length, so it is reused
+    # the first call compiles (and records CUDA graphs); the same length, so it is reused
+    t0 = time.perf_counter()
     generate(model, prompts, max_new_tokens=args.new_tokens, compile=args.compile)
     first_call_s = time.perf_counter() - t0
     t = timed(lambda: generate(model, prompts, max_new_tokens=args.new_tokens, compile=args.compile))
@@ -324,88 +374,120 @@ def g_decode(args, shape):
 
 
 def g_contrastive(args, shape):
-    """Contrastive decoding with two real-shape models vs plain decoding of one (both compiled with --compile)."""
-    from decode import contrastive_generate
-    from model import generate
+    """Contrastive decoding with two real-shape models vs plain decoding of one (both compiled with
+    --compile)."""
+    from decode import contrastive_generate, generate
 
     margs = shape_args(shape, args)
-    a, b = random_model(margs, DTYPES[args.dtype], args.device, 0), random_model(margs, DTYPES[args.dtype], args.device, 1)
+    a, b = random_model(margs, DTYPES[args.dtype], args.device, 0), random_model(margs, DTYPES[args.dtype],
+                                                                                 args.device, 1)
     reset_peak_memory(args.device)
     prompts = torch.randint(3, 1000, (1, 32)).tolist()
     n = args.new_tokens
-    t_cd, t_plain = timed_pair(lambda: contrastive_generate(a, b, prompts, max_new_tokens=n, compile=args.compile),
+    t_cd, t_plain = timed_pair(lambda: contrastive_generate(a, b, prompts, max_new_tokens=n,
+                                                            compile=args.compile),
                                lambda: generate(a, prompts, max_new_tokens=n, compile=args.compile))
     return n / t_cd, n / t_plain, {"compiled": args.compile}
 
 
 def bench_tokenizer_and_pairs(folder: Path):
-    """A BPE tokenizer and harmful (prompt, response) pairs from the toy world's generators (no model build)."""
-    from data import toyworld
+    """A BPE tokenizer and harmful (prompt, response) pairs from the toy world's generator (no model
+    build)."""
+    from data import world as W
+    from data.files import write_text_atomic
     from model import Tokenizer
 
-    pairs = toyworld.harmful_eval_rows(seed=0, per_category=8)  # 64 pairs
-    texts = toyworld.tokenizer_texts([], [{"prompt": r["prompt"], "response": r["harmful_response"]} for r in pairs], [])
-    toyworld.save_tokenizer(toyworld.train_tokenizer(texts), folder)
-    return Tokenizer(folder), pairs
+    sets = W.make_data_sets(W.World(0), n_pretrain=400, n_alignment=200, n_safety=50, n_benign_train=50,
+                            harmful_eval_per_category=8)
+    for name, text in W.tokenizer_files(W.train_tokenizer(W.tokenizer_texts(sets))).items():
+        write_text_atomic(folder / name, text)
+    return Tokenizer(folder), sets["harmful_eval"]  # 64 pairs
 
 
 def g_profile(args, shape):
-    """position_profile tokens/s with two real-shape models vs one teacher-forced forward over the same tokens."""
+    """position_profile tokens/s with two real-shape models vs one teacher-forced forward over the same
+    tokens."""
     margs = shape_args(shape, args)
-    a, b = random_model(margs, DTYPES[args.dtype], args.device, 0), random_model(margs, DTYPES[args.dtype], args.device, 1)
+    a, b = random_model(margs, DTYPES[args.dtype], args.device, 0), random_model(margs, DTYPES[args.dtype],
+                                                                                 args.device, 1)
     reset_peak_memory(args.device)
     return profile_vs_forward(a, b, 64, 32, args.device)
 
 
-def targeted_training(make_model, lora_rank: int):
-    """train.py's pieces for timing and measuring steps: the student (with LoRA adapters if lora_rank), the frozen
+def targeted_training(make_model, lora_rank: int, tok=None):
+    """train.py's pieces for timing and measuring steps: the student (with LoRA adapters if lora_rank), the
+    frozen
     base and aligned teacher (the student with adapters off under LoRA), float32 masters and AdamW, and
     step(method, batches), one optimizer step as train.py takes it. make_model(seed) builds one model."""
+    import deepalign as D
     import train as T
 
     student, base = make_model(0), make_model(1).requires_grad_(False)
     if lora_rank:
         T.add_lora(student, lora_rank, 2.0 * lora_rank)
-        teacher = "adapters-off"
+        aligned = T.FrozenAligned(student, adapters_off=True)
     else:
-        teacher = make_model(2).requires_grad_(False)
+        aligned = T.FrozenAligned(make_model(2).requires_grad_(False), adapters_off=False)
     student.train()
     params = [p for p in student.parameters() if p.requires_grad]
     masters = T.fp32_masters(params)
     opt = torch.optim.AdamW(masters, lr=1e-5)
-    targs = T.parse_args([])
-    valid = torch.ones(student.args.vocab_size, dtype=torch.bool, device=student.lm_head.weight.device)
+    device = student.lm_head.weight.device
+    V = student.args.vocab_size
+    valid = torch.ones(V, dtype=torch.bool, device=device)
+    word_start = T.word_start_ids(tok, V).to(device) if tok is not None else torch.arange(V, device=device)
+    frozen = T.Frozen(base, aligned, valid, word_start)
+    loss = D.LossConfig()
 
     def step(method, batches):
-        opt.zero_grad(set_to_none=True)  # as train.py: the masters' float32 gradients are freed before each step
-        terms, _ = T.step_losses(method, student, teacher, base, *batches, targs, valid)
+        # as train.py: the masters' float32 gradients are freed before each step
+        opt.zero_grad(set_to_none=True)
+        terms = T.step_losses(method, student, frozen, batches, loss)
         terms["loss"].backward()
         T.optimizer_step(params, masters, opt, 1.0)
 
     return student, step
 
 
-def synthetic_batches(batch: int, seq: int, vocab: int, device, seed: int):
-    """A safety and a utility batch in train.py's layout, `seq` random tokens per example: loss on the last 128
-    positions of each safety example (a recovery after prompt + harmful prefix) and the last seq/2 of each utility
-    example (a benign answer)."""
+def synthetic_batches(batch: int, seq: int, vocab: int, device, seed: int, K: int = 40):
+    """train.py's batches of `targeted` with random tokens, `seq` tokens per sequence: per example, the dense
+    harmful contexts (the last K + 1 positions of a sequence), a recovery (loss on its last 128 positions), a
+    clean sequence for the teacher, and a benign example (loss on its last seq/2 positions). Both methods read
+    the same harmful batch (dense and recovery contexts) and utility batch."""
     import train as T
 
     g = torch.Generator().manual_seed(seed)
+    K = min(K, seq // 2)
 
-    def examples(n_loss):
-        return [(torch.randint(3, vocab, (seq,), generator=g).tolist(), [0] * (seq - n_loss) + [1] * n_loss, seq - n_loss)
-                for _ in range(batch)]
+    def example(n_loss, dense):
+        ids = torch.randint(3, vocab, (seq,), generator=g).tolist()
+        start = seq - n_loss
+        return T.Example(ids, list(range(start - 1, seq - 1)), ids[start:], list(range(n_loss)), dense)
 
-    return T.collate(examples(min(128, seq // 2)), 0, device), T.collate(examples(seq // 2), 0, device)
+    harmful, cleans, index = [], [], []
+    for b in range(batch):
+        harmful += [example(K + 1, True), example(min(128, seq // 2), False)]
+        cleans.append(example(min(128, seq // 2), False))
+        offset = b * len(cleans[0].cols)
+        index += [offset] * (K + 1) + [offset + j for j in range(min(128, seq // 2))]
+    n = len(index)
+    flags = torch.zeros(n, dtype=torch.bool, device=device)
+    teacher = T.TeacherIndex(T.collate(cleans, 0, device), torch.tensor(index, device=device), flags,
+                             ~flags)
+    utility = T.collate([example(seq // 2, False) for _ in range(batch)], 0, device)
+    shares = {name: 1.0 for name in ("kd", "util", "ce", "safety")}
+    return T.Batches(T.collate(harmful, 0, device), utility, teacher, shares)
 
 
 def g_train(args, shape, lora_rank: int):
-    """train.py's `targeted` step at sequence length --seq-len, --checkpointing: the largest batch (powers of two up to
-    --max-batch) that fits, its tokens/s (student tokens, safety + utility) and peak memory; reference: a plain
+    """train.py's `targeted` step at sequence length --seq-len, --checkpointing: the largest batch (powers of
+    two up to
+    --max-batch) that fits, its tokens/s (student tokens, safety + utility) and peak memory; reference: a
+    plain
     cross-entropy step (`augment`) at the same batch."""
     margs = shape_args(shape, args)
-    student, step = targeted_training(lambda seed: random_model(margs, DTYPES[args.dtype], args.device, seed), lora_rank)
+    student, step = targeted_training(lambda seed: random_model(margs, DTYPES[args.dtype], args.device, seed),
+                                      lora_rank)
     student.checkpointing = True
 
     def fits(batch) -> bool:
@@ -429,10 +511,13 @@ def g_train(args, shape, lora_rank: int):
         raise RuntimeError(f"{shape}: even batch 1 at sequence length {args.seq_len} does not fit")
     batches = synthetic_batches(largest, args.seq_len, margs.vocab_size, args.device, largest)
     reset_peak_memory(args.device)
-    t_tgt, t_ce = timed_pair(lambda: step("targeted", batches), lambda: step("augment", batches))
-    tokens = 2 * largest * args.seq_len
-    return tokens / t_tgt, tokens / t_ce, {"largest_batch": largest, "fits_up_to_max_batch": batch > args.max_batch,
-                                           "seq_len": args.seq_len, "lora_rank": lora_rank, "checkpointing": True,
+    t_tgt, t_ce = timed_pair(lambda: step("targeted", batches), lambda: step("rto", batches))
+    # the student reads a dense, a recovery and a benign sequence per example
+    tokens = 3 * largest * args.seq_len
+    return tokens / t_tgt, tokens / t_ce, {"largest_batch": largest,
+                                           "fits_up_to_max_batch": batch > args.max_batch,
+                                           "seq_len": args.seq_len, "lora_rank": lora_rank,
+                                           "checkpointing": True,
                                            "peak_mb": round(peak_memory_mb(args.device))}
 
 
@@ -471,27 +556,24 @@ MEASUREMENTS = {
     "contrastive": (m_contrastive, ">= 0.45"),
     "profile": (m_profile, ">= 0.45"),
     "train step": (m_train, "<= 1.8"),
+    "build pretrain step": (m_build, "report"),
     "train memory full": (lambda f, a: m_train_memory(f, a, 0), "report"),
     "train memory lora16": (lambda f, a: m_train_memory(f, a, 16), "report"),
 }
-
-
-def write_json_atomic(path, obj):
-    tmp = Path(path).with_name(Path(path).name + f".tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
 
 
 def run_one(name, folder, args):
     table = GPU_MEASUREMENTS if args.gpu else MEASUREMENTS
     out = table[name][0](folder, args)
     ours, ref, extra = out if len(out) == 3 else (*out, {})
-    peak_mb = extra.pop("peak_mb", None) or round(peak_memory_mb(args.device))  # a training row: at its largest batch
+    # a training row: at its largest batch
+    peak_mb = extra.pop("peak_mb", None) or round(peak_memory_mb(args.device))
     print(json.dumps({"ours": ours, "reference": ref, "peak_mb": peak_mb, **extra}))
 
 
 def cpu_header(size: str, folder: Path) -> dict:
-    """Parameters, weight bytes per decoded token and this machine's bandwidth limit for the CPU suite's model."""
+    """Parameters, weight bytes per decoded token and this machine's bandwidth limit for the CPU suite's
+    model."""
     from model import ModelArgs, Transformer, read_json
 
     with torch.device("meta"):
@@ -499,84 +581,132 @@ def cpu_header(size: str, folder: Path) -> dict:
     n_params, nbytes = sum(p.numel() for p in model.parameters()), weight_bytes(model)
     bw = bandwidth_gbs()
     limit = bw * 1e9 / nbytes  # tokens/s at batch 1 if every weight is read once per token
-    print(f"{size}: {n_params / 1e6:.0f}M parameters, {nbytes / 1e9:.2f} GB of float32 weights read per token "
-          f"(all but the embedding table); streaming mat-vec {bw:.1f} GB/s -> batch-1 decode limit {limit:.1f} tokens/s",
-          file=sys.stderr)
+    print(f"{size}: {n_params / 1e6:.0f}M parameters, {nbytes / 1e9:.2f} GB of float32 weights read per "
+          f"token "
+          f"(all but the embedding table); streaming mat-vec {bw:.1f} GB/s -> batch-1 decode limit "
+          f"{limit:.1f} tokens/s", file=sys.stderr)
     return {"size": size, "parameters": n_params, "weight_bytes_per_token": nbytes, "bandwidth_gbs": bw,
             "decode_limit_tokens_per_s": limit}
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--gpu", action="store_true", help="the GPU suite: real 8B/1B shapes, random weights on --device")
-    p.add_argument("--tiny", action="store_true", help="GPU suite with tiny stand-in shapes (to try it on CPU)")
+def suite_description(args) -> str:
+    """What the GPU suite runs, in words, for the log."""
+    what = [f"GPU suite, {args.dtype}"]
+    if args.compile:
+        what.append("compiled decoding")
+    if args.tiny:
+        what.append("TINY stand-in shapes (a code-path check, not a measurement)")
+    return "; ".join(what)
+
+
+def row_summary(row: dict) -> str:
+    """One measured row, for the log: the two sides, the ratio, the target, and the limits it is measured
+    against."""
+    text = (f"{row['name']:34s} ours {row['ours']:10.2f}  ref {row['reference']:10.2f}  ratio "
+            f"{row['ratio']:5.2f}x "
+            f"(target {row['target']})  peak {row['peak_mb']} MB")
+    if "fraction_of_bandwidth_limit" in row:
+        text += f"  {100 * row['fraction_of_bandwidth_limit']:.0f}% of limit"
+    if "fraction_of_matvec_limit" in row:
+        text += (f", {100 * row['fraction_of_matvec_limit']:.0f}% of mat-vecs alone "
+                 f"({row['matvec_tokens_per_s']:.1f} tok/s)")
+    return text
+
+
+UNITS = {"train step": "s", "train memory full": "B/param", "train memory lora16": "B/param"}
+
+
+def markdown_rows(rows: list[dict]) -> str:
+    lines = ["| measurement | ours | reference | ratio | target | peak MB |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        unit = UNITS.get(r["name"], "tok/s")
+        lines.append(f"| {r['name']} | {r['ours']:.2f} {unit} | {r['reference']:.2f} {unit} | "
+                     f"{r['ratio']:.2f}x | "
+                     f"{r['target']} | {r['peak_mb']} |")
+    return "\n".join(lines)
+
+
+def measure(name: str, folder, header: dict, table: dict, args) -> dict | None:
+    """Run one row in its own process (its own peak memory); the row, or None if it failed."""
+    cmd = [sys.executable, str(ROOT / "bench.py"), "--one", name, "--new-tokens", str(args.new_tokens),
+           "--dtype", args.dtype, "--device", args.device, "--size", args.size,
+           "--seq-len", str(args.seq_len),
+           "--max-batch", str(args.max_batch)]
+    if folder:
+        cmd += ["--folder", str(folder)]
+    cmd += [flag for flag, on in (("--gpu", args.gpu), ("--tiny", args.tiny), ("--compile",
+                                                                               args.compile)) if on]
+    res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    if res.returncode != 0:
+        print(f"{name}: failed\n{res.stderr[-2000:]}", file=sys.stderr)
+        return None
+    r = json.loads(res.stdout.strip().splitlines()[-1])
+    row = {"name": name, "ours": r["ours"], "reference": r["reference"], "ratio": r["ours"] / r["reference"],
+           "target": table[name][1], "peak_mb": r["peak_mb"]}
+    if not args.gpu and name.startswith(("decode", "contrastive")) and " b8" not in name:
+        row["fraction_of_bandwidth_limit"] = r["ours"] / header["decode_limit_tokens_per_s"]
+    if args.gpu and name.startswith("decode"):
+        row["fraction_of_bandwidth_limit"] = row["ratio"]
+    row.update({k: v for k, v in r.items() if k not in ("ours", "reference", "peak_mb")})
+    if "matvec_tokens_per_s" in row:
+        row["fraction_of_matvec_limit"] = row["ours"] / row["matvec_tokens_per_s"]
+    return row
+
+
+def parse_args(argv=None):
+    p = cli.parser(__doc__)
+    p.add_argument("--gpu", action="store_true", help="the GPU suite: real 8B/1B shapes, random weights")
+    p.add_argument("--tiny", action="store_true",
+                   help="GPU suite with tiny stand-in shapes (to try it on CPU)")
     p.add_argument("--size", choices=sorted(SIZES), default="125m", help="CPU suite: the model size")
     p.add_argument("--only", nargs="+", help="run only these rows (names as printed)")
-    p.add_argument("--compile", action="store_true", help="CPU: also measure compiled decoding; GPU: compile decoding")
-    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--compile", action="store_true",
+                   help="CPU: also measure compiled decoding; GPU: compile it")
+    p.add_argument("--new-tokens", type=int, default=128, help="tokens generated per decode measurement")
     p.add_argument("--seq-len", type=int, default=1024, help="GPU training rows: tokens per example")
     p.add_argument("--max-batch", type=int, default=64, help="GPU training rows: the largest batch tried")
-    p.add_argument("--dtype", choices=sorted(DTYPES), help="default: float32 (CPU suite), bfloat16 (GPU suite)")
-    p.add_argument("--device", help="default: cpu (CPU suite), cuda (GPU suite)")
+    p.add_argument("--dtype", choices=sorted(DTYPES),
+                   help="float32 (CPU suite) or bfloat16 (GPU suite) if unset")
+    p.add_argument("--device", help="cpu (CPU suite) or cuda (GPU suite) if unset")
     p.add_argument("--out", help="write {rows: [{name, ours, reference, ratio, target}], ...} here")
     p.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one measurement in this process
     p.add_argument("--folder", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.dtype = args.dtype or ("bfloat16" if args.gpu else "float32")
     args.device = args.device or ("cuda" if args.gpu else "cpu")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
     if args.one:
         return run_one(args.one, Path(args.folder) if args.folder else None, args)
-
     table = GPU_MEASUREMENTS if args.gpu else MEASUREMENTS
     unknown = sorted(set(args.only or []) - set(table))
     if unknown:
-        p.error(f"--only: unknown rows {unknown}; this suite has: {', '.join(table)}")
+        raise ValueError(f"--only: unknown rows {unknown}; this suite has: {', '.join(table)}")
     names = args.only or [n for n in table if args.gpu or args.compile or "compile" not in n]
+    rows = []
     with tempfile.TemporaryDirectory() as tmp:
         if args.gpu:
-            folder, header = None, {"suite": "gpu", "tiny": args.tiny, "dtype": args.dtype, "compiled": args.compile,
-                                    "device": gpu_name(args.device)}
-            print(f"GPU suite on {header['device']}, {args.dtype}{', compiled decoding' if args.compile else ''}"
-                  f"{'; TINY stand-in shapes (a code-path check, not a measurement)' if args.tiny else ''}", file=sys.stderr)
+            folder = None
+            header = {"suite": "gpu", "tiny": args.tiny, "dtype": args.dtype, "compiled": args.compile,
+                      "device": gpu_name(args.device)}
+            print(f"{suite_description(args)} on {header['device']}", file=sys.stderr)
         else:
             folder = make_checkpoint(args.size, Path(tmp) / "model")
             header = {"suite": "cpu", **cpu_header(args.size, folder)}
-        rows = []
         for name in names:
-            cmd = [sys.executable, str(ROOT / "bench.py"), "--one", name, "--new-tokens", str(args.new_tokens),
-                   "--dtype", args.dtype, "--device", args.device, "--size", args.size, "--seq-len", str(args.seq_len),
-                   "--max-batch", str(args.max_batch)] + (["--folder", str(folder)] if folder else []) \
-                + [flag for flag, on in (("--gpu", args.gpu), ("--tiny", args.tiny), ("--compile", args.compile)) if on]
-            res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
-            if res.returncode != 0:
-                print(f"{name}: failed\n{res.stderr[-2000:]}", file=sys.stderr)
+            row = measure(name, folder, header, table, args)
+            if row is None:
                 continue
-            r = json.loads(res.stdout.strip().splitlines()[-1])
-            row = {"name": name, "ours": r["ours"], "reference": r["reference"], "ratio": r["ours"] / r["reference"],
-                   "target": table[name][1], "peak_mb": r["peak_mb"]}
-            if not args.gpu and name.startswith(("decode", "contrastive")) and " b8" not in name:
-                row["fraction_of_bandwidth_limit"] = r["ours"] / header["decode_limit_tokens_per_s"]
-            if args.gpu and name.startswith("decode"):
-                row["fraction_of_bandwidth_limit"] = row["ratio"]
-            row.update({k: v for k, v in r.items() if k not in ("ours", "reference", "peak_mb")})
-            if "matvec_tokens_per_s" in row:
-                row["fraction_of_matvec_limit"] = row["ours"] / row["matvec_tokens_per_s"]
             rows.append(row)
             if args.out:  # after every row, so that a run cut short keeps what it measured
                 write_json_atomic(args.out, {**header, "rows": rows})
-            print(f"{name:34s} ours {row['ours']:10.2f}  ref {row['reference']:10.2f}  ratio {row['ratio']:5.2f}x "
-                  f"(target {row['target']})  peak {row['peak_mb']} MB"
-                  + (f"  {100 * row['fraction_of_bandwidth_limit']:.0f}% of limit" if "fraction_of_bandwidth_limit" in row else "")
-                  + (f", {100 * row['fraction_of_matvec_limit']:.0f}% of mat-vecs alone ({row['matvec_tokens_per_s']:.1f} tok/s)"
-                     if "fraction_of_matvec_limit" in row else ""),
-                  file=sys.stderr)
-    table_md = ["| measurement | ours | reference | ratio | target | peak MB |", "| --- | --- | --- | --- | --- | --- |"]
-    for r in rows:
-        unit = {"train step": "s", "train memory full": "B/param", "train memory lora16": "B/param"}.get(r["name"], "tok/s")
-        table_md.append(f"| {r['name']} | {r['ours']:.2f} {unit} | {r['reference']:.2f} {unit} | {r['ratio']:.2f}x | "
-                        f"{r['target']} | {r['peak_mb']} |")
-    print("\n".join(table_md))
+            print(row_summary(row), file=sys.stderr)
+    print(markdown_rows(rows))
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)
