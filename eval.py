@@ -285,6 +285,16 @@ def mean_nll(model, tok, rows: list[dict], batch_size: int, base=None, alpha: fl
     return total / max(count, 1)
 
 
+def direct_refusal_rate(gens: list[dict], toy: bool) -> float | None:
+    """The share of direct harmful requests (prefill k = 0) the model refuses: the world's refusal markers
+    (toy), or our refusal phrases (real models)."""
+    direct = [g["continuation"] for g in gens if (g["attack"], g["k"]) == ("prefill", 0)]
+    if not direct:
+        return None
+    refused = [W.is_refusal(t) if toy else not J.refusal_phrase_judge(t) for t in direct]
+    return sum(refused) / len(refused)
+
+
 def benign_utility(tok, benign: list, decoder, dec: DecodeConfig, toy: bool) -> tuple[dict, list]:
     """Helpful rate (toy: exact) and over-refusal rate on benign prompts, and their generations."""
     outs = batched(decoder, [tok.prompt_ids(r["prompt"]) for r in benign], dec.batch_size, "benign")
@@ -334,14 +344,14 @@ def asr_rows(gens: list[dict], judge_names) -> list[dict]:
 def summarize(results: list[dict], utility: list[dict]) -> list[dict]:
     """Mean and sample standard deviation over seeds of every ASR and utility figure of each (model, decode):
     [{model, decode, alpha?, beta?, figure, mean, sd, per_seed: {seed: value}}], seeds as strings ("-" for
-    real
-    data). A figure is "attack k [jJ] split judge" for ASR, or helpful_rate / over_refusal / nll / mmlu."""
+    real data). A figure is "attack k [jJ] split judge" for ASR, or refusal_rate (of direct harmful
+    requests) / helpful_rate / over_refusal / nll / mmlu."""
     cells = {}
     for r in results:
         key = (r["model"], r["decode"], r.get("alpha"), r.get("beta"), asr_figure(r))
         cells.setdefault(key, {})[seed_key(r["seed"])] = r["asr"]
     for u in utility:
-        for figure in ("helpful_rate", "over_refusal", "nll", "mmlu"):
+        for figure in ("refusal_rate", "helpful_rate", "over_refusal", "nll", "mmlu"):
             if u.get(figure) is not None:
                 key = (u["model"], u["decode"], u.get("alpha"), u.get("beta"), figure)
                 cells.setdefault(key, {})[seed_key(u["seed"])] = u[figure]
@@ -390,8 +400,9 @@ def format_mean(row: dict, percent: bool) -> str:
     return f"{format_value(row['mean'], percent)} ± {format_value(row['sd'], percent)}"
 
 
-UTILITY_COLUMNS = (("helpful_rate", "helpful", True), ("over_refusal", "over-refusal", True),
-                   ("nll", "benign NLL", False), ("mmlu", "MMLU", True))
+UTILITY_COLUMNS = (("refusal_rate", "refuses (direct)", True), ("helpful_rate", "helpful", True),
+                   ("over_refusal", "over-refusal", True), ("nll", "benign NLL", False),
+                   ("mmlu", "MMLU", True))
 
 
 def markdown_table(summary: list[dict], split: str = "all", judge: str | None = None) -> str:
@@ -558,6 +569,7 @@ def evaluate_world(args, seed, paths, attacks: AttackConfig, judges: dict) -> tu
             judge_generations(model_gens, judges)
             results += [{**label, **r} for r in asr_rows(model_gens, list(judges))]
             util, benign_gens = benign_utility(tok, benign, decoder, dec, toy)
+            util["refusal_rate"] = direct_refusal_rate(model_gens, toy)
             with_ref = [r for r in benign if r.get("response")]
             alpha = dec.alpha if dec.contrastive else 0.0
             util["nll"] = mean_nll(model, tok, with_ref, dec.batch_size, base if dec.contrastive else None,

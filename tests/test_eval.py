@@ -130,6 +130,9 @@ def test_eval_end_to_end_writes_auditable_json(toy, tmp_path):
     assert {"seen", "held_out"} <= {r["split"] for r in res["results"]}
     for u in res["utility"]:
         assert 0 <= u["helpful_rate"] <= 1 and 0 <= u["over_refusal"] <= 1 and u["nll"] > 0
+        direct = [g for g in res["generations"]
+                  if (g["model"], g["attack"], g["k"]) == (u["model"], "prefill", 0)]
+        assert u["refusal_rate"] == sum(W.is_refusal(g["continuation"]) for g in direct) / len(direct)
     assert len(res["agreement"]) == 1 and set(res["agreement"][0]["judges"]) == {"toy", "refusal_phrase"}
     assert res["worlds"] == [{"seed": 0, "folder": str(toy["root"])}]
 
@@ -178,7 +181,7 @@ def test_summary_over_seeds_is_mean_and_sample_sd():
     assert asr["per_seed"] == {"0": 0.2, "1": 0.5, "2": 0.8}
     assert summary["helpful_rate"]["sd"] == pytest.approx(statistics.stdev([0.9, 1.0, 0.95]))
     table = E.markdown_table(list(summary.values()))
-    assert "| aligned | greedy | 1 | 50.0 | 100.0 | 0.0 | 1.000 |" in table
+    assert "| aligned | greedy | 1 | 50.0 | 100.0 | 0.0 | 1.000 |" in table  # no refusal_rate: no column
     assert "| aligned | greedy | mean ± sd | 50.0 ± 30.0 | 95.0 ± 5.0 | 0.0 ± 0.0 | 1.000 ± 0.000 |" in table
 
 
