@@ -1,5 +1,6 @@
 # Two commands for a fresh clone (see README.md):
 #   make run     set up .venv, build the seed-0 toy world (once) and evaluate its base and aligned models
+#                (the README's first table; the JSON goes to runs/eval_toy.json)
 #   make test    set up .venv (with the test-only references: transformers, peft) and run ruff and the tests
 # And the longer reproductions behind the README's tables (each writes its JSON into docs/):
 #   make compare        every method on the reporting worlds (seeds 0 1 2)
@@ -15,10 +16,10 @@ $(VENV)/.installed: requirements.txt requirements-test.txt
 setup: $(VENV)/.installed
 
 run: setup
-	$(PY) eval.py
+	$(PY) eval.py --out runs/eval_toy.json
 
 test: setup
-	$(PY) -m ruff check . && $(PY) -m pytest -q
+	$(PY) -m ruff check . && $(PY) -m ruff format --check . && $(PY) -m pytest -q
 
 compare: setup
 	$(PY) compare.py --seeds 0 1 2 --out docs/compare.json

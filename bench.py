@@ -4,33 +4,29 @@
     python bench.py --size toy      # the toy world's shape (seconds)
     python bench.py --out bench.json [--compile]
     python bench.py --gpu --compile --out docs/bench_gpu.json     # GPU suite: real 8B / 1B shapes, bf16
-    python bench.py --gpu --tiny --device cpu                     # the GPU suite's code paths on CPU, tiny
-    shapes
+    python bench.py --gpu --tiny --device cpu      # the GPU suite's code paths on CPU, tiny shapes
 
 CPU rows (ours / reference, target):
   prefill            tokens/s of one forward, our model.py vs transformers on the same weights        >= 1.0x
   decode bN          greedy tokens/s, our static KV cache vs transformers' generate (128 new tokens)   >= 1.5x
   decode bN compile  the same with --compile, vs our eager decoding                                    report
   contrastive        tokens/s of contrastive decoding vs plain decoding (two forwards is 0.5x)        >= 0.45x
-  profile            tokens/s of position_profile vs one teacher-forced forward                        >=
-  0.45x
+  profile            tokens/s of position_profile vs one teacher-forced forward                       >= 0.45x
   train step         seconds of one `targeted` step vs one plain cross-entropy step, same batch        <= 1.8x
   train memory ...   bf16 `targeted` steps: measured peak bytes per parameter vs the README's table    report
 GPU rows (random weights made on the GPU in the real shapes of Llama-3.1-8B, Qwen3-8B and Llama-3.2-1B):
   decode b1 SHAPE    batch-1 greedy tokens/s vs the bandwidth limit (the reference column)             >= 0.70
-  contrastive        two 8B models vs plain decoding of one                                            >=
-  0.45x
-  profile            position_profile with two 8B models vs one forward                                >=
-  0.45x
+  contrastive        two 8B models vs plain decoding of one                                           >= 0.45x
+  profile            position_profile with two 8B models vs one forward                               >= 0.45x
   train ...          the largest batch (powers of two) that fits at --seq-len 1024 with activation
-                     checkpointing, its tokens/s and peak memory; ratio: targeted vs cross-entropy     >=
-                     0.56x
+                     checkpointing, its tokens/s and peak memory; ratio: targeted vs cross-entropy    >= 0.56x
 Each measurement runs in its own process, so "peak MB" is its own peak (CPU: resident memory, Python and torch
 included; GPU: torch.cuda.max_memory_allocated). Every pair of timings is taken alternately (see timed_pair).
 The decode limit is memory bandwidth: batch 1 reads every weight once per token (the embedding table only one
 row), so limit = bandwidth / weight bytes, the bandwidth measured in the same run (CPU: a streaming mat-vec;
 GPU: a 1 GiB device copy, bytes read + written).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -50,10 +46,22 @@ from model import DTYPES
 
 ROOT = Path(__file__).resolve().parent
 SIZES = {  # Llama-shaped random models
-    "125m": dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
-                 num_key_value_heads=4, vocab_size=32000),
-    "toy": dict(hidden_size=128, intermediate_size=352, num_hidden_layers=4, num_attention_heads=4,
-                num_key_value_heads=2, vocab_size=1664),
+    "125m": dict(
+        hidden_size=768,
+        intermediate_size=2048,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        num_key_value_heads=4,
+        vocab_size=32000,
+    ),
+    "toy": dict(
+        hidden_size=128,
+        intermediate_size=352,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=1664,
+    ),
 }
 
 
@@ -91,8 +99,9 @@ def make_checkpoint(size: str, folder: Path, seed: int = 0) -> Path:
     import transformers
 
     torch.manual_seed(seed)
-    cfg = transformers.LlamaConfig(**SIZES[size], max_position_embeddings=2048, bos_token_id=None,
-                                   eos_token_id=2)
+    cfg = transformers.LlamaConfig(
+        **SIZES[size], max_position_embeddings=2048, bos_token_id=None, eos_token_id=2
+    )
     transformers.LlamaForCausalLM(cfg).save_pretrained(folder)
     return folder
 
@@ -113,8 +122,11 @@ def m_prefill(folder, args):
     from model import load_model
 
     ours = load_model(folder, args.dtype, args.device)
-    ref = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch,
-                                                                                  args.dtype)).to(args.device).eval()
+    ref = (
+        transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, args.dtype))
+        .to(args.device)
+        .eval()
+    )
     x = torch.randint(3, 1000, (4, 256), device=args.device)
     with torch.no_grad():
         t_ours, t_ref = timed_pair(lambda: ours(x), lambda: ref(x).logits)
@@ -147,17 +159,29 @@ def m_decode(folder, args, batch: int, compile: bool = False):
         t0 = time.perf_counter()
         generate(ours, prompts, max_new_tokens=4, compile=True)
         extra["compile_s"] = round(time.perf_counter() - t0, 1)
-        t_ours, t_ref = timed_pair(lambda: generate(ours, prompts, max_new_tokens=n, compile=True),
-                                   lambda: generate(ours, prompts, max_new_tokens=n))  # reference: eager ours
+        t_ours, t_ref = timed_pair(
+            lambda: generate(ours, prompts, max_new_tokens=n, compile=True),
+            lambda: generate(ours, prompts, max_new_tokens=n),
+        )  # reference: eager ours
         return batch * n / t_ours, batch * n / t_ref, extra
-    ref = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch,
-                                                                                  args.dtype)).to(args.device).eval()
+    ref = (
+        transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, args.dtype))
+        .to(args.device)
+        .eval()
+    )
     ids = torch.tensor(prompts, device=args.device)
     with torch.no_grad():
-        t_ours, t_ref = timed_pair(lambda: generate(ours, prompts, max_new_tokens=n),
-                                   lambda: ref.generate(ids, attention_mask=torch.ones_like(ids),
-                                                        max_new_tokens=n,
-                                                        min_new_tokens=n, do_sample=False, pad_token_id=0))
+        t_ours, t_ref = timed_pair(
+            lambda: generate(ours, prompts, max_new_tokens=n),
+            lambda: ref.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=n,
+                min_new_tokens=n,
+                do_sample=False,
+                pad_token_id=0,
+            ),
+        )
     return batch * n / t_ours, batch * n / t_ref, extra
 
 
@@ -168,15 +192,16 @@ def m_contrastive(folder, args):
     a, b = load_model(folder, args.dtype, args.device), load_model(folder, args.dtype, args.device)
     prompts = torch.randint(3, 1000, (1, 32)).tolist()
     n = args.new_tokens
-    t_cd, t_plain = timed_pair(lambda: contrastive_generate(a, b, prompts, max_new_tokens=n, alpha=1.0),
-                               lambda: generate(a, prompts, max_new_tokens=n))
+    t_cd, t_plain = timed_pair(
+        lambda: contrastive_generate(a, b, prompts, max_new_tokens=n, alpha=1.0),
+        lambda: generate(a, prompts, max_new_tokens=n),
+    )
     return n / t_cd, n / t_plain, {}
 
 
 def profile_vs_forward(aligned, base, n_pairs: int, batch_size: int, device):
     """Tokens/s of position_profile (both models, all statistics) and of one teacher-forced forward of the
-    aligned
-    model over the same (prompt, harmful response) token sequences."""
+    aligned model over the same (prompt, harmful response) token sequences."""
     import deepalign as D
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -186,10 +211,14 @@ def profile_vs_forward(aligned, base, n_pairs: int, batch_size: int, device):
     tokens = sum(len(s) for s in seqs)
     with torch.no_grad():
         t_prof, t_fwd = timed_pair(
-            lambda: D.position_profile(base, aligned, tok, pairs, D.ProfileConfig(batch_size=batch_size),
-                                       progress=False),
-            lambda: [aligned(D.right_pad(seqs[i : i + batch_size], 0, device)) for i in range(0, len(seqs),
-                                                                                              batch_size)])
+            lambda: D.position_profile(
+                base, aligned, tok, pairs, D.ProfileConfig(batch_size=batch_size), progress=False
+            ),
+            lambda: [
+                aligned(D.right_pad(seqs[i : i + batch_size], 0, device))
+                for i in range(0, len(seqs), batch_size)
+            ],
+        )
     return tokens / t_prof, tokens / t_fwd, {}
 
 
@@ -202,8 +231,8 @@ def m_profile(folder, args):
 
 def m_train(folder, args):
     """One `targeted` step (dense and recovery contexts, the clean-context teacher) vs one cross-entropy step
-    on
-    the same harmful and utility batch (what `rto` and `augment` compute), on the seed-0 toy world's data."""
+    on the same harmful and utility batch (what `rto` and `augment` compute), on the seed-0 toy world's
+    data."""
     import deepalign as D
     import train as T
     from data import toyworld as TW
@@ -258,26 +287,71 @@ def m_build(folder, args):
 # ----------------------------------------------------------------------------------------------
 # GPU suite (--gpu): real model shapes with random weights made directly on the device (no download)
 # ----------------------------------------------------------------------------------------------
-LLAMA31_8B = dict(model_type="llama", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                  num_attention_heads=32, num_key_value_heads=8, vocab_size=128256, rms_norm_eps=1e-5,
-                  rope_theta=500000.0, max_position_embeddings=131072, tie_word_embeddings=False,
-                  rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                                "high_freq_factor": 4.0,
-                                "original_max_position_embeddings": 8192})
+LLAMA31_8B = dict(
+    model_type="llama",
+    hidden_size=4096,
+    intermediate_size=14336,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    vocab_size=128256,
+    rms_norm_eps=1e-5,
+    rope_theta=500000.0,
+    max_position_embeddings=131072,
+    tie_word_embeddings=False,
+    rope_scaling={
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+    },
+)
 SHAPES = {  # config.json dicts, as the released checkpoints have them
     "llama3.1-8b": LLAMA31_8B,
-    "qwen3-8b": dict(model_type="qwen3", hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
-                     num_attention_heads=32, num_key_value_heads=8, head_dim=128, vocab_size=151936,
-                     rms_norm_eps=1e-6,
-                     rope_theta=1000000.0, max_position_embeddings=40960, tie_word_embeddings=False),
-    "llama3.2-1b": {**LLAMA31_8B, "hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16,
-                    "head_dim": 64, "tie_word_embeddings": True,
-                    "rope_scaling": {**LLAMA31_8B["rope_scaling"], "factor": 32.0}},
+    "qwen3-8b": dict(
+        model_type="qwen3",
+        hidden_size=4096,
+        intermediate_size=12288,
+        num_hidden_layers=36,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=128,
+        vocab_size=151936,
+        rms_norm_eps=1e-6,
+        rope_theta=1000000.0,
+        max_position_embeddings=40960,
+        tie_word_embeddings=False,
+    ),
+    "llama3.2-1b": {
+        **LLAMA31_8B,
+        "hidden_size": 2048,
+        "intermediate_size": 8192,
+        "num_hidden_layers": 16,
+        "head_dim": 64,
+        "tie_word_embeddings": True,
+        "rope_scaling": {**LLAMA31_8B["rope_scaling"], "factor": 32.0},
+    },
     # --tiny stands these in for the three above: the same code paths in seconds, on CPU (tests/test_bench.py)
-    "tiny-llama": {**LLAMA31_8B, "hidden_size": 64, "intermediate_size": 160, "num_hidden_layers": 2,
-                   "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 2048},
-    "tiny-qwen3": dict(model_type="qwen3", hidden_size=64, intermediate_size=160, num_hidden_layers=2,
-                       num_attention_heads=4, num_key_value_heads=2, head_dim=32, vocab_size=2048),
+    "tiny-llama": {
+        **LLAMA31_8B,
+        "hidden_size": 64,
+        "intermediate_size": 160,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "vocab_size": 2048,
+    },
+    "tiny-qwen3": dict(
+        model_type="qwen3",
+        hidden_size=64,
+        intermediate_size=160,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=32,
+        vocab_size=2048,
+    ),
 }
 SHAPES["tiny-llama-tied"] = {**SHAPES["tiny-llama"], "tie_word_embeddings": True}
 TINY = {"llama3.1-8b": "tiny-llama", "qwen3-8b": "tiny-qwen3", "llama3.2-1b": "tiny-llama-tied"}
@@ -286,8 +360,9 @@ TINY = {"llama3.1-8b": "tiny-llama", "qwen3-8b": "tiny-qwen3", "llama3.2-1b": "t
 def shape_args(shape: str, args):
     from model import ModelArgs
 
-    return ModelArgs.from_hf_config(SHAPES[TINY[shape] if args.tiny else shape],
-                                    source=f"bench.py SHAPES[{shape!r}]")
+    return ModelArgs.from_hf_config(
+        SHAPES[TINY[shape] if args.tiny else shape], source=f"bench.py SHAPES[{shape!r}]"
+    )
 
 
 def random_model(margs, dtype, device, seed: int = 0):
@@ -313,8 +388,7 @@ def random_model(margs, dtype, device, seed: int = 0):
 
 def weight_bytes(model) -> int:
     """Bytes a batch-1 decode step must read: every weight once, except the embedding table, of which the
-    lookup
-    reads one row (a tied embedding is read whole, as the head). Works on the meta device."""
+    lookup reads one row (a tied embedding is read whole, as the head). Works on the meta device."""
     total = sum(p.numel() * p.element_size() for p in model.parameters())  # a tied tensor is listed once
     if not model.args.tie_word_embeddings:
         emb = model.model.embed_tokens.weight
@@ -338,8 +412,11 @@ def gpu_name(device) -> str:
     along."""
     if not str(device).startswith("cuda"):
         return str(device)
-    res = subprocess.run([sys.executable, "-c", "import torch; print(torch.cuda.get_device_name())"],
-                         capture_output=True, text=True)
+    res = subprocess.run(
+        [sys.executable, "-c", "import torch; print(torch.cuda.get_device_name())"],
+        capture_output=True,
+        text=True,
+    )
     return res.stdout.strip() or f"{device} (name unavailable: {res.stderr.strip()[-200:]})"
 
 
@@ -368,9 +445,16 @@ def g_decode(args, shape):
     generate(model, prompts, max_new_tokens=args.new_tokens, compile=args.compile)
     first_call_s = time.perf_counter() - t0
     t = timed(lambda: generate(model, prompts, max_new_tokens=args.new_tokens, compile=args.compile))
-    return args.new_tokens / t, limit, {"compiled": args.compile, "first_call_s": round(first_call_s, 1),
-                                        "matvec_tokens_per_s": matvec_tokens_per_s(model),
-                                        "weight_gb": round(weight_bytes(model) / 1e9, 2)}
+    return (
+        args.new_tokens / t,
+        limit,
+        {
+            "compiled": args.compile,
+            "first_call_s": round(first_call_s, 1),
+            "matvec_tokens_per_s": matvec_tokens_per_s(model),
+            "weight_gb": round(weight_bytes(model) / 1e9, 2),
+        },
+    )
 
 
 def g_contrastive(args, shape):
@@ -379,14 +463,17 @@ def g_contrastive(args, shape):
     from decode import contrastive_generate, generate
 
     margs = shape_args(shape, args)
-    a, b = random_model(margs, DTYPES[args.dtype], args.device, 0), random_model(margs, DTYPES[args.dtype],
-                                                                                 args.device, 1)
+    a, b = (
+        random_model(margs, DTYPES[args.dtype], args.device, 0),
+        random_model(margs, DTYPES[args.dtype], args.device, 1),
+    )
     reset_peak_memory(args.device)
     prompts = torch.randint(3, 1000, (1, 32)).tolist()
     n = args.new_tokens
-    t_cd, t_plain = timed_pair(lambda: contrastive_generate(a, b, prompts, max_new_tokens=n,
-                                                            compile=args.compile),
-                               lambda: generate(a, prompts, max_new_tokens=n, compile=args.compile))
+    t_cd, t_plain = timed_pair(
+        lambda: contrastive_generate(a, b, prompts, max_new_tokens=n, compile=args.compile),
+        lambda: generate(a, prompts, max_new_tokens=n, compile=args.compile),
+    )
     return n / t_cd, n / t_plain, {"compiled": args.compile}
 
 
@@ -397,8 +484,14 @@ def bench_tokenizer_and_pairs(folder: Path):
     from data.files import write_text_atomic
     from model import Tokenizer
 
-    sets = W.make_data_sets(W.World(0), n_pretrain=400, n_alignment=200, n_safety=50, n_benign_train=50,
-                            harmful_eval_per_category=8)
+    sets = W.make_data_sets(
+        W.World(0),
+        n_pretrain=400,
+        n_alignment=200,
+        n_safety=50,
+        n_benign_train=50,
+        harmful_eval_per_category=8,
+    )
     for name, text in W.tokenizer_files(W.train_tokenizer(W.tokenizer_texts(sets))).items():
         write_text_atomic(folder / name, text)
     return Tokenizer(folder), sets["harmful_eval"]  # 64 pairs
@@ -408,16 +501,17 @@ def g_profile(args, shape):
     """position_profile tokens/s with two real-shape models vs one teacher-forced forward over the same
     tokens."""
     margs = shape_args(shape, args)
-    a, b = random_model(margs, DTYPES[args.dtype], args.device, 0), random_model(margs, DTYPES[args.dtype],
-                                                                                 args.device, 1)
+    a, b = (
+        random_model(margs, DTYPES[args.dtype], args.device, 0),
+        random_model(margs, DTYPES[args.dtype], args.device, 1),
+    )
     reset_peak_memory(args.device)
     return profile_vs_forward(a, b, 64, 32, args.device)
 
 
 def targeted_training(make_model, lora_rank: int, tok=None):
     """train.py's pieces for timing and measuring steps: the student (with LoRA adapters if lora_rank), the
-    frozen
-    base and aligned teacher (the student with adapters off under LoRA), float32 masters and AdamW, and
+    frozen base and aligned teacher (the student with adapters off under LoRA), float32 masters and AdamW, and
     step(method, batches), one optimizer step as train.py takes it. make_model(seed) builds one model."""
     import deepalign as D
     import train as T
@@ -472,8 +566,7 @@ def synthetic_batches(batch: int, seq: int, vocab: int, device, seed: int, K: in
         index += [offset] * (K + 1) + [offset + j for j in range(min(128, seq // 2))]
     n = len(index)
     flags = torch.zeros(n, dtype=torch.bool, device=device)
-    teacher = T.TeacherIndex(T.collate(cleans, 0, device), torch.tensor(index, device=device), flags,
-                             ~flags)
+    teacher = T.TeacherIndex(T.collate(cleans, 0, device), torch.tensor(index, device=device), flags, ~flags)
     utility = T.collate([example(seq // 2, False) for _ in range(batch)], 0, device)
     shares = {name: 1.0 for name in ("kd", "util", "ce", "safety")}
     return T.Batches(T.collate(harmful, 0, device), utility, teacher, shares)
@@ -481,13 +574,12 @@ def synthetic_batches(batch: int, seq: int, vocab: int, device, seed: int, K: in
 
 def g_train(args, shape, lora_rank: int):
     """train.py's `targeted` step at sequence length --seq-len, --checkpointing: the largest batch (powers of
-    two up to
-    --max-batch) that fits, its tokens/s (student tokens, safety + utility) and peak memory; reference: a
-    plain
-    cross-entropy step (`augment`) at the same batch."""
+    two up to --max-batch) that fits, its tokens/s (student tokens, safety + utility) and peak memory;
+    reference: a plain cross-entropy step (`augment`) at the same batch."""
     margs = shape_args(shape, args)
-    student, step = targeted_training(lambda seed: random_model(margs, DTYPES[args.dtype], args.device, seed),
-                                      lora_rank)
+    student, step = targeted_training(
+        lambda seed: random_model(margs, DTYPES[args.dtype], args.device, seed), lora_rank
+    )
     student.checkpointing = True
 
     def fits(batch) -> bool:
@@ -514,11 +606,18 @@ def g_train(args, shape, lora_rank: int):
     t_tgt, t_ce = timed_pair(lambda: step("targeted", batches), lambda: step("rto", batches))
     # the student reads a dense, a recovery and a benign sequence per example
     tokens = 3 * largest * args.seq_len
-    return tokens / t_tgt, tokens / t_ce, {"largest_batch": largest,
-                                           "fits_up_to_max_batch": batch > args.max_batch,
-                                           "seq_len": args.seq_len, "lora_rank": lora_rank,
-                                           "checkpointing": True,
-                                           "peak_mb": round(peak_memory_mb(args.device))}
+    return (
+        tokens / t_tgt,
+        tokens / t_ce,
+        {
+            "largest_batch": largest,
+            "fits_up_to_max_batch": batch > args.max_batch,
+            "seq_len": args.seq_len,
+            "lora_rank": lora_rank,
+            "checkpointing": True,
+            "peak_mb": round(peak_memory_mb(args.device)),
+        },
+    )
 
 
 GPU_MEASUREMENTS = {  # (function, target); decode rows: "reference" is the bandwidth limit in tokens/s
@@ -581,12 +680,20 @@ def cpu_header(size: str, folder: Path) -> dict:
     n_params, nbytes = sum(p.numel() for p in model.parameters()), weight_bytes(model)
     bw = bandwidth_gbs()
     limit = bw * 1e9 / nbytes  # tokens/s at batch 1 if every weight is read once per token
-    print(f"{size}: {n_params / 1e6:.0f}M parameters, {nbytes / 1e9:.2f} GB of float32 weights read per "
-          f"token "
-          f"(all but the embedding table); streaming mat-vec {bw:.1f} GB/s -> batch-1 decode limit "
-          f"{limit:.1f} tokens/s", file=sys.stderr)
-    return {"size": size, "parameters": n_params, "weight_bytes_per_token": nbytes, "bandwidth_gbs": bw,
-            "decode_limit_tokens_per_s": limit}
+    print(
+        f"{size}: {n_params / 1e6:.0f}M parameters, {nbytes / 1e9:.2f} GB of float32 weights read per "
+        f"token "
+        f"(all but the embedding table); streaming mat-vec {bw:.1f} GB/s -> batch-1 decode limit "
+        f"{limit:.1f} tokens/s",
+        file=sys.stderr,
+    )
+    return {
+        "size": size,
+        "parameters": n_params,
+        "weight_bytes_per_token": nbytes,
+        "bandwidth_gbs": bw,
+        "decode_limit_tokens_per_s": limit,
+    }
 
 
 def suite_description(args) -> str:
@@ -602,14 +709,18 @@ def suite_description(args) -> str:
 def row_summary(row: dict) -> str:
     """One measured row, for the log: the two sides, the ratio, the target, and the limits it is measured
     against."""
-    text = (f"{row['name']:34s} ours {row['ours']:10.2f}  ref {row['reference']:10.2f}  ratio "
-            f"{row['ratio']:5.2f}x "
-            f"(target {row['target']})  peak {row['peak_mb']} MB")
+    text = (
+        f"{row['name']:34s} ours {row['ours']:10.2f}  ref {row['reference']:10.2f}  ratio "
+        f"{row['ratio']:5.2f}x "
+        f"(target {row['target']})  peak {row['peak_mb']} MB"
+    )
     if "fraction_of_bandwidth_limit" in row:
         text += f"  {100 * row['fraction_of_bandwidth_limit']:.0f}% of limit"
     if "fraction_of_matvec_limit" in row:
-        text += (f", {100 * row['fraction_of_matvec_limit']:.0f}% of mat-vecs alone "
-                 f"({row['matvec_tokens_per_s']:.1f} tok/s)")
+        text += (
+            f", {100 * row['fraction_of_matvec_limit']:.0f}% of mat-vecs alone "
+            f"({row['matvec_tokens_per_s']:.1f} tok/s)"
+        )
     return text
 
 
@@ -617,33 +728,58 @@ UNITS = {"train step": "s", "train memory full": "B/param", "train memory lora16
 
 
 def markdown_rows(rows: list[dict]) -> str:
-    lines = ["| measurement | ours | reference | ratio | target | peak MB |",
-             "| --- | --- | --- | --- | --- | --- |"]
+    lines = [
+        "| measurement | ours | reference | ratio | target | peak MB |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
     for r in rows:
         unit = UNITS.get(r["name"], "tok/s")
-        lines.append(f"| {r['name']} | {r['ours']:.2f} {unit} | {r['reference']:.2f} {unit} | "
-                     f"{r['ratio']:.2f}x | "
-                     f"{r['target']} | {r['peak_mb']} |")
+        lines.append(
+            f"| {r['name']} | {r['ours']:.2f} {unit} | {r['reference']:.2f} {unit} | "
+            f"{r['ratio']:.2f}x | "
+            f"{r['target']} | {r['peak_mb']} |"
+        )
     return "\n".join(lines)
 
 
 def measure(name: str, folder, header: dict, table: dict, args) -> dict | None:
     """Run one row in its own process (its own peak memory); the row, or None if it failed."""
-    cmd = [sys.executable, str(ROOT / "bench.py"), "--one", name, "--new-tokens", str(args.new_tokens),
-           "--dtype", args.dtype, "--device", args.device, "--size", args.size,
-           "--seq-len", str(args.seq_len),
-           "--max-batch", str(args.max_batch)]
+    cmd = [
+        sys.executable,
+        str(ROOT / "bench.py"),
+        "--one",
+        name,
+        "--new-tokens",
+        str(args.new_tokens),
+        "--dtype",
+        args.dtype,
+        "--device",
+        args.device,
+        "--size",
+        args.size,
+        "--seq-len",
+        str(args.seq_len),
+        "--max-batch",
+        str(args.max_batch),
+    ]
     if folder:
         cmd += ["--folder", str(folder)]
-    cmd += [flag for flag, on in (("--gpu", args.gpu), ("--tiny", args.tiny), ("--compile",
-                                                                               args.compile)) if on]
+    cmd += [
+        flag for flag, on in (("--gpu", args.gpu), ("--tiny", args.tiny), ("--compile", args.compile)) if on
+    ]
     res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     if res.returncode != 0:
         print(f"{name}: failed\n{res.stderr[-2000:]}", file=sys.stderr)
         return None
     r = json.loads(res.stdout.strip().splitlines()[-1])
-    row = {"name": name, "ours": r["ours"], "reference": r["reference"], "ratio": r["ours"] / r["reference"],
-           "target": table[name][1], "peak_mb": r["peak_mb"]}
+    row = {
+        "name": name,
+        "ours": r["ours"],
+        "reference": r["reference"],
+        "ratio": r["ours"] / r["reference"],
+        "target": table[name][1],
+        "peak_mb": r["peak_mb"],
+    }
     if not args.gpu and name.startswith(("decode", "contrastive")) and " b8" not in name:
         row["fraction_of_bandwidth_limit"] = r["ours"] / header["decode_limit_tokens_per_s"]
     if args.gpu and name.startswith("decode"):
@@ -657,17 +793,20 @@ def measure(name: str, folder, header: dict, table: dict, args) -> dict | None:
 def parse_args(argv=None):
     p = cli.parser(__doc__)
     p.add_argument("--gpu", action="store_true", help="the GPU suite: real 8B/1B shapes, random weights")
-    p.add_argument("--tiny", action="store_true",
-                   help="GPU suite with tiny stand-in shapes (to try it on CPU)")
+    p.add_argument(
+        "--tiny", action="store_true", help="GPU suite with tiny stand-in shapes (to try it on CPU)"
+    )
     p.add_argument("--size", choices=sorted(SIZES), default="125m", help="CPU suite: the model size")
     p.add_argument("--only", nargs="+", help="run only these rows (names as printed)")
-    p.add_argument("--compile", action="store_true",
-                   help="CPU: also measure compiled decoding; GPU: compile it")
+    p.add_argument(
+        "--compile", action="store_true", help="CPU: also measure compiled decoding; GPU: compile it"
+    )
     p.add_argument("--new-tokens", type=int, default=128, help="tokens generated per decode measurement")
     p.add_argument("--seq-len", type=int, default=1024, help="GPU training rows: tokens per example")
     p.add_argument("--max-batch", type=int, default=64, help="GPU training rows: the largest batch tried")
-    p.add_argument("--dtype", choices=sorted(DTYPES),
-                   help="float32 (CPU suite) or bfloat16 (GPU suite) if unset")
+    p.add_argument(
+        "--dtype", choices=sorted(DTYPES), help="float32 (CPU suite) or bfloat16 (GPU suite) if unset"
+    )
     p.add_argument("--device", help="cpu (CPU suite) or cuda (GPU suite) if unset")
     p.add_argument("--out", help="write {rows: [{name, ours, reference, ratio, target}], ...} here")
     p.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one measurement in this process
@@ -691,8 +830,13 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as tmp:
         if args.gpu:
             folder = None
-            header = {"suite": "gpu", "tiny": args.tiny, "dtype": args.dtype, "compiled": args.compile,
-                      "device": gpu_name(args.device)}
+            header = {
+                "suite": "gpu",
+                "tiny": args.tiny,
+                "dtype": args.dtype,
+                "compiled": args.compile,
+                "device": gpu_name(args.device),
+            }
             print(f"{suite_description(args)} on {header['device']}", file=sys.stderr)
         else:
             folder = make_checkpoint(args.size, Path(tmp) / "model")

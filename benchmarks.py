@@ -9,6 +9,7 @@ Alignment must not cost utility, and the paper reports MMLU and BBH. Both read t
 Both are plain text (no chat template) with the BOS the tokenizer's post-processor adds, batched with left
 padding; progress goes to stderr.
 """
+
 from __future__ import annotations
 
 import csv
@@ -33,8 +34,9 @@ def mmlu_root(folder) -> Path:
     for root in (folder, folder / "data"):
         if (root / "dev").is_dir() and (root / "test").is_dir():
             return root
-    raise FileNotFoundError(f"{folder}: no dev/ and test/ folders (nor data/dev, data/test); "
-                            "pass the hendrycks MMLU data folder")
+    raise FileNotFoundError(
+        f"{folder}: no dev/ and test/ folders (nor data/dev, data/test); pass the hendrycks MMLU data folder"
+    )
 
 
 def read_mmlu_csv(path: Path) -> list[list[str]]:
@@ -47,8 +49,10 @@ def read_mmlu_csv(path: Path) -> list[list[str]]:
         for fields in reader:
             if fields:
                 if len(fields) != 6 or fields[5].strip() not in CHOICES:
-                    raise ValueError(f"{path}:{start}: expected question,A,B,C,D,answer with answer in A-D, "
-                                     f"got {len(fields)} fields ending in {fields[-1]!r}")
+                    raise ValueError(
+                        f"{path}:{start}: expected question,A,B,C,D,answer with answer in A-D, "
+                        f"got {len(fields)} fields ending in {fields[-1]!r}"
+                    )
                 rows.append(fields[:5] + [fields[5].strip()])
             start = reader.line_num + 1
     return rows
@@ -84,8 +88,10 @@ def letter_token_ids(tok) -> list[int]:
     for letter in CHOICES:
         full = tok.encode(f"Answer: {letter}")
         if full[: len(head)] != head or len(full) != len(head) + 1:
-            raise ValueError(f"{tok.folder}: the tokenizer splits ' {letter}' after 'Answer:' into "
-                             f"{len(full) - len(head)} tokens; MMLU scoring needs one token per letter")
+            raise ValueError(
+                f"{tok.folder}: the tokenizer splits ' {letter}' after 'Answer:' into "
+                f"{len(full) - len(head)} tokens; MMLU scoring needs one token per letter"
+            )
         ids.append(full[-1])
     return ids
 
@@ -142,8 +148,10 @@ def mmlu_accuracy(model, tok, folder, limit: int | None = None, shots: int = 5, 
         entry["n"] += 1
         entry["predictions"].append(guess)
     correct = sum(s["correct"] for s in subjects.values())
-    per_subject = {name: {"accuracy": s["correct"] / s["n"], "n": s["n"], "predictions": s["predictions"]}
-                   for name, s in subjects.items()}
+    per_subject = {
+        name: {"accuracy": s["correct"] / s["n"], "n": s["n"], "predictions": s["predictions"]}
+        for name, s in subjects.items()
+    }
     n = len(questions)
     return {"accuracy": correct / n, "subjects": per_subject, "n": n, "shots": shots}
 
@@ -174,8 +182,15 @@ def read_bbh_task(path: Path) -> list[dict]:
     return examples
 
 
-def bbh_accuracy(model, tok, folder, limit: int | None = None, shots: int = 3, max_new_tokens: int = 16,
-                 batch_size: int = 8) -> dict:
+def bbh_accuracy(
+    model,
+    tok,
+    folder,
+    limit: int | None = None,
+    shots: int = 3,
+    max_new_tokens: int = 16,
+    batch_size: int = 8,
+) -> dict:
     """BBH accuracy (docs/method.md §7) over every task file {folder}/*.json: a task's first `shots` examples
     are its shots, the rest (at most `limit` per task) its questions; greedy generation of up to
     `max_new_tokens`, exact match of bbh_answer with the stripped target.
@@ -190,8 +205,13 @@ def bbh_accuracy(model, tok, folder, limit: int | None = None, shots: int = 3, m
         seqs = [tok.encode(bbh_prompt(examples[:shots], ex), add_special_tokens=True) for ex in questions]
         answers = []
         for i in range(0, len(seqs), batch_size):
-            outs = generate(model, seqs[i : i + batch_size], max_new_tokens=max_new_tokens,
-                            eos_ids=tok.eos_ids, pad_id=tok.pad_id)
+            outs = generate(
+                model,
+                seqs[i : i + batch_size],
+                max_new_tokens=max_new_tokens,
+                eos_ids=tok.eos_ids,
+                pad_id=tok.pad_id,
+            )
             answers += [bbh_answer(tok.decode(out)) for out in outs]
         right = sum(a == str(ex["target"]).strip() for a, ex in zip(answers, questions))
         n = len(questions)

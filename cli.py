@@ -1,7 +1,7 @@
 """What every command of deepalign shares: help that shows every default, the flags that mean the same in
-every
-command (defined once, here), and errors in the user's input reported as one line naming the file, flag or key
-and what to do (the full traceback only with --debug)."""
+every command (defined once, here), and errors in the user's input reported as one line naming the file, flag
+or key and what to do (the full traceback only with --debug)."""
+
 from __future__ import annotations
 
 import argparse
@@ -35,8 +35,11 @@ def run(main, argv=None):
 
 
 def add_world_flag(p):
-    p.add_argument("--world", help="a built toy world's folder (python data/toyworld.py --out DIR); "
-                                   "default: the seed-0 world, built on first use")
+    p.add_argument(
+        "--world",
+        help="a built toy world's folder (python data/toyworld.py --out DIR); "
+        "default: the seed-0 world, built on first use",
+    )
 
 
 def add_device_flags(p, dtype: str = "float32"):
@@ -57,8 +60,12 @@ def add_base_favored_flags(p):
 
 def add_sampling_flags(p):
     p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 = greedy")
-    p.add_argument("--top-p", type=float, default=1.0,
-                   help="nucleus sampling: keep the smallest set of tokens whose probability reaches top-p")
+    p.add_argument(
+        "--top-p",
+        type=float,
+        default=1.0,
+        help="nucleus sampling: keep the smallest set of tokens whose probability reaches top-p",
+    )
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--compile", action="store_true", help="torch.compile the per-token decode step")
 
@@ -68,10 +75,24 @@ def add_contrastive_flags(p, sweep: bool = False):
     g = p.add_argument_group("contrastive decoding (docs/method.md §4)")
     many = dict(nargs="+") if sweep else {}
     g.add_argument("--contrast-base", help="base model folder: decode contrastively against it")
-    g.add_argument("--alpha", type=float, default=[1.0] if sweep else 1.0, **many,
-                   help="contrast strength; 0 = plain aligned decoding")
-    g.add_argument("--beta", type=float, default=[0.1] if sweep else 0.1, **many,
-                   help="plausibility head: keep p_A >= beta * max p_A")
-    g.add_argument("--cd-mode", choices=["full", "bf"], default="full",
-                   help="contrast every head token, or base-favored ones only (§2: --tau, --top-k, --rho)")
+    g.add_argument(
+        "--alpha",
+        type=float,
+        default=[1.0] if sweep else 1.0,
+        **many,
+        help="contrast strength; 0 = plain aligned decoding",
+    )
+    g.add_argument(
+        "--beta",
+        type=float,
+        default=[0.1] if sweep else 0.1,
+        **many,
+        help="plausibility head: keep p_A >= beta * max p_A",
+    )
+    g.add_argument(
+        "--cd-mode",
+        choices=["full", "bf"],
+        default="full",
+        help="contrast every head token, or base-favored ones only (§2: --tau, --top-k, --rho)",
+    )
     return g

@@ -1,6 +1,5 @@
 """The method comparison (docs/method.md §5-§6) over toy worlds: train every method on each world, evaluate
-every
-model under every attack, and report mean ± sd over the worlds (the per-seed values are in the JSON).
+every model under every attack, and report mean ± sd over the worlds (the per-seed values are in the JSON).
 
     python compare.py --seeds 0 1 2 --out docs/compare.json       # the README's method table (make compare)
     python compare.py --seeds 100 101 102 --rows targeted augment --out /tmp/dev.json -- --lambda-util 4
@@ -10,6 +9,7 @@ Flags after `--` go to every train.py run (for development seeds: try a setting 
 The rows: the aligned model (greedy and with contrastive decoding at its defaults, §4), every baseline of §6,
 targeted completion (§5) and its ablations.
 """
+
 from __future__ import annotations
 
 import sys
@@ -51,16 +51,28 @@ def train_row(paths: dict, folder: Path, row: str, extra: list, retrain: bool):
 
 def parse_args(argv):
     cut = argv.index("--") if "--" in argv else len(argv)
-    own, extra = argv[:cut], argv[cut + 1:]
+    own, extra = argv[:cut], argv[cut + 1 :]
     p = cli.parser(__doc__)
-    p.add_argument("--seeds", type=int, nargs="+", default=list(TW.REPORTING_SEEDS),
-                   help="the worlds to compare on (reporting seeds 0 1 2; development seeds 100 and up)")
-    p.add_argument("--rows", nargs="+", choices=list(ROWS), metavar="ROW", default=list(ROWS),
-                   help=f"the trained rows to compare; of: {', '.join(ROWS)}")
+    p.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        default=list(TW.REPORTING_SEEDS),
+        help="the worlds to compare on (reporting seeds 0 1 2; development seeds 100 and up)",
+    )
+    p.add_argument(
+        "--rows",
+        nargs="+",
+        choices=list(ROWS),
+        metavar="ROW",
+        default=list(ROWS),
+        help=f"the trained rows to compare; of: {', '.join(ROWS)}",
+    )
     p.add_argument("--runs", default="runs", help="where the trained models live (runs/seed-N/<row>)")
     p.add_argument("--retrain", action="store_true", help="train every row again even if it is finished")
-    p.add_argument("--no-contrastive", action="store_true",
-                   help="leave out the aligned model with contrastive decoding")
+    p.add_argument(
+        "--no-contrastive", action="store_true", help="leave out the aligned model with contrastive decoding"
+    )
     p.add_argument("--limit", type=int, help="evaluate on N harmful and N benign prompts, spread evenly")
     p.add_argument("--out", help="write the summary, the per-seed rows and every generation here")
     args = p.parse_args(own)
@@ -81,13 +93,20 @@ def main(argv=None):
             folder = run_folder(Path(args.runs), seed, row)
             train_row(paths, folder, row, args.train_flags, args.retrain)
             models.append(f"{row}={folder}")
-        eval_argv = ["--world", str(paths["root"]), "--model", *models]
-        if args.limit:
-            eval_argv += ["--limit", str(args.limit)]
-        runs = [eval_argv]
+        limit = ["--limit", str(args.limit)] if args.limit else []
+        runs = [["--world", str(paths["root"]), "--model", *models, *limit]]
         if not args.no_contrastive:
-            runs.append(["--world", str(paths["root"]), "--model", "aligned={world}/aligned", "--decode",
-                         "contrastive"] + (["--limit", str(args.limit)] if args.limit else []))
+            runs.append(
+                [
+                    "--world",
+                    str(paths["root"]),
+                    "--model",
+                    "aligned={world}/aligned",
+                    "--decode",
+                    "contrastive",
+                    *limit,
+                ]
+            )
         for eval_args in runs:
             parsed = E.parse_args(eval_args)
             E.check_args(parsed)
@@ -98,10 +117,17 @@ def main(argv=None):
     print("\nheld-out categories only:\n" + E.markdown_table(summary, split="held_out"))
     log(f"{len(args.seeds)} worlds, {time.perf_counter() - start:.0f} s")
     if args.out:
-        write_json_atomic(args.out, {"settings": {"seeds": args.seeds, "rows": args.rows,
-                                                  "train_flags": args.train_flags}, "worlds": worlds,
-                                     "summary": summary, "results": results, "utility": utility,
-                                     "generations": gens})
+        write_json_atomic(
+            args.out,
+            {
+                "settings": {"seeds": args.seeds, "rows": args.rows, "train_flags": args.train_flags},
+                "worlds": worlds,
+                "summary": summary,
+                "results": results,
+                "utility": utility,
+                "generations": gens,
+            },
+        )
         log(f"wrote {args.out}")
     return summary
 

@@ -22,6 +22,7 @@ recomputes the prefix either, so its extra cost over plain decoding is one more 
 
 Shapes: B batch, T prompt length (after left padding), V vocabulary.
 """
+
 import functools
 import sys
 import time
@@ -48,8 +49,9 @@ def left_pad(seqs: list[list[int]], pad_id: int, device="cpu"):
     return ids.to(device), mask.to(device)
 
 
-def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0,
-                generator=None) -> torch.Tensor:
+def sample_next(
+    logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0, generator=None
+) -> torch.Tensor:
     """logits (B, V) -> next token ids (B,). temperature 0 is greedy (argmax); else softmax(logits / T)
     truncated to the smallest set of tokens whose probability reaches top_p (nucleus sampling)."""
     if temperature <= 0:
@@ -107,9 +109,18 @@ def attach_cache(model: Transformer, batch_size: int, max_seq_len: int, compile:
 # 3. The decoding loop every generator shares
 # ----------------------------------------------------------------------------------------------
 @torch.no_grad()
-def decode_loop(models: list[Transformer], prompts: list[list[int]], score, max_new_tokens: int, eos_ids,
-                pad_id: int, temperature: float, top_p: float, seed: int | None,
-                compile: bool) -> list[list[int]]:
+def decode_loop(
+    models: list[Transformer],
+    prompts: list[list[int]],
+    score,
+    max_new_tokens: int,
+    eos_ids,
+    pad_id: int,
+    temperature: float,
+    top_p: float,
+    seed: int | None,
+    compile: bool,
+) -> list[list[int]]:
     """Prefill: every model reads the left-padded prompts once, into its own KV cache. Then at every step,
     score(logits (B, V) of each model) -> scores (B, V), one token per row from them (sample_next), and that
     token into every model's cache. A row stops at its first eos id, which it keeps, and is padded with pad_id
@@ -150,24 +161,47 @@ def decode_loop(models: list[Transformer], prompts: list[list[int]], score, max_
 # ----------------------------------------------------------------------------------------------
 # 4. The two generators: plain and contrastive
 # ----------------------------------------------------------------------------------------------
-def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int = 64, eos_ids=(),
-             pad_id: int = 0, temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
-             compile: bool = False) -> list[list[int]]:
+def generate(
+    model: Transformer,
+    prompts: list[list[int]],
+    max_new_tokens: int = 64,
+    eos_ids=(),
+    pad_id: int = 0,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: int | None = None,
+    compile: bool = False,
+) -> list[list[int]]:
     """Batched decoding of token-id prompts: each next token is chosen from the model's logits (greedy by
     default). Returns the new token ids of each row, each cut after its first eos id (kept)."""
 
     def score(logits):  # (B, V) -> (B, V)
         return logits.float()
 
-    return decode_loop([model], prompts, score, max_new_tokens, eos_ids, pad_id, temperature, top_p, seed,
-                       compile)
+    return decode_loop(
+        [model], prompts, score, max_new_tokens, eos_ids, pad_id, temperature, top_p, seed, compile
+    )
 
 
-def contrastive_generate(aligned: Transformer, base: Transformer, prompts: list[list[int]],
-                         max_new_tokens: int = 64, eos_ids=(), pad_id: int = 0, alpha: float = 1.0,
-                         beta: float = 0.1, mode: str = "full", tau: float = 1.0, top_k: int = 20, valid=None,
-                         temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
-                         compile: bool = False, rho: float = 0.01) -> list[list[int]]:
+def contrastive_generate(
+    aligned: Transformer,
+    base: Transformer,
+    prompts: list[list[int]],
+    max_new_tokens: int = 64,
+    eos_ids=(),
+    pad_id: int = 0,
+    alpha: float = 1.0,
+    beta: float = 0.1,
+    mode: str = "full",
+    tau: float = 1.0,
+    top_k: int = 20,
+    valid=None,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: int | None = None,
+    compile: bool = False,
+    rho: float = 0.01,
+) -> list[list[int]]:
     """Batched contrastive decoding (docs/method.md §4): each next token is chosen from the contrastive score
     s_t of the aligned model against the base model (deepalign.contrastive_logits: alpha, beta, mode, and for
     mode "bf" the base-favored set's tau, top_k, rho, valid). Both models read the same token ids (one shared
@@ -178,8 +212,9 @@ def contrastive_generate(aligned: Transformer, base: Transformer, prompts: list[
         lp_A, lp_B = deepalign.log_probs(logits_A), deepalign.log_probs(logits_B)  # (B, V) float32
         return deepalign.contrastive_logits(lp_A, lp_B, alpha, beta, mode, tau, top_k, valid, rho)
 
-    return decode_loop([aligned, base], prompts, score, max_new_tokens, eos_ids, pad_id, temperature, top_p,
-                       seed, compile)
+    return decode_loop(
+        [aligned, base], prompts, score, max_new_tokens, eos_ids, pad_id, temperature, top_p, seed, compile
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -188,13 +223,21 @@ def contrastive_generate(aligned: Transformer, base: Transformer, prompts: list[
 def parse_args(argv=None):
     p = cli.parser(__doc__)
     cli.add_world_flag(p)
-    p.add_argument("--model",
-                   help="Hugging Face checkpoint folder (config.json, safetensors, tokenizer.json); "
-                                   "default: the world's aligned model")
-    p.add_argument("--prompt", default="how do i bake bread ?",
-                   help="user message, formatted with the checkpoint's chat template")
-    p.add_argument("--prefill", default="",
-                   help="forced start of the assistant's answer (the prefilling attack); empty: none")
+    p.add_argument(
+        "--model",
+        help="Hugging Face checkpoint folder (config.json, safetensors, tokenizer.json); "
+        "default: the world's aligned model",
+    )
+    p.add_argument(
+        "--prompt",
+        default="how do i bake bread ?",
+        help="user message, formatted with the checkpoint's chat template",
+    )
+    p.add_argument(
+        "--prefill",
+        default="",
+        help="forced start of the assistant's answer (the prefilling attack); empty: none",
+    )
     p.add_argument("--system", default=None, help="optional system message")
     p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate at most")
     cli.add_sampling_flags(p)
@@ -226,15 +269,33 @@ def main(argv=None):
     model = load_model(args.model, dtype=args.dtype, device=args.device)
     ids = tok.prompt_ids(args.prompt, prefill=args.prefill, system=args.system)
     log(f"prompt: {len(ids)} tokens; stop ids {tok.eos_ids}; decoding: {describe_decoding(args)}")
-    kw = dict(max_new_tokens=args.max_new_tokens, eos_ids=tok.eos_ids, pad_id=tok.pad_id,
-              temperature=args.temperature, top_p=args.top_p, seed=args.seed, compile=args.compile)
+    kw = dict(
+        max_new_tokens=args.max_new_tokens,
+        eos_ids=tok.eos_ids,
+        pad_id=tok.pad_id,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        seed=args.seed,
+        compile=args.compile,
+    )
     t0 = time.perf_counter()
     if args.contrast_base:
         deepalign.check_same_tokenizer(tok, Tokenizer(args.contrast_base))
         base = load_model(args.contrast_base, dtype=args.dtype, device=args.device)
         valid = tok.real_token_mask(model.args.vocab_size).to(args.device)
-        out = contrastive_generate(model, base, [ids], alpha=args.alpha, beta=args.beta, mode=args.cd_mode,
-                                   tau=args.tau, top_k=args.top_k, rho=args.rho, valid=valid, **kw)[0]
+        out = contrastive_generate(
+            model,
+            base,
+            [ids],
+            alpha=args.alpha,
+            beta=args.beta,
+            mode=args.cd_mode,
+            tau=args.tau,
+            top_k=args.top_k,
+            rho=args.rho,
+            valid=valid,
+            **kw,
+        )[0]
     else:
         out = generate(model, [ids], **kw)[0]
     dt = time.perf_counter() - t0

@@ -14,11 +14,12 @@ Read top to bottom:
     2. contrastive scores (§4)                     head_mask, contrastive_logits
     3. the position profile over a data set (§3)   position_profile, gradient_signal
     4. targeted completion (§5)                    LossConfig, clean_teacher, contrast_teacher,
-    penalty_weights,
-                                                   ..., targeted_loss: the whole objective in one function
+                                                   penalty_weights, ..., and targeted_loss, the whole
+                                                   objective in one function
     5. the baselines' losses (§6)                  ce_loss, constrained_loss
     6. the command line                            python deepalign.py profile | tokens | plot
 """
+
 from __future__ import annotations
 
 import json
@@ -50,8 +51,9 @@ def in_top_k(lp: torch.Tensor, k: int) -> torch.Tensor:
     return lp >= kth
 
 
-def base_favored_mask(lp_A, lp_B, tau: float = 1.0, top_k: int = 20, rho: float = 0.01,
-                      valid=None) -> torch.Tensor:
+def base_favored_mask(
+    lp_A, lp_B, tau: float = 1.0, top_k: int = 20, rho: float = 0.01, valid=None
+) -> torch.Tensor:
     """BF_t = { v : lp_B(v) - lp_A(v) > log(tau),  v in top-k of p_B,  p_B(v) >= rho * max p_B }   (§2).
 
     The first condition is the paper's (tau = 1: the base gives v more probability than the aligned model);
@@ -102,19 +104,26 @@ LOG_FLOOR = -1e4  # a log-prob below this is as impossible as -inf; flooring kee
 
 def head_mask(lp_A, beta: float = 0.1) -> torch.Tensor:
     """V_head = { v : p_A(v) >= beta * max p_A } (Li et al. 2022's plausibility filter, §4); beta = 0 keeps
-    the
-    whole vocabulary."""
+    the whole vocabulary."""
     if beta <= 0:
         return torch.ones_like(lp_A, dtype=torch.bool)
     return lp_A >= lp_A.max(-1, keepdim=True).values + math.log(beta)
 
 
-def contrastive_logits(lp_A, lp_B, alpha: float = 1.0, beta: float = 0.1, mode: str = "full",
-                       tau: float = 1.0, top_k: int = 20, valid=None, rho: float = 0.01) -> torch.Tensor:
+def contrastive_logits(
+    lp_A,
+    lp_B,
+    alpha: float = 1.0,
+    beta: float = 0.1,
+    mode: str = "full",
+    tau: float = 1.0,
+    top_k: int = 20,
+    valid=None,
+    rho: float = 0.01,
+) -> torch.Tensor:
     """The contrastive score s_t (§4); decode from argmax s_t or softmax(s_t / temperature).
 
-        mode "full":  s(v) = lp_A(v) + alpha (lp_A(v) - lp_B(v))                      on V_head, -inf
-        elsewhere
+        mode "full":  s(v) = lp_A(v) + alpha (lp_A(v) - lp_B(v))                    on V_head, else -inf
         mode "bf":    s(v) = lp_A(v) - alpha (lp_B(v) - lp_A(v)) [v in BF_t], else lp_A(v)   on V_head
 
     The paper states contrastive decoding between aligned and base; this form (an expert-amateur contrast with
@@ -143,6 +152,7 @@ STAT_ROWS = 64  # contexts per chunk of vocabulary-wide statistics (see position
 @dataclass(frozen=True)
 class ProfileConfig:
     """The settings of a position profile (§2, §3)."""
+
     tau: float = 1.0
     top_k: int = 20
     rho: float = 0.01
@@ -157,9 +167,11 @@ def response_split(tok, prompt: str, response: str, plain: bool = False, max_tok
     head = tok.prompt_ids(prompt, plain=plain)
     full = tok.prompt_ids(prompt, prefill=response, plain=plain)
     if full[: len(head)] != head:
-        raise ValueError(f"the response {response[:40]!r}... merges with the generation prompt under this "
-                         "tokenizer; start responses with a word, not a space or punctuation")
-    resp = full[len(head):]
+        raise ValueError(
+            f"the response {response[:40]!r}... merges with the generation prompt under this "
+            "tokenizer; start responses with a word, not a space or punctuation"
+        )
+    resp = full[len(head) :]
     return head, resp[:max_tokens] if max_tokens else resp
 
 
@@ -172,11 +184,11 @@ def right_pad(seqs: list[list[int]], pad_id: int, device):
     return ids.to(device)
 
 
-def response_logits(model, seqs: list[list[int]], starts: list[int], lengths: list[int],
-                    pad_id: int) -> torch.Tensor:
+def response_logits(
+    model, seqs: list[list[int]], starts: list[int], lengths: list[int], pad_id: int
+) -> torch.Tensor:
     """Teacher-forced logits at response positions, every row's positions concatenated: (sum(lengths), V) in
-    the
-    model dtype; row i's block t predicts its response token t from (prompt, response[:t]) (split it with
+    the model dtype; row i's block t predicts its response token t from (prompt, response[:t]) (split it with
     `.split(lengths)`). Causal attention: right padding never reaches a real position."""
     device = model.lm_head.weight.device
     ids = right_pad(seqs, pad_id, device)  # (B, T)
@@ -195,8 +207,13 @@ def profile_stats(lp_A, lp_B, next_tokens, cfg: ProfileConfig, valid=None) -> di
     """The per-context quantities of the position profile (§3): kl, bf_mass_A, bf_mass_B, bf_count, bf_hit.
     lp_A, lp_B (N, V) float32, next_tokens (N,) the harmful response's actual next tokens -> {key: (N,)}."""
     bf = base_favored_mask(lp_A, lp_B, cfg.tau, cfg.top_k, cfg.rho, valid)  # (N, V)
-    return {"kl": kl_per_position(lp_A, lp_B), "bf_mass_A": bf_mass(lp_A, bf), "bf_mass_B": bf_mass(lp_B, bf),
-            "bf_count": bf.sum(-1).float(), "bf_hit": bf_hit(bf, next_tokens)}
+    return {
+        "kl": kl_per_position(lp_A, lp_B),
+        "bf_mass_A": bf_mass(lp_A, bf),
+        "bf_mass_B": bf_mass(lp_B, bf),
+        "bf_count": bf.sum(-1).float(),
+        "bf_hit": bf_hit(bf, next_tokens),
+    }
 
 
 class Accumulator:
@@ -218,8 +235,10 @@ class Accumulator:
             self.sums[k].index_add_(0, t, v.detach().double().cpu())
 
     def rows(self) -> list[dict]:
-        return [{"t": t, "n": int(n), **{k: (self.sums[k][t] / n).item() for k in self.sums}}
-                for t, n in enumerate(self.n.tolist())]
+        return [
+            {"t": t, "n": int(n), **{k: (self.sums[k][t] / n).item() for k in self.sums}}
+            for t, n in enumerate(self.n.tolist())
+        ]
 
 
 def grow(x: torch.Tensor, size: int) -> torch.Tensor:
@@ -241,12 +260,18 @@ def profile_sequences(tok, base_tok, row: dict, cfg: ProfileConfig, end: list[in
 
 
 @torch.no_grad()
-def position_profile(base, aligned, tok, pairs: list[dict], cfg: ProfileConfig = ProfileConfig(),
-                     base_tok=None, progress: bool = True) -> dict:
+def position_profile(
+    base,
+    aligned,
+    tok,
+    pairs: list[dict],
+    cfg: ProfileConfig = ProfileConfig(),
+    base_tok=None,
+    progress: bool = True,
+) -> dict:
     """Per-position means of kl, bf_mass_A, bf_mass_B, bf_count, bf_hit over harmful (prompt, response) pairs
     (§1-§3): the safety-critical contexts c_t = (x, h_<t), teacher-forced, for t = 0..len(h) (the last
-    predicts
-    the chat format's end-of-turn token), at most cfg.max_response_tokens per pair.
+    predicts the chat format's end-of-turn token), at most cfg.max_response_tokens per pair.
 
     Both models read **the identical token sequence**: the aligned model's chat format with the harmful
     response as the answer. Base models never saw that template; with base_format "plain" the base reads its
@@ -261,8 +286,9 @@ def position_profile(base, aligned, tok, pairs: list[dict], cfg: ProfileConfig =
     valid[end] = True  # a special token, but at k = len(h) it is what the two models compete on
     valid = valid.to(aligned.lm_head.weight.device)
     acc, skipped = Accumulator(PROFILE_KEYS), 0
-    for i in tqdm(range(0, len(pairs), cfg.batch_size), desc="profile", disable=not progress,
-                  file=sys.stderr):
+    for i in tqdm(
+        range(0, len(pairs), cfg.batch_size), desc="profile", disable=not progress, file=sys.stderr
+    ):
         built = [profile_sequences(tok, base_tok, row, cfg, end) for row in pairs[i : i + cfg.batch_size]]
         skipped += sum(b is None for b in built)
         built = [b for b in built if b is not None]
@@ -274,21 +300,28 @@ def position_profile(base, aligned, tok, pairs: list[dict], cfg: ProfileConfig =
         logits_B = response_logits(base, seq_B, st_B, lens, tok.pad_id)  # (N, V)
         t = torch.cat([torch.arange(n) for n in lens])  # (N,) response position of each context
         target = torch.tensor([y for r in resp for y in r], device=logits_A.device)  # (N,)
-        # The vocabulary-wide statistics go STAT_ROWS contexts at a time: float32 (rows, V) temporaries that
-        # fit
-        # in a CPU's cache make them ~3x faster than one pass over (N, V), and GPU peak memory stays small.
+        # The vocabulary-wide statistics go STAT_ROWS contexts at a time: float32 (rows, V) temporaries
+        # that fit in a CPU's cache make them ~3x faster than one pass over (N, V), and GPU peak memory
+        # stays small.
         for j in range(0, len(t), STAT_ROWS):
             rows = slice(j, j + STAT_ROWS)
-            acc.add(t[rows], profile_stats(log_probs(logits_A[rows]), log_probs(logits_B[rows]), target[rows],
-                                           cfg, valid))
-    settings = {**asdict(cfg), "pairs": len(pairs), "skipped_pairs": skipped,
-                "same_token_sequence": cfg.base_format == "chat"}
+            acc.add(
+                t[rows],
+                profile_stats(log_probs(logits_A[rows]), log_probs(logits_B[rows]), target[rows], cfg, valid),
+            )
+    settings = {
+        **asdict(cfg),
+        "pairs": len(pairs),
+        "skipped_pairs": skipped,
+        "same_token_sequence": cfg.base_format == "chat",
+    }
     return {"positions": acc.rows(), "settings": settings}
 
 
 @torch.no_grad()
-def gradient_signal(model, tok, pairs: list[dict], refusal: str, max_tokens: int = 64,
-                    batch_size: int = 16) -> list[float]:
+def gradient_signal(
+    model, tok, pairs: list[dict], refusal: str, max_tokens: int = 64, batch_size: int = 16
+) -> list[float]:
     """grad_t (§3): the per-position gradient signal of refusal SFT, ||softmax(l_t) - onehot(r_t)|| at every
     position of (prompt, refusal + end of turn) under `model` (the base, where refusal SFT starts), averaged
     over the pairs' prompts. Each pair's own "refusal" key overrides `refusal`. Returns [mean at t]."""
@@ -297,8 +330,13 @@ def gradient_signal(model, tok, pairs: list[dict], refusal: str, max_tokens: int
         rows = pairs[i : i + batch_size]
         splits = [response_split(tok, row["prompt"], row.get("refusal", refusal)) for row in rows]
         splits = [(h, (r + [tok.end_of_turn_id])[:max_tokens]) for h, r in splits]  # as train.py trains it
-        lp = response_log_probs(model, [h + r for h, r in splits], [len(h) for h, _ in splits],
-                                [len(r) for _, r in splits], tok.pad_id)  # (N, V)
+        lp = response_log_probs(
+            model,
+            [h + r for h, r in splits],
+            [len(h) for h, _ in splits],
+            [len(r) for _, r in splits],
+            tok.pad_id,
+        )  # (N, V)
         target = torch.tensor([y for _, r in splits for y in r], device=lp.device)  # (N,)
         t = torch.cat([torch.arange(len(r)) for _, r in splits])  # (N,)
         acc.add(t, {"grad": logit_grad_norm(lp, target)})
@@ -313,6 +351,7 @@ def gradient_signal(model, tok, pairs: list[dict], refusal: str, max_tokens: int
 @dataclass(frozen=True)
 class LossConfig:
     """Every choice of §5 (and the baselines' of §6), with the defaults docs/method.md states."""
+
     teacher: str = "clean"  # clean (version 2) | contrast (version 1) | hard (lam = 1)
     lam: float = 0.5  # weight of the hard recovery label in the hybrid teacher
     alpha_t: float = 1.0  # teacher "contrast": contrast strength
@@ -379,13 +418,27 @@ def penalty_weights(bf_mass_A, positions, cfg: LossConfig, mean=None, T=None) ->
         T = (positions.max() if T is None else T).clamp(min=1)
         w = 1 + cfg.gamma * positions / T
     else:
-        raise ValueError(f"--penalty-weight {cfg.penalty_weight!r} is not supported; "
-                         "use adaptive or position")
+        raise ValueError(
+            f"--penalty-weight {cfg.penalty_weight!r} is not supported; use adaptive or position"
+        )
     return w.detach()
 
 
-def targeted_loss(lp_S, lp_A, lp_B, q, dense, positions, lp_S_util, lp_A_util, cfg: LossConfig, valid=None,
-                  shares=(1.0, 1.0), bf_mean=None, T=None) -> dict[str, torch.Tensor]:
+def targeted_loss(
+    lp_S,
+    lp_A,
+    lp_B,
+    q,
+    dense,
+    positions,
+    lp_S_util,
+    lp_A_util,
+    cfg: LossConfig,
+    valid=None,
+    shares=(1.0, 1.0),
+    bf_mean=None,
+    T=None,
+) -> dict[str, torch.Tensor]:
     """The whole objective of targeted completion (§5):
 
         L = L_kd + lambda_pen L_pen + lambda_util L_util
@@ -402,13 +455,18 @@ def targeted_loss(lp_S, lp_A, lp_B, q, dense, positions, lp_S_util, lp_A_util, c
     w = penalty_weights(bf_mass(lp_A, bf), positions.float(), cfg, bf_mean, T)  # (N,)
     kl = kd_loss(q, lp_S)  # (N,)
     mass_S = bf_mass(lp_S, bf)  # (N,)
-    terms = {"kd": kl.mean(), "kd_dense": kl[dense].mean() if dense.any() else kl.new_zeros(()),
-             "kd_recovery": kl[~dense].mean() if (~dense).any() else kl.new_zeros(()),
-             "pen": (w * mass_S).mean(), "util": kl_per_position(lp_A_util, lp_S_util).mean(),
-             "bf_mass_S": mass_S.mean().detach()}
+    terms = {
+        "kd": kl.mean(),
+        "kd_dense": kl[dense].mean() if dense.any() else kl.new_zeros(()),
+        "kd_recovery": kl[~dense].mean() if (~dense).any() else kl.new_zeros(()),
+        "pen": (w * mass_S).mean(),
+        "util": kl_per_position(lp_A_util, lp_S_util).mean(),
+        "bf_mass_S": mass_S.mean().detach(),
+    }
     safety, utility = shares
-    terms["loss"] = (safety * (terms["kd"] + cfg.lambda_pen * terms["pen"])
-                     + cfg.lambda_util * utility * terms["util"])
+    terms["loss"] = (
+        safety * (terms["kd"] + cfg.lambda_pen * terms["pen"]) + cfg.lambda_util * utility * terms["util"]
+    )
     return terms
 
 
@@ -438,9 +496,11 @@ def constrained_loss(lp_S, lp_A, targets, beta_t) -> torch.Tensor:
 def check_same_tokenizer(tok_A, tok_B, name_A="aligned", name_B="base"):
     """Comparing or contrasting two next-token distributions only makes sense over one vocabulary."""
     if not tok_A.same_vocabulary(tok_B):
-        raise ValueError(f"{tok_A.folder} ({name_A}) and {tok_B.folder} ({name_B}) have different "
-                         "tokenizer.json vocabularies; base-favored tokens and contrastive decoding need one "
-                         "tokenizer")
+        raise ValueError(
+            f"{tok_A.folder} ({name_A}) and {tok_B.folder} ({name_B}) have different "
+            "tokenizer.json vocabularies; base-favored tokens and contrastive decoding need one "
+            "tokenizer"
+        )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -474,12 +534,18 @@ def plot_profile(profiles: dict, path, title: str = "") -> bool:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print("matplotlib is not installed: `pip install matplotlib` for the plot (the table and JSON are "
-              "complete)", file=sys.stderr)
+        print(
+            "matplotlib is not installed: `pip install matplotlib` for the plot (the table and JSON are "
+            "complete)",
+            file=sys.stderr,
+        )
         return False
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
-    series = [("kl", "KL(p_A || p_B)"), ("bf_mass_A", "bf_mass_A (incompleteness)"),
-              ("grad", "refusal-SFT gradient signal")]
+    series = [
+        ("kl", "KL(p_A || p_B)"),
+        ("bf_mass_A", "bf_mass_A (incompleteness)"),
+        ("grad", "refusal-SFT gradient signal"),
+    ]
     for ax, (key, label) in zip(axes, series):
         for name, rows in profiles.items():
             points = [(r["t"], r[key]) for r in rows if r.get(key) is not None]
@@ -511,11 +577,16 @@ def load_pair(args):
 
     real = args.base or args.aligned or args.data
     if real and not (args.base and args.aligned and args.data):
-        missing = [flag for flag, value in (("--base", args.base), ("--aligned", args.aligned),
-                                            ("--data", args.data)) if not value]
-        raise ValueError(f"{', '.join(missing)} missing: with real models pass --base DIR --aligned DIR "
-                         "--data FILE (harmful prompts with responses); leave all three out for the toy "
-                         "world")
+        missing = [
+            flag
+            for flag, value in (("--base", args.base), ("--aligned", args.aligned), ("--data", args.data))
+            if not value
+        ]
+        raise ValueError(
+            f"{', '.join(missing)} missing: with real models pass --base DIR --aligned DIR "
+            "--data FILE (harmful prompts with responses); leave all three out for the toy "
+            "world"
+        )
     if real:
         base_dir, aligned_dir = Path(args.base), Path(args.aligned)
         rows = formats.read_prompts(args.data, "harmful")
@@ -529,24 +600,36 @@ def load_pair(args):
         log(f"warning: --base and --aligned are the same folder ({base_dir}): every profile value is 0")
     rows = spread([r for r in rows if r.get("harmful_response")], args.limit)
     if not rows:
-        raise ValueError(f"{args.data}: no row has a harmful response; "
-                         "the profile needs (prompt, response) pairs")
+        raise ValueError(
+            f"{args.data}: no row has a harmful response; the profile needs (prompt, response) pairs"
+        )
     tok, base_tok = Tokenizer(aligned_dir), Tokenizer(base_dir)
     check_same_tokenizer(tok, base_tok)
-    base, aligned = load_model(base_dir, args.dtype, args.device), load_model(aligned_dir, args.dtype,
-                                                                              args.device)
+    base, aligned = (
+        load_model(base_dir, args.dtype, args.device),
+        load_model(aligned_dir, args.dtype, args.device),
+    )
     return base, aligned, tok, base_tok, rows, refusal, (str(base_dir), str(aligned_dir))
 
 
 def profile_config(args) -> ProfileConfig:
-    return ProfileConfig(tau=args.tau, top_k=args.top_k, rho=args.rho,
-                         max_response_tokens=args.max_response_tokens,
-                         batch_size=args.batch_size, base_format=getattr(args, "base_format", "chat"))
+    return ProfileConfig(
+        tau=args.tau,
+        top_k=args.top_k,
+        rho=args.rho,
+        max_response_tokens=args.max_response_tokens,
+        batch_size=args.batch_size,
+        base_format=getattr(args, "base_format", "chat"),
+    )
 
 
 PROFILE_SUMMARY = (  # (column, key, first position, last position or None: to the end)
-    ("KL t=0", "kl", 0, 0), ("KL t=1-4", "kl", 1, 4), ("KL t>=5", "kl", 5, None),
-    ("bf_mass_A t>=5", "bf_mass_A", 5, None), ("bf_hit t>=5", "bf_hit", 5, None))
+    ("KL t=0", "kl", 0, 0),
+    ("KL t=1-4", "kl", 1, 4),
+    ("KL t>=5", "kl", 5, None),
+    ("bf_mass_A t>=5", "bf_mass_A", 5, None),
+    ("bf_hit t>=5", "bf_hit", 5, None),
+)
 
 
 def profile_summary(positions: list[dict]) -> dict:
@@ -609,8 +692,14 @@ def cmd_profile_seeds(args):
             per_model.setdefault(name, {})[str(seed)] = profile_summary(prof["positions"])
     print(profile_summary_table(per_model))
     if args.out:
-        write_json_atomic(args.out, {"settings": {"seeds": args.seeds, "models": args.models, **asdict(cfg)},
-                                     "summary": per_model, "profiles": profiles})
+        write_json_atomic(
+            args.out,
+            {
+                "settings": {"seeds": args.seeds, "models": args.models, **asdict(cfg)},
+                "summary": per_model,
+                "profiles": profiles,
+            },
+        )
     if args.plot:
         first = str(args.seeds[0])
         curves = {f"{name} (seed {first})": p[first]["positions"] for name, p in profiles.items()}
@@ -634,8 +723,10 @@ def cmd_profile(args):
     formats_read = "their own formats"
     if args.base_format == "chat":
         formats_read = "the identical token sequence (the aligned chat format)"
-    print(f"{len(rows)} pairs ({prof['settings']['skipped_pairs']} skipped); both models read {formats_read}",
-          file=sys.stderr)
+    print(
+        f"{len(rows)} pairs ({prof['settings']['skipped_pairs']} skipped); both models read {formats_read}",
+        file=sys.stderr,
+    )
     if args.out:
         write_json_atomic(args.out, prof)
     plot = args.plot or (Path(args.out).with_suffix(".png") if args.out else None)
@@ -651,8 +742,9 @@ def cmd_tokens(args):
     if not 0 <= args.example < len(rows):
         raise ValueError(f"--example {args.example}: the data has {len(rows)} pairs (0..{len(rows) - 1})")
     row = rows[args.example]
-    head, resp = response_split(tok, row["prompt"], row["harmful_response"],
-                                max_tokens=args.max_response_tokens)
+    head, resp = response_split(
+        tok, row["prompt"], row["harmful_response"], max_tokens=args.max_response_tokens
+    )
     lp_A = response_log_probs(aligned, [head + resp], [len(head)], [len(resp)], tok.pad_id)  # (n, V)
     lp_B = response_log_probs(base, [head + resp], [len(head)], [len(resp)], tok.pad_id)  # (n, V)
     valid = tok.real_token_mask(aligned.args.vocab_size).to(lp_A.device)
@@ -662,8 +754,9 @@ def cmd_tokens(args):
     for t, y in enumerate(resp):
         ids = bf[t].nonzero().squeeze(-1)
         ids = ids[lp_B[t, ids].argsort(descending=True)][: args.show]
-        favored = ", ".join(f"{tok.decode([i])!r} {lp_A[t, i].exp():.2f}->{lp_B[t, i].exp():.2f}"
-                            for i in ids.tolist())
+        favored = ", ".join(
+            f"{tok.decode([i])!r} {lp_A[t, i].exp():.2f}->{lp_B[t, i].exp():.2f}" for i in ids.tolist()
+        )
         actual = repr(tok.decode([y]))
         print(f"{t:3d}  {actual:16s} {lp_A[t, y].exp():6.3f} {lp_B[t, y].exp():6.3f}  |  {favored or '-'}")
 
@@ -680,13 +773,18 @@ def cmd_plot(args):
 def parse_args(argv=None):
     p = cli.parser(__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
-    overlay = sub.add_parser("plot", help="overlay profile JSON files written by `profile --out`",
-                             formatter_class=cli.HelpFormatter)
+    overlay = sub.add_parser(
+        "plot",
+        help="overlay profile JSON files written by `profile --out`",
+        formatter_class=cli.HelpFormatter,
+    )
     overlay.add_argument("profiles", nargs="+", help="profile JSON files")
     overlay.add_argument("--out", required=True, help="PNG path")
     overlay.add_argument("--title", default="", help="figure title")
-    for name, text in (("profile", "the position profile (§3) over harmful pairs"),
-                       ("tokens", "one pair, position by position: the base-favored tokens (§2)")):
+    for name, text in (
+        ("profile", "the position profile (§3) over harmful pairs"),
+        ("tokens", "one pair, position by position: the base-favored tokens (§2)"),
+    ):
         s = sub.add_parser(name, help=text, formatter_class=cli.HelpFormatter)
         cli.add_world_flag(s)
         s.add_argument("--base", help="base model folder (real models; with --aligned and --data)")
@@ -695,22 +793,42 @@ def parse_args(argv=None):
         cli.add_base_favored_flags(s)
         s.add_argument("--max-response-tokens", type=int, default=64, help="response positions per pair")
         s.add_argument("--limit", type=int, help="use N pairs, spread evenly over the data")
-        s.add_argument("--refusal",
-                       help="refusal text for the gradient signal (default: the toy world's first "
-                                         "refusal, or a generic one with real models)")
+        s.add_argument(
+            "--refusal",
+            help="refusal text for the gradient signal (default: the toy world's first "
+            "refusal, or a generic one with real models)",
+        )
         s.add_argument("--batch-size", type=int, default=16, help="pairs per forward")
         cli.add_device_flags(s)
         s.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     prof = sub.choices["profile"]
-    prof.add_argument("--base-format", choices=["chat", "plain"], default="chat",
-                      help="chat: both models read the aligned chat format; plain: the base reads plain text")
-    prof.add_argument("--grad-model", choices=["base", "aligned"], default="base",
-                      help="the model under which the refusal-SFT gradient signal is measured")
-    prof.add_argument("--seeds", type=int, nargs="+", help="profile on the worlds of these seeds (0 1 2 are "
-                      "the reporting seeds) and report a summary, mean ± sd over seeds")
-    prof.add_argument("--models", nargs="+", metavar="NAME=PATH", default=["aligned={world}/aligned"],
-                      help="with --seeds: the models profiled against each world's base; PATH may hold "
-                           "{world} and {seed} (e.g. targeted=runs/seed-{seed}/targeted)")
+    prof.add_argument(
+        "--base-format",
+        choices=["chat", "plain"],
+        default="chat",
+        help="chat: both models read the aligned chat format; plain: the base reads plain text",
+    )
+    prof.add_argument(
+        "--grad-model",
+        choices=["base", "aligned"],
+        default="base",
+        help="the model under which the refusal-SFT gradient signal is measured",
+    )
+    prof.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        help="profile on the worlds of these seeds (0 1 2 are "
+        "the reporting seeds) and report a summary, mean ± sd over seeds",
+    )
+    prof.add_argument(
+        "--models",
+        nargs="+",
+        metavar="NAME=PATH",
+        default=["aligned={world}/aligned"],
+        help="with --seeds: the models profiled against each world's base; PATH may hold "
+        "{world} and {seed} (e.g. targeted=runs/seed-{seed}/targeted)",
+    )
     prof.add_argument("--out", help="write the profile JSON here (and the plot beside it as .png)")
     prof.add_argument("--plot", help="PNG path for the plot (needs matplotlib)")
     tokens = sub.choices["tokens"]

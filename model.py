@@ -17,6 +17,7 @@ biases, Qwen3 q/k norms, tied embeddings) is annotated where it happens; see doc
 Shapes: B batch, T new tokens, S cache length, L layers, d hidden size, H query heads, Hkv key/value heads,
 hd head dim, I MLP width, V vocabulary.
 """
+
 from __future__ import annotations
 
 import json
@@ -76,8 +77,13 @@ class ModelArgs:
                 "supported; released Qwen2.5/Qwen3 checkpoints have it false. Set it to false only if the "
                 "model was trained without it."
             )
-        for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                    "vocab_size"):
+        for key in (
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "vocab_size",
+        ):
             if key not in cfg:
                 raise ValueError(f"{source}: required key {key!r} is missing")
         n_heads = cfg["num_attention_heads"]
@@ -248,8 +254,15 @@ class KVCache:
       and the base model's caches, of the same shapes, share one compiled graph. Eager decoding skips the
       marking, which would import torch._dynamo (seconds)."""
 
-    def __init__(self, args: ModelArgs, batch_size: int, max_seq_len: int, dtype=torch.float32, device=None,
-                 compile: bool = False):
+    def __init__(
+        self,
+        args: ModelArgs,
+        batch_size: int,
+        max_seq_len: int,
+        dtype=torch.float32,
+        device=None,
+        compile: bool = False,
+    ):
         shape = (batch_size, args.n_kv_heads, max_seq_len, args.head_dim)  # (B, Hkv, S, hd)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(args.n_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(args.n_layers)]
@@ -324,8 +337,9 @@ class Attention(nn.Module):
             k, v = cache.update(self.layer_idx, cache_pos, k, v)  # (B, Hkv, S, hd)
         # GQA: query head h reads kv head h // (H / Hkv) (enable_gqa; never materialise repeated k/v).
         # mask None (unpadded, no cache) is the same SDPA call HF makes, so logits match bit for bit.
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=hd**-0.5,
-                                           enable_gqa=H != Hkv)  # (B, H, T, hd)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=mask is None, scale=hd**-0.5, enable_gqa=H != Hkv
+        )  # (B, H, T, hd)
         y = y.transpose(1, 2).reshape(B, T, H * hd)  # (B, T, H*hd)
         return self.o_proj(y)
 
@@ -382,11 +396,10 @@ class Transformer(nn.Module):
         idx (B, T) token ids. attention_mask (B, T) 1 = real token, 0 = padding (left padding is the norm
         for generation; any padding works). positions (B, T) RoPE positions; default: count of real tokens
         before each one (cumsum(mask) - 1), as HF `generate` does for left padding (docs/model_notes.md
-        §6 F1).
-        logits_at: compute logits only at these positions and return them as (N, V): a (B, T) bool mask or a
-        (rows, cols) pair of index tensors. Teacher-forced statistics and losses need the few response
-        positions only; the head's matmul and the (B, T, V) tensor (2 GB in bf16 at V = 128k, B*T = 8k) are
-        skipped.
+        §6 F1). logits_at: compute logits only at these positions and return them as (N, V): a (B, T) bool
+        mask or a (rows, cols) pair of index tensors. Teacher-forced statistics and losses need the few
+        response positions only; the head's matmul and the (B, T, V) tensor (2 GB in bf16 at V = 128k, B*T =
+        8k) are skipped.
         cache_pos (T,): decode through `self.cache` (a KVCache, set up by decode.py): these tokens fill those
         cache slots and attend to every real token the cache holds at or before their own slot.
         """
@@ -411,8 +424,9 @@ class Transformer(nn.Module):
         cos, sin = rope_cos_sin(rope_inv_freq(self.args, idx.device), positions, x.dtype)  # (B, T, hd)
         for layer in self.model.layers:
             if self.checkpointing and self.training:
-                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, cache, cache_pos,
-                                                      use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(
+                    layer, x, cos, sin, mask, cache, cache_pos, use_reentrant=False
+                )
             else:
                 x = layer(x, cos, sin, mask, cache, cache_pos)  # (B, T, d)
         if logits_at is not None:
@@ -441,7 +455,8 @@ def weight_files(folder: Path) -> dict[str, list[str]]:
         weight_map = read_json(index).get("weight_map")
         if not isinstance(weight_map, dict):
             raise ValueError(
-                f"{index}: no 'weight_map' object; expected {{'weight_map': {{tensor name: file}}}}")
+                f"{index}: no 'weight_map' object; expected {{'weight_map': {{tensor name: file}}}}"
+            )
         files: dict[str, list[str]] = {}
         for name, file in weight_map.items():
             files.setdefault(file, []).append(name)
@@ -471,9 +486,11 @@ def check_folder(folder, needs=("config.json", "*.safetensors", "tokenizer.json"
         missing = [pattern for pattern in needs if not list(folder.glob(pattern))]
     if missing:
         what = "a file" if folder.is_file() else f"a folder without {', '.join(missing)}"
-        raise ValueError(f"{folder}: not a checkpoint folder ({what}): it needs config.json, *.safetensors "
-                         "and tokenizer.json, as a Hugging Face model folder has them (.bin, .pth and .gguf "
-                         "weights: convert them with transformers' save_pretrained first)")
+        raise ValueError(
+            f"{folder}: not a checkpoint folder ({what}): it needs config.json, *.safetensors "
+            "and tokenizer.json, as a Hugging Face model folder has them (.bin, .pth and .gguf "
+            "weights: convert them with transformers' save_pretrained first)"
+        )
     return folder
 
 
@@ -539,8 +556,9 @@ def load_model(folder, dtype: torch.dtype | str = torch.float32, device="cpu") -
     return model.eval()
 
 
-def save_model(model: Transformer, out_dir, tokenizer_from=None, max_shard_bytes: int = 2 * 1024**3,
-               overwrite=False):
+def save_model(
+    model: Transformer, out_dir, tokenizer_from=None, max_shard_bytes: int = 2 * 1024**3, overwrite=False
+):
     """Write a Hugging Face folder that `transformers.AutoModelForCausalLM.from_pretrained` loads.
 
     config.json, generation_config.json, safetensors (sharded with an index above `max_shard_bytes`), and the
@@ -583,8 +601,13 @@ def save_model(model: Transformer, out_dir, tokenizer_from=None, max_shard_bytes
     with open(tmp / "config.json", "w") as f:
         json.dump(model.args.to_hf_config(dtype), f, indent=2)
     src = Path(tokenizer_from) if tokenizer_from else None
-    tokenizer_files = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                       "chat_template.jinja", "generation_config.json")
+    tokenizer_files = (
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "chat_template.jinja",
+        "generation_config.json",
+    )
     for name in tokenizer_files:
         if src is not None and (src / name).exists():
             shutil.copy(src / name, tmp / name)
@@ -635,7 +658,8 @@ class Tokenizer:
         mcfg = _read_json_if_exists(folder / "config.json")
         gcfg = _read_json_if_exists(folder / "generation_config.json")
         self.special_tokens = {
-            k: _token_text(tcfg[k]) for k in ("bos_token", "eos_token", "unk_token", "pad_token")
+            k: _token_text(tcfg[k])
+            for k in ("bos_token", "eos_token", "unk_token", "pad_token")
             if tcfg.get(k) is not None
         }
         self.bos_id = self._id(self.special_tokens.get("bos_token"), mcfg.get("bos_token_id"))
@@ -647,8 +671,9 @@ class Tokenizer:
                 if i is not None and i not in eos:
                     eos.append(i)
         self.eos_ids = eos
-        pad = self._id(self.special_tokens.get("pad_token"), mcfg.get("pad_token_id"),
-                       gcfg.get("pad_token_id"))
+        pad = self._id(
+            self.special_tokens.get("pad_token"), mcfg.get("pad_token_id"), gcfg.get("pad_token_id")
+        )
         self.pad_id = pad if pad is not None else (eos[0] if eos else 0)
         self.chat_template, self._compiled_template = None, None
         if (folder / "chat_template.jinja").exists():  # overrides tokenizer_config's key (newer saves)
@@ -669,7 +694,7 @@ class Tokenizer:
             turn = [{"role": "user", "content": "x"}, {"role": "assistant", "content": mark}]
             text = self.format_chat(turn, add_generation_prompt=False)
             specials = {i for i, t in self.tok.get_added_tokens_decoder().items() if t.special}
-            after = self.encode(text[text.index(mark) + len(mark):]) if mark in text else []
+            after = self.encode(text[text.index(mark) + len(mark) :]) if mark in text else []
             for i in after:
                 if i in specials:
                     return i
@@ -693,8 +718,14 @@ class Tokenizer:
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
         return self.tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
-    def format_chat(self, messages: list[dict], add_generation_prompt: bool = True, prefill: str = "",
-                    plain: bool = False, **template_kwargs) -> str:
+    def format_chat(
+        self,
+        messages: list[dict],
+        add_generation_prompt: bool = True,
+        prefill: str = "",
+        plain: bool = False,
+        **template_kwargs,
+    ) -> str:
         """Render messages with the checkpoint's own chat template (or the plain format when it has none, or
         when `plain=True`), then append `prefill`, a forced start of the assistant's answer (the prefilling
         attack), right after the generation prompt."""
@@ -707,20 +738,28 @@ class Tokenizer:
             self._compiled_template = _jinja_env().from_string(self.chat_template)
         # the variables transformers passes
         variables = {"tools": None, "documents": None, **self.special_tokens, **template_kwargs}
-        text = self._compiled_template.render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                              **variables)
+        text = self._compiled_template.render(
+            messages=messages, add_generation_prompt=add_generation_prompt, **variables
+        )
         return text + prefill
 
-    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True, prefill: str = "",
-                    plain: bool = False, **template_kwargs) -> list[int]:
+    def encode_chat(
+        self,
+        messages: list[dict],
+        add_generation_prompt: bool = True,
+        prefill: str = "",
+        plain: bool = False,
+        **template_kwargs,
+    ) -> list[int]:
         """Token ids of `format_chat(...)`, tokenized in one pass so BPE merges across the prefill boundary
         match what the model would see. A template renders its own BOS, so no special tokens are added;
         the plain format lets the tokenizer's post-processor add them."""
         text = self.format_chat(messages, add_generation_prompt, prefill, plain, **template_kwargs)
         return self.encode(text, add_special_tokens=self.chat_template is None or plain)
 
-    def prompt_ids(self, prompt: str, prefill: str = "", system: str | None = None,
-                   plain: bool = False) -> list[int]:
+    def prompt_ids(
+        self, prompt: str, prefill: str = "", system: str | None = None, plain: bool = False
+    ) -> list[int]:
         """A single user turn (optionally after a system message), the generation prompt, and `prefill`."""
         messages = [{"role": "system", "content": system}] if system is not None else []
         messages.append({"role": "user", "content": prompt})
@@ -755,11 +794,13 @@ def _jinja_env():
         return datetime.now().strftime(fmt)
 
     def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
-        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
-                          sort_keys=sort_keys)
+        return json.dumps(
+            x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
+        )
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=["jinja2.ext.loopcontrols"])
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
+    )
     env.filters["tojson"] = tojson
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = strftime_now

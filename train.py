@@ -37,6 +37,7 @@ Read top to bottom:
     -- plumbing --
     6. LoRA   7. float32 master weights   8. several processes (FSDP)   9. checkpoints   10. saving   11. CLI
 """
+
 from __future__ import annotations
 
 import json
@@ -75,6 +76,7 @@ class RunConfig:
     """One training run: the method, the data, the optimisation and the hardware. The objective's own settings
     are deepalign.LossConfig. A resumed run must match its checkpoint in both (except the fields of
     RESUMABLE)."""
+
     method: str = "targeted"
     base: str = ""
     aligned: str = ""
@@ -121,13 +123,21 @@ def train(run: RunConfig, loss_cfg: D.LossConfig, resume: bool = False, overwrit
     safety_rows, benign_rows = load_data(run, tok, student, out, rank)
     base = load_model(run.base, DTYPES[run.dtype], device) if run.method == "targeted" else None
     if base is not None and base.args.vocab_size != student.args.vocab_size:
-        raise ValueError(f"{run.base} has vocab_size {base.args.vocab_size} but {run.aligned} has "
-                         f"{student.args.vocab_size}; base and aligned must share one vocabulary")
+        raise ValueError(
+            f"{run.base} has vocab_size {base.args.vocab_size} but {run.aligned} has "
+            f"{student.args.vocab_size}; base and aligned must share one vocabulary"
+        )
     if run.lora_rank:
         add_lora(student, run.lora_rank, run.lora_alpha or 2 * run.lora_rank)
     needs_aligned = run.method in ("targeted", "constrained")
-    aligned = FrozenAligned(student if run.lora_rank else load_model(run.aligned, DTYPES[run.dtype], device),
-                            adapters_off=bool(run.lora_rank)) if needs_aligned else None
+    aligned = (
+        FrozenAligned(
+            student if run.lora_rank else load_model(run.aligned, DTYPES[run.dtype], device),
+            adapters_off=bool(run.lora_rank),
+        )
+        if needs_aligned
+        else None
+    )
     for frozen in (base, aligned.model if aligned and not run.lora_rank else None):
         if frozen is not None:
             frozen.requires_grad_(False).eval()
@@ -150,14 +160,22 @@ def train(run: RunConfig, loss_cfg: D.LossConfig, resume: bool = False, overwrit
             log(f"resumed from {out / CHECKPOINT} at step {start}")
     if rank == 0:
         keep_log_until(out / "train_log.jsonl", start)
-        write_json_atomic(out / "train_config.json", {"run": asdict(run), "loss": asdict(loss_cfg),
-                                                      "world_size": world})
+        write_json_atomic(
+            out / "train_config.json", {"run": asdict(run), "loss": asdict(loss_cfg), "world_size": world}
+        )
     model_fn = torch.compile(student, dynamic=True) if run.compile else student
     frozen = Frozen(base=base, aligned=aligned, valid=valid, word_start=word_start)
 
     student.train()
-    bar = tqdm(range(start, run.steps), desc=f"train {run.method}", file=sys.stderr, initial=start,
-               total=run.steps, mininterval=2.0, disable=rank > 0)
+    bar = tqdm(
+        range(start, run.steps),
+        desc=f"train {run.method}",
+        file=sys.stderr,
+        initial=start,
+        total=run.steps,
+        mininterval=2.0,
+        disable=rank > 0,
+    )
     for step in bar:
         t0 = time.perf_counter()
         lr = get_lr(step, run)
@@ -166,24 +184,41 @@ def train(run: RunConfig, loss_cfg: D.LossConfig, resume: bool = False, overwrit
         opt.zero_grad(set_to_none=True)
         logged = {}
         for micro in range(run.grad_accum):
-            batches = make_batches(step * run.grad_accum + micro, tok, safety_rows, benign_rows, own_answers,
-                                   model_fn, run, loss_cfg, device, rank, world)
+            batches = make_batches(
+                step * run.grad_accum + micro,
+                tok,
+                safety_rows,
+                benign_rows,
+                own_answers,
+                model_fn,
+                run,
+                loss_cfg,
+                device,
+                rank,
+                world,
+            )
             terms = step_losses(run.method, model_fn, frozen, batches, loss_cfg)
             (terms["loss"] / run.grad_accum).backward()
             grads_to_masters(params, masters)
             for k, v in terms.items():  # the global batch's value of each term (shares undone)
                 share = batches.shares.get(k, 1.0)
-                logged[k] = logged.get(k,
-                                       0.0) + all_reduce(v.detach() * share).item() / world / run.grad_accum
+                logged[k] = (
+                    logged.get(k, 0.0) + all_reduce(v.detach() * share).item() / world / run.grad_accum
+                )
         grad_norm = optimizer_step(params, masters, opt, run.clip)
-        record = {"step": step + 1, **{k: round(v, 6) for k, v in logged.items()},
-                  "grad_norm": round(grad_norm, 4),
-                  "lr": lr, "seconds": round(time.perf_counter() - t0, 3)}
+        record = {
+            "step": step + 1,
+            **{k: round(v, 6) for k, v in logged.items()},
+            "grad_norm": round(grad_norm, 4),
+            "lr": lr,
+            "seconds": round(time.perf_counter() - t0, 3),
+        }
         if rank == 0:
             with open(out / "train_log.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
-        bar.set_postfix({k: f"{logged[k]:.3f}" for k in ("loss", "kd", "pen", "util", "ce") if k in logged},
-                        refresh=False)
+        bar.set_postfix(
+            {k: f"{logged[k]:.3f}" for k in ("loss", "kd", "pen", "util", "ce") if k in logged}, refresh=False
+        )
         stopping = run.stop_after and step + 1 == run.stop_after
         if stopping or ((step + 1) % run.save_every == 0 and step + 1 < run.steps):
             save_checkpoint(out / CHECKPOINT, step + 1, student, masters, opt, run, loss_cfg)
@@ -212,6 +247,7 @@ class Batch(NamedTuple):
     """Right-padded sequences and their loss positions. Position i (of N) is predicted by the logit at
     (rows[i], cols[i]) and is `targets[i]`, the context's response position is positions[i]; dense[i] marks a
     dense harmful context (§5), where the target is the first recovery token rather than the next token."""
+
     ids: torch.Tensor  # (B, T)
     rows: torch.Tensor  # (N,)
     cols: torch.Tensor  # (N,)
@@ -225,6 +261,7 @@ class TeacherIndex(NamedTuple):
     model's distribution at row index[i] of the clean batch's loss positions; word_start[i]: rewrite it as a
     word that starts mid-text (a dense or recovery context after a harmful prefix); soft[i]: False where the
     recovery does not tokenize the same in both contexts (that position keeps the hard label only)."""
+
     clean: Batch
     index: torch.Tensor  # (N,)
     word_start: torch.Tensor  # (N,) bool
@@ -279,20 +316,34 @@ def step_losses(method: str, student, frozen: Frozen, batches: Batches, cfg: D.L
             q = teacher_distribution(lp_A, lp_B, safety.targets, batches.teacher, frozen, cfg)  # (N, V)
             bf = D.base_favored_mask(lp_A, lp_B, cfg.tau, cfg.top_k, cfg.rho, frozen.valid)  # (N, V)
             mass_A = D.bf_mass(lp_A, bf)  # (N,)
-            bf_mean = all_reduce(mass_A.sum()) / all_reduce(torch.tensor(float(len(mass_A)),
-                                                                         device=lp_A.device))
+            bf_mean = all_reduce(mass_A.sum()) / all_reduce(
+                torch.tensor(float(len(mass_A)), device=lp_A.device)
+            )
             # the global batch's last position
             T = all_reduce(safety.positions.max().float(), dist.ReduceOp.MAX)
             lp_A_util = frozen.aligned.log_probs(utility)  # (M, V)
-        return D.targeted_loss(lp_S, lp_A, lp_B, q, safety.dense, safety.positions, loss_log_probs(student,
-                                                                                                   utility),
-                               lp_A_util, cfg, frozen.valid, (shares["kd"], shares["util"]), bf_mean, T)
+        return D.targeted_loss(
+            lp_S,
+            lp_A,
+            lp_B,
+            q,
+            safety.dense,
+            safety.positions,
+            loss_log_probs(student, utility),
+            lp_A_util,
+            cfg,
+            frozen.valid,
+            (shares["kd"], shares["util"]),
+            bf_mean,
+            T,
+        )
     terms = {}
     if method == "constrained":  # Qi et al.'s objective, on the safety and the utility batch alike
         for name, batch in (("safety", safety), ("util", utility)):
             beta_t = D.qi_beta_schedule(batch.positions)
-            terms[name] = D.constrained_loss(loss_log_probs(student, batch), frozen.aligned.log_probs(batch),
-                                             batch.targets, beta_t)
+            terms[name] = D.constrained_loss(
+                loss_log_probs(student, batch), frozen.aligned.log_probs(batch), batch.targets, beta_t
+            )
         terms["loss"] = shares["safety"] * terms["safety"] + shares["util"] * terms["util"]
         return terms
     terms["ce"] = D.ce_loss(loss_log_probs(student, safety), safety.targets)  # sft, augment, rto, insertion
@@ -306,8 +357,7 @@ def step_losses(method: str, student, frozen: Frozen, batches: Batches, cfg: D.L
 @torch.no_grad()
 def teacher_distribution(lp_A, lp_B, targets, index: TeacherIndex, frozen: Frozen, cfg: D.LossConfig):
     """The hybrid teacher q (N, V) of every harmful loss position (§5): clean (version 2), contrast (version
-    1)
-    or hard (lam = 1)."""
+    1) or hard (lam = 1)."""
     if cfg.teacher == "hard":
         return D.hard_labels(targets, lp_A.shape[-1])
     if cfg.teacher == "contrast":
@@ -326,6 +376,7 @@ def teacher_distribution(lp_A, lp_B, targets, index: TeacherIndex, frozen: Froze
 # ----------------------------------------------------------------------------------------------
 class Example(NamedTuple):
     """One sequence and its loss positions: cols (the logits that predict), targets, response positions."""
+
     ids: list
     cols: list
     targets: list
@@ -343,8 +394,7 @@ def recovery_ids(tok, prefix_ids: list, recovery: str) -> list[int]:
 
 def recovery_example(tok, row: dict, k: int, answer_ids=None) -> Example:
     """prompt + the first k harmful tokens (or `answer_ids`) + recovery + end of turn; loss on the recovery
-    and
-    the end of the turn (Qi et al.'s augmentation, §5 recovery contexts)."""
+    and the end of the turn (Qi et al.'s augmentation, §5 recovery contexts)."""
     head, harm = D.response_split(tok, row["prompt"], row["harmful_response"])
     prefix = list(answer_ids) if answer_ids is not None else harm[:k]
     target = recovery_ids(tok, prefix, row["recovery"])
@@ -360,16 +410,22 @@ def dense_example(tok, row: dict, K: int) -> Example:
     head, harm = D.response_split(tok, row["prompt"], row["harmful_response"])
     n = min(len(harm), K)
     targets = [recovery_ids(tok, harm[:t], row["recovery"])[0] for t in range(n + 1)]
-    return Example(head + harm[:n], list(range(len(head) - 1, len(head) + n)), targets, list(range(n + 1)),
-                   True)
+    return Example(
+        head + harm[:n], list(range(len(head) - 1, len(head) + n)), targets, list(range(n + 1)), True
+    )
 
 
 def answer_example(tok, prompt: str, response: str) -> Example:
     """prompt + response + end of turn, loss on the response and the end of the turn."""
     head, resp = D.response_split(tok, prompt, response)
     target = resp + [tok.end_of_turn_id]
-    return Example(head + target, list(range(len(head) - 1, len(head) - 1 + len(target))), target,
-                   list(range(len(target))), False)
+    return Example(
+        head + target,
+        list(range(len(head) - 1, len(head) - 1 + len(target))),
+        target,
+        list(range(len(target))),
+        False,
+    )
 
 
 def collate(examples: list[Example], pad_id: int, device) -> Batch:
@@ -419,8 +475,12 @@ def targeted_batch(tok, draws: list, K: int, device) -> tuple[Batch, TeacherInde
         index += [offset + i for i in idx]
         word_start += ws
         soft += sf
-    teacher = TeacherIndex(collate(cleans, tok.pad_id, device), torch.tensor(index, device=device),
-                           torch.tensor(word_start, device=device), torch.tensor(soft, device=device))
+    teacher = TeacherIndex(
+        collate(cleans, tok.pad_id, device),
+        torch.tensor(index, device=device),
+        torch.tensor(word_start, device=device),
+        torch.tensor(soft, device=device),
+    )
     return collate(examples, tok.pad_id, device), teacher
 
 
@@ -434,8 +494,19 @@ def prefix_length(rng: random.Random, method: str, K: int) -> int:
     return rng.randint(0, K)
 
 
-def make_batches(step: int, tok, safety_rows, benign_rows, own_answers, student, run: RunConfig,
-                 cfg: D.LossConfig, device, rank: int = 0, world: int = 1) -> Batches:
+def make_batches(
+    step: int,
+    tok,
+    safety_rows,
+    benign_rows,
+    own_answers,
+    student,
+    run: RunConfig,
+    cfg: D.LossConfig,
+    device,
+    rank: int = 0,
+    world: int = 1,
+) -> Batches:
     """The step's harmful and utility batches. Every random draw is made for the whole global batch (seeded by
     the step); process r keeps examples r, r + world, ..., so any number of processes sees the same data."""
     rng = random.Random(run.seed * 1_000_003 + step)
@@ -443,8 +514,9 @@ def make_batches(step: int, tok, safety_rows, benign_rows, own_answers, student,
     for _ in range(run.batch_size):
         row = safety_rows[rng.randrange(len(safety_rows))]
         if run.method == "insertion":
-            draws.append((row, insertion_candidates(tok, row, own_answers[row["prompt"]], rng,
-                                                    run.insert_candidates)))
+            draws.append(
+                (row, insertion_candidates(tok, row, own_answers[row["prompt"]], rng, run.insert_candidates))
+            )
         else:
             draws.append((row, prefix_length(rng, run.method, cfg.max_prefix)))
     benign = [benign_rows[rng.randrange(len(benign_rows))] for _ in range(run.utility_batch_size)]
@@ -452,8 +524,9 @@ def make_batches(step: int, tok, safety_rows, benign_rows, own_answers, student,
     if run.method == "targeted":
         safety_batch, teacher = targeted_batch(tok, draws[rank::world], cfg.max_prefix, device)
     else:
-        examples = [baseline_example(tok, row, draw, student, run, cfg, device) for row,
-                    draw in draws[rank::world]]
+        examples = [
+            baseline_example(tok, row, draw, student, run, cfg, device) for row, draw in draws[rank::world]
+        ]
         safety_batch = collate(examples, tok.pad_id, device)
     utility = [answer_example(tok, r["prompt"], r["response"]) for r in benign[rank::world]]
     utility_batch = collate(utility, tok.pad_id, device)
@@ -505,9 +578,9 @@ def worst_insertion(student, tok, row, candidates, device):
 
 def word_start_ids(tok, vocab_size: int) -> torch.Tensor:
     """(V,) long: for each token, the token that starts the same word in the middle of a text: the first token
-    of
-    " " + its text, for a real token that does not already start with a space; every other id maps to itself.
-    Used to move the clean teacher's answer-initial distribution to a context after a harmful prefix."""
+    of " " + its text, for a real token that does not already start with a space; every other id maps to
+    itself. Used to move the clean teacher's answer-initial distribution to a context after a harmful
+    prefix."""
     ids = torch.arange(vocab_size)
     valid = tok.real_token_mask(vocab_size)
     for i in valid.nonzero().squeeze(-1).tolist():
@@ -528,8 +601,10 @@ def load_data(run: RunConfig, tok, aligned, out: Path, rank: int) -> tuple[list,
     needs = "harmful_response"
     safety = [r for r in formats.read_prompts(run.data, "harmful") if r.get(needs)]
     if not safety:
-        raise ValueError(f"{run.data}: no row has a harmful response; training needs (prompt, harmful "
-                         "response) pairs (e.g. our JSONL, AdvBench's goal,target, HEx-PHI with responses)")
+        raise ValueError(
+            f"{run.data}: no row has a harmful response; training needs (prompt, harmful "
+            "response) pairs (e.g. our JSONL, AdvBench's goal,target, HEx-PHI with responses)"
+        )
     benign = formats.read_prompts(run.benign, "benign")
     if rank == 0:
         fill_missing(safety, "recovery", tok, aligned, out / "generated_recoveries.jsonl")
@@ -544,8 +619,7 @@ def load_data(run: RunConfig, tok, aligned, out: Path, rank: int) -> tuple[list,
 def fill_missing(rows: list[dict], key: str, tok, model, cache: Path, batch_size: int = 32):
     """Give every row without `key` the aligned model's own greedy answer to its bare prompt (its own refusal,
     as a recovery; its own answer, as a utility anchor), cut at the end of its turn. Answers are generated
-    once
-    and cached as JSONL {"prompt", key} beside the run; a resumed run reuses them."""
+    once and cached as JSONL {"prompt", key} beside the run; a resumed run reuses them."""
     missing = sorted({r["prompt"] for r in rows if not r.get(key)})
     if not missing:
         return
@@ -553,13 +627,20 @@ def fill_missing(rows: list[dict], key: str, tok, model, cache: Path, batch_size
     todo = [p for p in missing if p not in cached]
     if todo and model is None:
         raise FileNotFoundError(f"{cache}: the generated {key}s are missing (process 0 writes them)")
-    for i in tqdm(range(0, len(todo), batch_size), desc=f"generate {key}s", file=sys.stderr,
-                  disable=not todo):
+    for i in tqdm(
+        range(0, len(todo), batch_size), desc=f"generate {key}s", file=sys.stderr, disable=not todo
+    ):
         prompts = todo[i : i + batch_size]
-        outs = generate(model, [tok.prompt_ids(p) for p in prompts], max_new_tokens=64, eos_ids=tok.eos_ids,
-                        pad_id=tok.pad_id)
-        cached.update({p: tok.decode([t for t in o if t not in tok.eos_ids]).strip() for p, o in zip(prompts,
-                                                                                                     outs)})
+        outs = generate(
+            model,
+            [tok.prompt_ids(p) for p in prompts],
+            max_new_tokens=64,
+            eos_ids=tok.eos_ids,
+            pad_id=tok.pad_id,
+        )
+        cached.update(
+            {p: tok.decode([t for t in o if t not in tok.eos_ids]).strip() for p, o in zip(prompts, outs)}
+        )
     if todo:
         write_jsonl(cache, [{"prompt": p, key: cached[p]} for p in sorted(cached)])
         log(f"{cache}: {len(todo)} {key}s generated by the aligned model")
@@ -571,13 +652,17 @@ def fill_missing(rows: list[dict], key: str, tok, model, cache: Path, batch_size
 @torch.no_grad()
 def own_refusals(model, tok, rows: list[dict], rank: int) -> dict:
     """The aligned model's own greedy answers to the harmful prompts (insertion's splice points), computed
-    once,
-    before sharding."""
+    once, before sharding."""
     prompts = sorted({r["prompt"] for r in rows})
     answers = {}
     for i in tqdm(range(0, len(prompts), 64), desc="own answers", file=sys.stderr, disable=rank > 0):
-        outs = generate(model, [tok.prompt_ids(p) for p in prompts[i : i + 64]], max_new_tokens=24,
-                        eos_ids=tok.eos_ids, pad_id=tok.pad_id)
+        outs = generate(
+            model,
+            [tok.prompt_ids(p) for p in prompts[i : i + 64]],
+            max_new_tokens=24,
+            eos_ids=tok.eos_ids,
+            pad_id=tok.pad_id,
+        )
         answers.update(zip(prompts[i : i + 64], outs))
     return answers
 
@@ -664,11 +749,21 @@ def save_adapter(model, folder: Path, rank: int, alpha: float, base_model: str):
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     save_file(lora_state(model), tmp / "adapter_model.safetensors", metadata={"format": "pt"})
-    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": alpha,
-              "lora_dropout": 0.0,
-              "target_modules": list(LORA_TARGETS), "bias": "none", "fan_in_fan_out": False,
-              "base_model_name_or_path": base_model, "inference_mode": True, "init_lora_weights": True,
-              "use_rslora": False, "modules_to_save": None}
+    config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "r": rank,
+        "lora_alpha": alpha,
+        "lora_dropout": 0.0,
+        "target_modules": list(LORA_TARGETS),
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "base_model_name_or_path": base_model,
+        "inference_mode": True,
+        "init_lora_weights": True,
+        "use_rslora": False,
+        "modules_to_save": None,
+    }
     write_json_atomic(tmp / "adapter_config.json", config, indent=2)
     shutil.rmtree(folder, ignore_errors=True)
     tmp.rename(folder)
@@ -681,8 +776,7 @@ def fp32_masters(params: list) -> list:
     """What the optimizer updates: a float32 copy of each low-precision trainable parameter, the parameter
     itself when it is float32 already (LoRA adapters, --dtype float32). An AdamW step of lr = 1e-5 is far
     below half a bf16 ulp of a typical weight (|w| = 0.02 has ulp 1.2e-4): updated in place, bf16 weights
-    would
-    not move at all. The scheme of DeepSpeed's and Megatron's bf16 optimizers."""
+    would not move at all. The scheme of DeepSpeed's and Megatron's bf16 optimizers."""
     return [p if p.dtype == torch.float32 else p.detach().float() for p in params]
 
 
@@ -726,14 +820,18 @@ def init_distributed(run: RunConfig) -> tuple[int, int]:
         dist.init_process_group(backend)
     rank, world = world_info()
     if run.dtype == "float16":
-        raise ValueError("--dtype float16: training in float16 needs loss scaling, which train.py does "
-                         "not do; use --dtype bfloat16 (or float32)")
+        raise ValueError(
+            "--dtype float16: training in float16 needs loss scaling, which train.py does "
+            "not do; use --dtype bfloat16 (or float32)"
+        )
     if world > 1 and run.compile:
         raise ValueError("--compile is single-process only; run without it under torchrun")
     if world > 1 and (run.batch_size % world or run.utility_batch_size % world):
-        raise ValueError(f"--batch-size {run.batch_size} and --utility-batch-size {run.utility_batch_size} "
-                         f"must be multiples of the {world} processes (each takes an equal share of the "
-                         "global batch)")
+        raise ValueError(
+            f"--batch-size {run.batch_size} and --utility-batch-size {run.utility_batch_size} "
+            f"must be multiples of the {world} processes (each takes an equal share of the "
+            "global batch)"
+        )
     return rank, world
 
 
@@ -793,8 +891,12 @@ def checkpoint_state(step, student, masters, opt, run: RunConfig, loss_cfg: D.Lo
     AdamW's state, the step, and both configurations (as JSON, compared on resume)."""
     names = [n for n, p in student.named_parameters() if p.requires_grad]
     config = json.dumps({"run": asdict(run), "loss": asdict(loss_cfg)}, sort_keys=True)
-    return {"step": step, "trainable": dict(zip(names, masters)), "optimizer": opt.state_dict(),
-            "config": config}
+    return {
+        "step": step,
+        "trainable": dict(zip(names, masters)),
+        "optimizer": opt.state_dict(),
+        "config": config,
+    }
 
 
 def save_checkpoint(path: Path, step, student, masters, opt, run, loss_cfg):
@@ -809,8 +911,11 @@ def save_checkpoint(path: Path, step, student, masters, opt, run, loss_cfg):
     barrier()
     with warnings.catch_warnings():  # one process: dcp warns that it assumes so
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.save(checkpoint_state(step, student, masters, opt, run, loss_cfg), checkpoint_id=tmp,
-                 no_dist=not dist.is_initialized())
+        dcp.save(
+            checkpoint_state(step, student, masters, opt, run, loss_cfg),
+            checkpoint_id=tmp,
+            no_dist=not dist.is_initialized(),
+        )
     barrier()
     if rank == 0:
         if path.exists():
@@ -848,9 +953,11 @@ def load_checkpoint(path: Path, student, masters, opt, run: RunConfig, loss_cfg:
     for part in ("run", "loss"):
         for key, value in now[part].items():
             if key not in RESUMABLE and saved[part].get(key) != value:
-                raise ValueError(f"{path}: the checkpoint has {key}={saved[part].get(key)!r} but this run "
-                                 f"has {value!r}; resume with the original settings or start over with "
-                                 "--overwrite")
+                raise ValueError(
+                    f"{path}: the checkpoint has {key}={saved[part].get(key)!r} but this run "
+                    f"has {value!r}; resume with the original settings or start over with "
+                    "--overwrite"
+                )
     masters_to_params([p for p in student.parameters() if p.requires_grad], masters)
     opt.load_state_dict(state["optimizer"])
     return state["step"]
@@ -872,11 +979,15 @@ def prepare_out(out: Path, resume: bool, overwrite: bool) -> Path:
         if resume and (out / CHECKPOINT).exists():
             return out
         if resume:
-            raise FileNotFoundError(f"{out} has no {CHECKPOINT}/ to resume (a finished run, or another "
-                                    "folder); pass --overwrite to start it again")
+            raise FileNotFoundError(
+                f"{out} has no {CHECKPOINT}/ to resume (a finished run, or another "
+                "folder); pass --overwrite to start it again"
+            )
         if not overwrite:
-            raise FileExistsError(f"{out} exists and is not empty; pass --overwrite to replace it, or "
-                                  "--resume to continue its checkpoint")
+            raise FileExistsError(
+                f"{out} exists and is not empty; pass --overwrite to replace it, or "
+                "--resume to continue its checkpoint"
+            )
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     return out
@@ -884,8 +995,8 @@ def prepare_out(out: Path, resume: bool, overwrite: bool) -> Path:
 
 def save_final(student, run: RunConfig, out: Path, rank: int, world: int):
     """Write the run folder as a Hugging Face folder (and, with LoRA, the adapter in PEFT's layout). With
-    FSDP,
-    every process gathers the full weights (a collective) and process 0 writes them from an unsharded copy."""
+    FSDP, every process gathers the full weights (a collective) and process 0 writes them from an unsharded
+    copy."""
     if world > 1:
         full = {n: p.full_tensor().cpu() for n, p in student.named_parameters()}
         if rank != 0:
@@ -899,8 +1010,9 @@ def save_final(student, run: RunConfig, out: Path, rank: int, world: int):
                 params[name].copy_(value)
     save_dtype = DTYPES[run.save_dtype or ("float32" if run.lora_rank else run.dtype)]
     if run.lora_rank:
-        save_adapter(student, out / "adapter", run.lora_rank, run.lora_alpha or 2 * run.lora_rank,
-                     run.aligned)
+        save_adapter(
+            student, out / "adapter", run.lora_rank, run.lora_alpha or 2 * run.lora_rank, run.aligned
+        )
         merge_lora(student, save_dtype)
     else:
         student.to(save_dtype)
@@ -919,59 +1031,88 @@ def parse_args(argv=None):
     p = cli.parser(__doc__)
     cli.add_world_flag(p)
     p.add_argument("--base", help="base model folder (real models; default: the world's base)")
-    p.add_argument("--aligned",
-                   help="aligned model folder, the student's start (default: the world's aligned)")
+    p.add_argument(
+        "--aligned", help="aligned model folder, the student's start (default: the world's aligned)"
+    )
     p.add_argument("--method", choices=METHODS, default="targeted", help="the training objective")
-    p.add_argument("--data",
-                   help="harmful rows with responses, any layout of docs/method.md §9 (default: the "
-                                  "world's safety_train.jsonl)")
-    p.add_argument("--benign", help="benign prompts, with or without responses (default: the world's "
-                                    "benign_train.jsonl)")
+    p.add_argument(
+        "--data",
+        help="harmful rows with responses, any layout of docs/method.md §9 (default: the "
+        "world's safety_train.jsonl)",
+    )
+    p.add_argument(
+        "--benign", help="benign prompts, with or without responses (default: the world's benign_train.jsonl)"
+    )
     p.add_argument("--out", help="run folder (default: runs/<method>)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
     p.add_argument("--resume", action="store_true", help="continue the run folder's checkpoint")
     run_defaults = RunConfig()
     g = p.add_argument_group("optimisation")
     g.add_argument("--steps", type=int, default=run_defaults.steps, help="optimizer steps")
-    g.add_argument("--batch-size", type=int, default=run_defaults.batch_size,
-                   help="harmful examples per step")
-    g.add_argument("--utility-batch-size", type=int, default=run_defaults.utility_batch_size,
-                   help="benign examples per step")
+    g.add_argument(
+        "--batch-size", type=int, default=run_defaults.batch_size, help="harmful examples per step"
+    )
+    g.add_argument(
+        "--utility-batch-size",
+        type=int,
+        default=run_defaults.utility_batch_size,
+        help="benign examples per step",
+    )
     g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step")
     g.add_argument("--lr", type=float, default=run_defaults.lr, help="peak learning rate")
     g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
-    g.add_argument("--warmup", type=float, default=run_defaults.warmup,
-                   help="warmup, as a fraction of the steps")
+    g.add_argument(
+        "--warmup", type=float, default=run_defaults.warmup, help="warmup, as a fraction of the steps"
+    )
     g.add_argument("--clip", type=float, default=1.0, help="gradient-norm clipping")
     g.add_argument("--seed", type=int, default=0, help="seed of the batches")
     g.add_argument("--save-every", type=int, default=50, help="checkpoint every N steps")
-    g.add_argument("--stop-after", type=int, default=0,
-                   help="stop with a checkpoint after this step (0: never)")
+    g.add_argument(
+        "--stop-after", type=int, default=0, help="stop with a checkpoint after this step (0: never)"
+    )
     loss = D.LossConfig()
     m = p.add_argument_group("the objective (docs/method.md §5-§6)")
-    m.add_argument("--teacher", choices=["clean", "contrast", "hard"], default=loss.teacher,
-                   help="hybrid teacher: the aligned model in the clean context (version 2), in the attacked "
-                        "context amplified away from the base (version 1), or hard labels only")
-    m.add_argument("--max-prefix", type=int, default=loss.max_prefix,
-                   help="K: dense contexts t = 0..min(len(h), K); recovery prefixes k ~ U{0..K}")
-    m.add_argument("--lam", type=float, default=loss.lam,
-                   help="hybrid teacher: weight of the hard recovery label")
-    m.add_argument("--alpha-t", type=float, default=loss.alpha_t,
-                   help="--teacher contrast: contrast strength")
+    m.add_argument(
+        "--teacher",
+        choices=["clean", "contrast", "hard"],
+        default=loss.teacher,
+        help="hybrid teacher: the aligned model in the clean context (version 2), in the attacked "
+        "context amplified away from the base (version 1), or hard labels only",
+    )
+    m.add_argument(
+        "--max-prefix",
+        type=int,
+        default=loss.max_prefix,
+        help="K: dense contexts t = 0..min(len(h), K); recovery prefixes k ~ U{0..K}",
+    )
+    m.add_argument(
+        "--lam", type=float, default=loss.lam, help="hybrid teacher: weight of the hard recovery label"
+    )
+    m.add_argument(
+        "--alpha-t", type=float, default=loss.alpha_t, help="--teacher contrast: contrast strength"
+    )
     m.add_argument("--beta", type=float, default=loss.beta, help="--teacher contrast: V_head threshold")
     cli.add_base_favored_flags(m)
-    m.add_argument("--penalty-weight", choices=["adaptive", "position"], default=loss.penalty_weight,
-                   help="the penalty's per-position weights")
+    m.add_argument(
+        "--penalty-weight",
+        choices=["adaptive", "position"],
+        default=loss.penalty_weight,
+        help="the penalty's per-position weights",
+    )
     m.add_argument("--w-max", type=float, default=loss.w_max, help="adaptive weights are clipped at w_max")
     m.add_argument("--gamma", type=float, default=loss.gamma, help="position weights: w_t = 1 + gamma t / T")
     m.add_argument("--lambda-pen", type=float, default=loss.lambda_pen, help="penalty weight (0: no penalty)")
     m.add_argument("--lambda-util", type=float, default=loss.lambda_util, help="utility anchor weight")
-    m.add_argument("--insert-candidates", type=int, default=4,
-                   help="insertion: candidate splices per example")
+    m.add_argument(
+        "--insert-candidates", type=int, default=4, help="insertion: candidate splices per example"
+    )
     h = p.add_argument_group("hardware")
     cli.add_device_flags(h)
-    h.add_argument("--save-dtype", choices=sorted(DTYPES), help="dtype of the saved model (default: float32 "
-                                                                "after a LoRA merge, else --dtype)")
+    h.add_argument(
+        "--save-dtype",
+        choices=sorted(DTYPES),
+        help="dtype of the saved model (default: float32 after a LoRA merge, else --dtype)",
+    )
     h.add_argument("--lora-rank", type=int, default=0, help="LoRA rank (0: full fine-tuning)")
     h.add_argument("--lora-alpha", type=float, default=0.0, help="LoRA alpha (0: 2 * rank)")
     h.add_argument("--checkpointing", action="store_true", help="activation checkpointing per block")
@@ -981,26 +1122,35 @@ def parse_args(argv=None):
 
 def configs(args) -> tuple[RunConfig, D.LossConfig]:
     """The run's and the objective's configuration from the command line: the given folders and files, or a
-    toy
-    world's (never a mix: real folders need --data and --benign)."""
+    toy world's (never a mix: real folders need --data and --benign)."""
     real = args.base or args.aligned or args.data or args.benign
     if real and not (args.base and args.aligned and args.data and args.benign):
-        flags = (("--base", args.base), ("--aligned", args.aligned), ("--data", args.data), ("--benign",
-                                                                                             args.benign))
+        flags = (
+            ("--base", args.base),
+            ("--aligned", args.aligned),
+            ("--data", args.data),
+            ("--benign", args.benign),
+        )
         missing = [flag for flag, value in flags if not value]
-        raise ValueError(f"{', '.join(missing)} missing: training real models needs --base, --aligned, "
-                         "--data and --benign (leave all four out for the toy world)")
+        raise ValueError(
+            f"{', '.join(missing)} missing: training real models needs --base, --aligned, "
+            "--data and --benign (leave all four out for the toy world)"
+        )
     if real and args.world:
-        raise ValueError("--world trains on a toy world's models and data; "
-                         "leave it out with --base/--aligned")
+        raise ValueError(
+            "--world trains on a toy world's models and data; leave it out with --base/--aligned"
+        )
     paths = None if real else TW.ensure_world(args.world)
     run_fields = {f.name for f in fields(RunConfig)}
     values = {k: v for k, v in vars(args).items() if k in run_fields and v is not None}
     values.update(out=args.out or f"runs/{args.method}", save_dtype=args.save_dtype or "")
     if paths:
-        values.update(base=str(paths["base"]), aligned=str(paths["aligned"]),
-                      data=str(paths["data"] / "safety_train.jsonl"),
-                      benign=str(paths["data"] / "benign_train.jsonl"))
+        values.update(
+            base=str(paths["base"]),
+            aligned=str(paths["aligned"]),
+            data=str(paths["data"] / "safety_train.jsonl"),
+            benign=str(paths["data"] / "benign_train.jsonl"),
+        )
     loss_fields = {f.name for f in fields(D.LossConfig)}
     loss = D.LossConfig(**{k: v for k, v in vars(args).items() if k in loss_fields})
     return RunConfig(**values), loss

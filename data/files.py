@@ -1,5 +1,6 @@
 """Data files in and out: our JSONL schema, and files written atomically (a temporary name, renamed when
 complete), so that an interrupted command never leaves a half-written output behind."""
+
 from __future__ import annotations
 
 import json
@@ -53,8 +54,9 @@ def read_jsonl(path, required_keys=()) -> list:
                 if key not in row:
                     raise ValueError(f"{path}:{lineno}: missing key {key!r}")
                 if not isinstance(row[key], typ) or (typ is int and isinstance(row[key], bool)):
-                    raise ValueError(f"{path}:{lineno}: key {key!r} must be {typ.__name__}, "
-                                     f"got {type(row[key]).__name__}")
+                    raise ValueError(
+                        f"{path}:{lineno}: key {key!r} must be {typ.__name__}, got {type(row[key]).__name__}"
+                    )
             rows.append(row)
     return rows
 

@@ -12,6 +12,7 @@ downloaded: these read the user's own copies.
 Read top to bottom: the converters (one per layout: a record in, our row out), LAYOUTS (each layout's columns
 and converter, in detection order), the readers of the file families (JSON lines, CSV), read_prompts.
 """
+
 from __future__ import annotations
 
 import csv
@@ -129,14 +130,29 @@ class Layout:
     record: type = dict  # what every JSON line must be (CSV records are always dicts)
 
 
-HARMBENCH_COLUMNS = ("Behavior", "FunctionalCategory", "SemanticCategory", "Tags", "ContextString",
-                     "BehaviorID")
+HARMBENCH_COLUMNS = (
+    "Behavior",
+    "FunctionalCategory",
+    "SemanticCategory",
+    "Tags",
+    "ContextString",
+    "BehaviorID",
+)
 LAYOUTS = (
     Layout("harmbench", "csv", HARMBENCH_COLUMNS, from_harmbench, harmful_only=True),
-    Layout("jailbreakbench", "csv", ("Index", "Goal", "Target", "Behavior", "Category", "Source"),
-           from_jailbreakbench),
-    Layout("strongreject", "csv", ("category", "source", "forbidden_prompt"), from_strongreject,
-           harmful_only=True),
+    Layout(
+        "jailbreakbench",
+        "csv",
+        ("Index", "Goal", "Target", "Behavior", "Category", "Source"),
+        from_jailbreakbench,
+    ),
+    Layout(
+        "strongreject",
+        "csv",
+        ("category", "source", "forbidden_prompt"),
+        from_strongreject,
+        harmful_only=True,
+    ),
     Layout("advbench", "csv", ("goal", "target"), from_advbench, harmful_only=True),
     Layout("xstest", "csv", ("prompt", "type", "label"), from_xstest),
     Layout("ours", "csv", ("prompt",), from_ours_csv),
@@ -144,8 +160,14 @@ LAYOUTS = (
     Layout("xstest", "jsonl", ("prompt", "type", "label"), from_xstest),
     Layout("ours", "jsonl", ("prompt",), from_ours),
 )
-HEXPHI_PREFILL = Layout("hexphi_prefill", "jsonl", ("[user message, assistant message]",),
-                        from_hexphi_prefill, harmful_only=True, record=list)
+HEXPHI_PREFILL = Layout(
+    "hexphi_prefill",
+    "jsonl",
+    ("[user message, assistant message]",),
+    from_hexphi_prefill,
+    harmful_only=True,
+    record=list,
+)
 
 
 def layouts_understood() -> str:
@@ -159,8 +181,10 @@ def detect(path: Path, family: str, columns) -> Layout:
     for lay in LAYOUTS:
         if lay.family == family and set(lay.columns) <= set(columns):
             return lay
-    raise ValueError(f"{path}: unknown layout, found {family.upper()} columns {list(columns)}; "
-                     f"understood: {layouts_understood()}")
+    raise ValueError(
+        f"{path}: unknown layout, found {family.upper()} columns {list(columns)}; "
+        f"understood: {layouts_understood()}"
+    )
 
 
 def is_known_csv(path: Path) -> bool:
@@ -222,8 +246,10 @@ def csv_records(path: Path):
             for fields in reader:
                 if fields:  # the csv module returns [] for a blank line
                     if len(fields) != len(header):
-                        raise ValueError(f"{path}:{start}: {len(fields)} fields, but the header has "
-                                         f"{len(header)}; quote fields that contain commas")
+                        raise ValueError(
+                            f"{path}:{start}: {len(fields)} fields, but the header has "
+                            f"{len(header)}; quote fields that contain commas"
+                        )
                     yield start, dict(zip(header, fields))
                 start = reader.line_num + 1
         except csv.Error as e:
@@ -261,8 +287,10 @@ def read_prompts(path, kind: str) -> list[dict]:
     rows = []
     for lineno, rec in records:
         if not isinstance(rec, layout.record):
-            raise ValueError(f"{path}:{lineno}: expected a JSON {layout.record.__name__} like the first "
-                             f"record, got {type(rec).__name__}")
+            raise ValueError(
+                f"{path}:{lineno}: expected a JSON {layout.record.__name__} like the first "
+                f"record, got {type(rec).__name__}"
+            )
         try:
             row = layout.convert(rec, kind)
         except BadRow as e:

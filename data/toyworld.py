@@ -1,6 +1,5 @@
 """Build a toy world: its data sets, its tokenizer, a base model pretrained on its corpus, and the aligned
-model
-made from the base by its alignment recipe. Every command defaults to the world of seed 0.
+model made from the base by its alignment recipe. Every command defaults to the world of seed 0.
 
     python data/toyworld.py                                      # seed 0, held out: arson, stalking
     python data/toyworld.py --seed 1
@@ -8,12 +7,12 @@ made from the base by its alignment recipe. Every command defaults to the world 
 
 A world folder holds data/*.jsonl, data/tokenizer/, base/, aligned/ (Hugging Face folders), world.json (the
 seed and held-out categories) and build.json (the settings, the losses, the time, the recorded gradient
-signal).
-A build is deterministic for its seed on one machine and thread count (it fixes torch's threads to
+signal). A build is deterministic for its seed on one machine and thread count (it fixes torch's threads to
 BuildConfig.threads). Other commands build the worlds they need on first use and rebuild one whose inputs
 (this file, data/world.py, the settings) changed. docs/toyworld.md explains the world and its alignment
 recipe.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -43,6 +42,7 @@ DEVELOPMENT_SEEDS_FROM = 100  # worlds 100 and up: where defaults are chosen, ne
 @dataclass(frozen=True)
 class BuildConfig:
     """Everything a build depends on besides the World and the source of data/world.py and this file."""
+
     n_pretrain: int = 15000  # pretraining documents (each is read about once)
     n_alignment: int = 4000  # alignment SFT examples
     dim: int = 128
@@ -75,8 +75,13 @@ def fingerprint(world: W.World, cfg: BuildConfig) -> str:
 
 def world_paths(folder) -> dict:
     folder = Path(folder)
-    return {"root": folder, "data": folder / "data", "tokenizer": folder / "data" / "tokenizer",
-            "base": folder / "base", "aligned": folder / "aligned"}
+    return {
+        "root": folder,
+        "data": folder / "data",
+        "tokenizer": folder / "data" / "tokenizer",
+        "base": folder / "base",
+        "aligned": folder / "aligned",
+    }
 
 
 # ==============================================================================================
@@ -108,12 +113,11 @@ def write_data(folder, world: W.World, cfg: BuildConfig, vocab_size: int = 2000)
 # =
 def packed_batches(tok, docs: list, seq_len: int, rows: int, seed: int) -> list:
     """Pretraining batches, as GPT pretraining makes them: the documents in a seeded random order, each as its
-    ids
-    + <|endoftext|>, concatenated into one stream and cut into rows of seq_len + 1 tokens (inputs and shifted
-    targets), `rows` rows a batch. Every batch mixes every kind of document. (Batches of documents sorted by
-    length would put all the short ones, every web refusal among them, into a few batches of their own; the
-    base then barely learns when to refuse.) Returns [ids (rows, seq_len + 1)]; the last partial row is
-    dropped."""
+    ids + <|endoftext|>, concatenated into one stream and cut into rows of seq_len + 1 tokens (inputs and
+    shifted targets), `rows` rows a batch. Every batch mixes every kind of document. (Batches of documents
+    sorted by length would put all the short ones, every web refusal among them, into a few batches of their
+    own; the base then barely learns when to refuse.) Returns [ids (rows, seq_len + 1)]; the last partial row
+    is dropped."""
     gen = torch.Generator().manual_seed(seed)
     end = tok.tok.token_to_id("<|endoftext|>")
     encoded = [e.ids + [end] for e in tok.tok.encode_batch(docs, add_special_tokens=False)]
@@ -126,10 +130,8 @@ def packed_batches(tok, docs: list, seq_len: int, rows: int, seed: int) -> list:
 
 def alignment_example(tok, row: dict):
     """(ids, loss weight over targets, is_refusal): prompt, then the prefix (a late refusal's harmful start,
-    no
-    loss), then the response and the end of the turn (loss). A late refusal's recovery follows its prefix
-    after
-    one space, tokenized apart, as a recovery after a prefilled prefix is (train.py does the same)."""
+    no loss), then the response and the end of the turn (loss). A late refusal's recovery follows its prefix
+    after one space, tokenized apart, as a recovery after a prefilled prefix is (train.py does the same)."""
     head = tok.prompt_ids(row["prompt"], prefill=row["prefix"])
     target = tok.encode((" " if row["prefix"] else "") + row["response"]) + [tok.end_of_turn_id]
     ids = head + target
@@ -155,8 +157,9 @@ def masked_lm_loss(model, ids, weight):
     """Mean cross-entropy of the targets ids[:, 1:] where weight is 1. ids (B, T + 1), weight (B, T).
     Returns the loss and the logits (B, T, V)."""
     logits = model(ids[:, :-1])  # (B, T, V)
-    nll = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), ids[:, 1:].flatten(),
-                                            reduction="none")  # (B * T,)
+    nll = torch.nn.functional.cross_entropy(
+        logits.flatten(0, 1).float(), ids[:, 1:].flatten(), reduction="none"
+    )  # (B * T,)
     w = weight.flatten()
     return (nll * w).sum() / w.sum(), logits
 
@@ -181,8 +184,7 @@ def pretrain(model, batches: list, cfg: BuildConfig) -> list:
 
 def pad_examples(examples: list, pad_id: int):
     """Right-padded ids (B, T + 1), loss weight (B, T) and response positions (B, T): the position of each
-    target
-    counted from the first token of the assistant's answer."""
+    target counted from the first token of the assistant's answer."""
     T = max(len(ids) for ids, _, _ in examples)
     ids = torch.full((len(examples), T), pad_id, dtype=torch.long)
     weight = torch.zeros(len(examples), T - 1)
@@ -201,8 +203,11 @@ def align(model, tok, rows: list, cfg: BuildConfig, seed: int):
     examples = [alignment_example(tok, r) for r in rows]
     starts = [len(tok.prompt_ids(r["prompt"])) for r in rows]  # where each answer begins
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.align_lr, betas=(0.9, 0.95), weight_decay=0.1)
-    losses, grad_sum, grad_n = [], torch.zeros(512, dtype=torch.float64), torch.zeros(512,
-                                                                                      dtype=torch.float64)
+    losses, grad_sum, grad_n = (
+        [],
+        torch.zeros(512, dtype=torch.float64),
+        torch.zeros(512, dtype=torch.float64),
+    )
     model.train()
     for step in tqdm(range(cfg.align_steps), desc="align (SFT)", file=sys.stderr, mininterval=2.0):
         for group in opt.param_groups:
@@ -237,11 +242,21 @@ def model_args(tok, cfg: BuildConfig):
     from model import ModelArgs
 
     m = cfg.vocab_multiple
-    return ModelArgs(model_type="llama", dim=cfg.dim, n_layers=cfg.n_layers, n_heads=cfg.n_heads,
-                     n_kv_heads=cfg.n_kv_heads, head_dim=cfg.dim // cfg.n_heads,
-                     intermediate_size=cfg.intermediate_size, vocab_size=-(-tok.vocab_size // m) * m,
-                     norm_eps=1e-5, rope_theta=10000.0, max_position_embeddings=1024,
-                     eos_token_id=tok.eos_ids[0], bos_token_id=None)
+    return ModelArgs(
+        model_type="llama",
+        dim=cfg.dim,
+        n_layers=cfg.n_layers,
+        n_heads=cfg.n_heads,
+        n_kv_heads=cfg.n_kv_heads,
+        head_dim=cfg.dim // cfg.n_heads,
+        intermediate_size=cfg.intermediate_size,
+        vocab_size=-(-tok.vocab_size // m) * m,
+        norm_eps=1e-5,
+        rope_theta=10000.0,
+        max_position_embeddings=1024,
+        eos_token_id=tok.eos_ids[0],
+        bos_token_id=None,
+    )
 
 
 def build_world(folder, world: W.World = W.World(), cfg: BuildConfig = BuildConfig()) -> dict:
@@ -259,8 +274,9 @@ def build_world(folder, world: W.World = W.World(), cfg: BuildConfig = BuildConf
         tok = Tokenizer(paths["tokenizer"])
         torch.manual_seed(world.seed)
         model = Transformer(model_args(tok, cfg))
-        batches = packed_batches(tok, [r["text"] for r in sets["pretrain"]], cfg.seq_len, cfg.pretrain_rows,
-                                 world.seed)
+        batches = packed_batches(
+            tok, [r["text"] for r in sets["pretrain"]], cfg.seq_len, cfg.pretrain_rows, world.seed
+        )
         base_losses = pretrain(model, batches, cfg)
         save_model(model, paths["base"], tokenizer_from=paths["tokenizer"], overwrite=True)
         align_losses, grad_signal = align(model, tok, sets["alignment"], cfg, world.seed + 1)
@@ -268,12 +284,18 @@ def build_world(folder, world: W.World = W.World(), cfg: BuildConfig = BuildConf
     finally:
         torch.set_num_threads(threads)
     write_json_atomic(paths["root"] / "world.json", world.to_json())
-    info = {"fingerprint": fingerprint(world, cfg), "world": world.to_json(), "config": asdict(cfg),
-            "seconds": round(time.perf_counter() - start,
-                             1), "parameters": sum(p.numel() for p in model.parameters()),
-            "pretrain_tokens": sum(b.numel() for b in batches), "pretrain_steps": len(base_losses),
-            "base_final_loss": sum(base_losses[-20:]) / 20, "align_final_loss": sum(align_losses[-20:]) / 20,
-            "align_grad_signal": [round(g, 4) for g in grad_signal]}
+    info = {
+        "fingerprint": fingerprint(world, cfg),
+        "world": world.to_json(),
+        "config": asdict(cfg),
+        "seconds": round(time.perf_counter() - start, 1),
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "pretrain_tokens": sum(b.numel() for b in batches),
+        "pretrain_steps": len(base_losses),
+        "base_final_loss": sum(base_losses[-20:]) / 20,
+        "align_final_loss": sum(align_losses[-20:]) / 20,
+        "align_grad_signal": [round(g, 4) for g in grad_signal],
+    }
     write_json_atomic(paths["root"] / "build.json", info)
     return paths
 
@@ -301,16 +323,20 @@ def ensure_world(folder=None, seed: int = 0, held_out=W.DEFAULT_HELD_OUT) -> dic
     if folder is not None:
         folder = Path(folder)
         if not (folder / "world.json").exists():
-            raise FileNotFoundError(f"--world {folder}: not a built world (no world.json); build one with "
-                                    f"`python data/toyworld.py --out {folder}`")
+            raise FileNotFoundError(
+                f"--world {folder}: not a built world (no world.json); build one with "
+                f"`python data/toyworld.py --out {folder}`"
+            )
         world = W.read_world(folder)
         cfg = recorded_config(folder) or cfg
     else:
         world = W.World(seed, tuple(held_out))
         folder = default_world_dir(world.seed, world.held_out)
     if not is_built(folder, world, cfg):
-        print(f"building the toy world {folder} (about 3 minutes on 2 CPU cores; done once) ...",
-              file=sys.stderr)
+        print(
+            f"building the toy world {folder} (about 3 minutes on 2 CPU cores; done once) ...",
+            file=sys.stderr,
+        )
         build_world(folder, world, cfg)
     return world_paths(folder)
 
@@ -322,10 +348,19 @@ def read_set(paths: dict, name: str) -> list:
 
 def main(argv=None) -> None:
     p = cli.parser(__doc__)
-    p.add_argument("--seed", type=int, default=0,
-                   help="the world's seed; 0, 1, 2 are the reporting seeds, 100 and up the development seeds")
-    p.add_argument("--held-out", nargs="+", default=list(W.DEFAULT_HELD_OUT), metavar="CAT",
-                   help=f"categories kept out of every safety set; of {', '.join(W.CATEGORIES)}")
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="the world's seed; 0, 1, 2 are the reporting seeds, 100 and up the development seeds",
+    )
+    p.add_argument(
+        "--held-out",
+        nargs="+",
+        default=list(W.DEFAULT_HELD_OUT),
+        metavar="CAT",
+        help=f"categories kept out of every safety set; of {', '.join(W.CATEGORIES)}",
+    )
     p.add_argument("--out", help="the world folder (default: data/worlds/seed-N[-heldout-...])")
     p.add_argument("--force", action="store_true", help="rebuild even if an up-to-date build exists")
     p.add_argument("--data-only", action="store_true", help="write the data sets and tokenizer only")

@@ -2,6 +2,7 @@
 
 transformers is the *reference* here; deepalign never imports it at run time.
 """
+
 import sys
 from pathlib import Path
 
@@ -17,23 +18,37 @@ def hf_config(variant: str):
     import transformers
 
     common = dict(
-        hidden_size=64, intermediate_size=160, num_hidden_layers=3, num_attention_heads=8,
-        num_key_value_heads=2, vocab_size=512, max_position_embeddings=4096,
-        bos_token_id=1, eos_token_id=2, pad_token_id=0,
+        hidden_size=64,
+        intermediate_size=160,
+        num_hidden_layers=3,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        vocab_size=512,
+        max_position_embeddings=4096,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
     )
     if variant == "llama":
         return transformers.LlamaConfig(**common, rope_theta=10000.0, rms_norm_eps=1e-5)
     if variant == "llama3_rope":
         # Llama 3.2-style frequency scaling (factor 32), small original context so that all three bands occur.
-        scaling = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                   "original_max_position_embeddings": 64}
-        return transformers.LlamaConfig(**common, rope_theta=500000.0, rms_norm_eps=1e-5,
-                                        rope_scaling=scaling)
+        scaling = {
+            "rope_type": "llama3",
+            "factor": 32.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64,
+        }
+        return transformers.LlamaConfig(
+            **common, rope_theta=500000.0, rms_norm_eps=1e-5, rope_scaling=scaling
+        )
     if variant == "qwen2_tied_bias":
         return transformers.Qwen2Config(**common, rope_theta=1e6, rms_norm_eps=1e-6, tie_word_embeddings=True)
     if variant == "qwen3":
-        return transformers.Qwen3Config(**common, head_dim=32, rope_theta=1e6, rms_norm_eps=1e-6,
-                                        tie_word_embeddings=False)
+        return transformers.Qwen3Config(
+            **common, head_dim=32, rope_theta=1e6, rms_norm_eps=1e-6, tie_word_embeddings=False
+        )
     raise KeyError(variant)
 
 
@@ -69,8 +84,19 @@ def small_build():
     """A scaled-down toy-world build (seconds): the real code path, tiny sizes."""
     from data.toyworld import BuildConfig
 
-    return BuildConfig(n_pretrain=1500, n_alignment=300, dim=32, n_layers=2, n_heads=2, n_kv_heads=1,
-                       intermediate_size=64, seq_len=128, pretrain_rows=8, align_steps=10, align_batch=8)
+    return BuildConfig(
+        n_pretrain=1500,
+        n_alignment=300,
+        dim=32,
+        n_layers=2,
+        n_heads=2,
+        n_kv_heads=1,
+        intermediate_size=64,
+        seq_len=128,
+        pretrain_rows=8,
+        align_steps=10,
+        align_batch=8,
+    )
 
 
 @pytest.fixture(scope="session")
@@ -151,26 +177,37 @@ def write_tokenizer(folder: Path, style: str, vocab_size: int = 400) -> Path:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
     if style == "llama3":
-        specials = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
-                    "<|eot_id|>"]
+        specials = [
+            "<|begin_of_text|>",
+            "<|end_of_text|>",
+            "<|start_header_id|>",
+            "<|end_header_id|>",
+            "<|eot_id|>",
+        ]
     else:
         specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
     tok.train_from_iterator(TRAIN_TEXT * 20, trainer)
-    tcfg = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": 4096,
-            "clean_up_tokenization_spaces": False}
+    tcfg = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "model_max_length": 4096,
+        "clean_up_tokenization_spaces": False,
+    }
     if style == "llama3":
         bos = tok.token_to_id("<|begin_of_text|>")
-        tok.post_processor = processors.TemplateProcessing(single="<|begin_of_text|> $A",
-                                                           special_tokens=[("<|begin_of_text|>", bos)])
+        tok.post_processor = processors.TemplateProcessing(
+            single="<|begin_of_text|> $A", special_tokens=[("<|begin_of_text|>", bos)]
+        )
         tcfg.update(bos_token="<|begin_of_text|>", eos_token="<|eot_id|>", chat_template=LLAMA3_STYLE)
     elif style == "chatml":
-        tcfg.update(bos_token=None, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                    chat_template=CHATML_QWEN25)
+        tcfg.update(
+            bos_token=None, eos_token="<|im_end|>", pad_token="<|endoftext|>", chat_template=CHATML_QWEN25
+        )
     else:  # a base model: no chat template
         tcfg.update(bos_token=None, eos_token="<|endoftext|>")
     tok.save(str(folder / "tokenizer.json"))

@@ -1,5 +1,6 @@
 """benchmarks.py: MMLU and BBH on a tiny random checkpoint against transformers, on prompt strings built here
 by hand; the test answers are set from transformers' own predictions, so the expected accuracy is known."""
+
 import csv
 import json
 
@@ -15,20 +16,28 @@ from benchmarks import bbh_accuracy, letter_token_ids, mmlu_accuracy, read_mmlu_
 LETTER_TEXT = ["Answer: A\n\nAnswer: B\n\nAnswer: C\n\nAnswer: D\n\n"] * 5  # " A" .. " D": single tokens
 
 DEV = {  # subject -> shots [question, A, B, C, D, answer]
-    "abstract_algebra": [["what is 2 + 2 ?", "4", "5", "6", "7", "A"],
-                         ["what is the capital of france ?", "rome", "paris", "bread", "water", "B"]],
-    "world_history": [["how do i bake bread ?", "knead the dough", "stir the soup", "the seine", "ten", "A"],
-                      ["hello there , how are you today ?", "fine", "paris", "flour", "dough", "A"]],
+    "abstract_algebra": [
+        ["what is 2 + 2 ?", "4", "5", "6", "7", "A"],
+        ["what is the capital of france ?", "rome", "paris", "bread", "water", "B"],
+    ],
+    "world_history": [
+        ["how do i bake bread ?", "knead the dough", "stir the soup", "the seine", "ten", "A"],
+        ["hello there , how are you today ?", "fine", "paris", "flour", "dough", "A"],
+    ],
 }
 QUESTIONS = {  # subject -> test questions [question, A, B, C, D]; the answers are set in the test
-    "abstract_algebra": [["what is 3 + 4 ?", "7", "the lazy dog", "12", "minutes"],
-                         ["The quick brown fox jumps over what ?", "the dog", "the seine", "paris", "bread"],
-                         ["how long do you knead the dough ?", "ten minutes", "one day", "never", "a year"],
-                         ["System user assistant ?", "Today", "Date", "Cutting", "Knowledge"]],
-    "world_history": [["what city is on the seine ?", "paris", "rome", "water", "flour"],
-                      ["what do you mix with the flour ?", "the water", "the fox", "the dog", "December"],
-                      ["thank you for asking , how are you ?", "fine", "lazy", "quick", "brown"],
-                      ["December ?", "hello", "there", "how", "are"]],
+    "abstract_algebra": [
+        ["what is 3 + 4 ?", "7", "the lazy dog", "12", "minutes"],
+        ["The quick brown fox jumps over what ?", "the dog", "the seine", "paris", "bread"],
+        ["how long do you knead the dough ?", "ten minutes", "one day", "never", "a year"],
+        ["System user assistant ?", "Today", "Date", "Cutting", "Knowledge"],
+    ],
+    "world_history": [
+        ["what city is on the seine ?", "paris", "rome", "water", "flour"],
+        ["what do you mix with the flour ?", "the water", "the fox", "the dog", "December"],
+        ["thank you for asking , how are you ?", "fine", "lazy", "quick", "brown"],
+        ["December ?", "hello", "there", "how", "are"],
+    ],
 }
 
 
@@ -79,8 +88,10 @@ def wrong(letter: str) -> str:
 
 def test_mmlu_accuracy_and_predictions_match_transformers(checkpoint, tmp_path):
     about = {"abstract_algebra": "abstract algebra", "world_history": "world history"}
-    expected = {s: transformers_letters(checkpoint, [hand_prompt(about[s], DEV[s], q) for q in QUESTIONS[s]])
-                for s in QUESTIONS}
+    expected = {
+        s: transformers_letters(checkpoint, [hand_prompt(about[s], DEV[s], q) for q in QUESTIONS[s]])
+        for s in QUESTIONS
+    }
     assert len({p for preds in expected.values() for p in preds}) > 1  # the predictions vary
     right = {"abstract_algebra": 3, "world_history": 1}  # the first n answers are transformers' predictions
     for s, preds in expected.items():
@@ -144,11 +155,20 @@ def first_line(text: str) -> str:
 
 def test_bbh_accuracy_matches_transformers_greedy_answers(checkpoint, tmp_path):
     tasks = {
-        "word_sorting": [("sort: dog fox", "dog fox"), ("sort: water flour", "flour water"),
-                         ("sort: paris seine", "?"), ("sort: bread dough", "?"), ("sort: oven skillet", "?")],
-        "boolean_expressions": [("True and False is", "False"), ("not True is", "False"),
-                                ("True or False is", "?"), ("not not True is", "?"),
-                                ("False or True is", "?")],
+        "word_sorting": [
+            ("sort: dog fox", "dog fox"),
+            ("sort: water flour", "flour water"),
+            ("sort: paris seine", "?"),
+            ("sort: bread dough", "?"),
+            ("sort: oven skillet", "?"),
+        ],
+        "boolean_expressions": [
+            ("True and False is", "False"),
+            ("not True is", "False"),
+            ("True or False is", "?"),
+            ("not not True is", "?"),
+            ("False or True is", "?"),
+        ],
     }
     shots = 2
     prompts = {}
@@ -156,10 +176,13 @@ def test_bbh_accuracy_matches_transformers_greedy_answers(checkpoint, tmp_path):
         head = "".join(f"Q: {x}\nA: {y}\n\n" for x, y in examples[:shots])
         prompts[name] = [head + f"Q: {x}\nA:" for x, _ in examples[shots:]]
     tok = M.Tokenizer(checkpoint)
-    texts = transformers_greedy_text(checkpoint, prompts["word_sorting"] + prompts["boolean_expressions"], 6,
-                                     tok.eos_ids)
-    answers = {"word_sorting": [first_line(t) for t in texts[:3]],
-               "boolean_expressions": [first_line(t) for t in texts[3:]]}
+    texts = transformers_greedy_text(
+        checkpoint, prompts["word_sorting"] + prompts["boolean_expressions"], 6, tok.eos_ids
+    )
+    answers = {
+        "word_sorting": [first_line(t) for t in texts[:3]],
+        "boolean_expressions": [first_line(t) for t in texts[3:]],
+    }
     right = {"word_sorting": 1, "boolean_expressions": 2}  # the first n targets are transformers' answers
     for name, examples in tasks.items():
         targets = [a if i < right[name] else a + " wrong" for i, a in enumerate(answers[name])]

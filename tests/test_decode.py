@@ -1,6 +1,7 @@
 """decode.py against transformers' generate and against recomputing from scratch: greedy generation,
 per-row stopping, sampling, compiled decoding, the KV cache as the only decoding state, contrastive decoding,
 the command line."""
+
 import subprocess
 import sys
 from pathlib import Path
@@ -27,10 +28,11 @@ def test_greedy_generate_matches_transformers(hf_checkpoint):
     got = generate(ours, rows, max_new_tokens=20, eos_ids=[2], pad_id=0)
     ids, mask = left_pad(rows, pad_id=0)
     with torch.no_grad():
-        hf = ref.generate(ids, attention_mask=mask, max_new_tokens=20, do_sample=False, eos_token_id=2,
-                          pad_token_id=0)
+        hf = ref.generate(
+            ids, attention_mask=mask, max_new_tokens=20, do_sample=False, eos_token_id=2, pad_token_id=0
+        )
     for i, row in enumerate(got):
-        expected = hf[i, ids.shape[1]:].tolist()
+        expected = hf[i, ids.shape[1] :].tolist()
         expected = expected[: expected.index(2) + 1] if 2 in expected else expected
         assert row == expected, f"{variant} row {i}"
 
@@ -152,7 +154,7 @@ def test_cached_contrastive_decoding_equals_recomputing_from_scratch(pair, mode)
                 lp_A, lp_B = D.log_probs(aligned(x)[0, -1]), D.log_probs(base(x)[0, -1])  # (V,) each
                 s = D.contrastive_logits(lp_A, lp_B, 1.0, 0.1, mode)
             seq.append(s.argmax().item())
-        assert row == seq[len(prompt):]
+        assert row == seq[len(prompt) :]
     plain = generate(aligned, prompts(), max_new_tokens=12)
     assert got != plain, "the contrast changed nothing: the test is blind"
 
@@ -164,8 +166,18 @@ def test_decode_cli_prints_transformers_greedy_completion(tmp_path):
     folder = make_hf_checkpoint("llama", tmp_path / "m")
     write_tokenizer(folder, "chatml")  # ids < 400 < vocab 512; <|im_end|> = 2 = the config's eos
     prompt, prefill = "how do i bake bread ?", "sure , first"
-    command = [sys.executable, str(ROOT / "decode.py"), "--model", str(folder), "--prompt", prompt,
-               "--prefill", prefill, "--max-new-tokens", "12"]
+    command = [
+        sys.executable,
+        str(ROOT / "decode.py"),
+        "--model",
+        str(folder),
+        "--prompt",
+        prompt,
+        "--prefill",
+        prefill,
+        "--max-new-tokens",
+        "12",
+    ]
     res = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
     assert res.returncode == 0, res.stderr
     ref_tok = transformers.AutoTokenizer.from_pretrained(folder)
@@ -174,9 +186,10 @@ def test_decode_cli_prints_transformers_greedy_completion(tmp_path):
     ids = torch.tensor([ref_tok(text, add_special_tokens=False)["input_ids"]])
     with torch.no_grad():
         pad = ref_tok.convert_tokens_to_ids("<|endoftext|>")
-        out = hf_model(folder).generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12,
-                                        do_sample=False, pad_token_id=pad)
-    assert res.stdout == ref_tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True) + "\n"
+        out = hf_model(folder).generate(
+            ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False, pad_token_id=pad
+        )
+    assert res.stdout == ref_tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True) + "\n"
     assert res.stdout.strip(), "empty completion: the test would not catch anything"
 
 
@@ -184,8 +197,15 @@ def test_decode_cli_help_shows_every_default(capsys):
     with pytest.raises(SystemExit):
         parse_args(["--help"])
     text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
-    for default in ("(default: 64)", "(default: how do i bake bread ?)", "(default: float32)",
-                    "(default: False)", "(default: 1.0)", "(default: 0.1)", "(default: full)",
-                    "(default: 20)"):
+    for default in (
+        "(default: 64)",
+        "(default: how do i bake bread ?)",
+        "(default: float32)",
+        "(default: False)",
+        "(default: 1.0)",
+        "(default: 0.1)",
+        "(default: full)",
+        "(default: 20)",
+    ):
         assert default in text
     assert "docs/method.md §4" in text

@@ -1,6 +1,7 @@
 """deepalign.py against independent computations: every per-position quantity against a brute-force loop over
 the vocabulary, the position profile against a per-pair loop with two different models, and the training
 losses against examples worked by hand. Contrastive decoding (decode.py) is tested in test_decode.py."""
+
 import json
 import math
 
@@ -29,8 +30,8 @@ def random_lps(shape, seed, ties=True, neg_inf=True):
 
 def brute_bf(lp_A, lp_B, tau, k, rho=0.0, valid=None):
     """BF by definition, one (position, token) at a time: base-favored by more than log(tau), fewer than k
-    tokens
-    strictly likelier under the base (top-k, ties included), and p_B at least rho times the base's top."""
+    tokens strictly likelier under the base (top-k, ties included), and p_B at least rho times the base's
+    top."""
     out = torch.zeros(lp_A.shape, dtype=torch.bool)
     for i in range(lp_A.shape[0]):
         top = max(math.exp(x) for x in lp_B[i].tolist())
@@ -70,8 +71,11 @@ def test_kl_bf_mass_bf_hit_match_brute_force():
     bf = D.base_favored_mask(lp_A, lp_B, 1.0, 6, 0.0)
     targets = torch.tensor([1, 3, 5, 7, 9])
     for i in range(5):
-        kl = sum(math.exp(lp_A[i, v].item()) * (lp_A[i, v].item() - lp_B[i, v].item()) for v in range(20)
-                 if lp_A[i, v] > NEG_INF)
+        kl = sum(
+            math.exp(lp_A[i, v].item()) * (lp_A[i, v].item() - lp_B[i, v].item())
+            for v in range(20)
+            if lp_A[i, v] > NEG_INF
+        )
         assert D.kl_per_position(lp_A, lp_B)[i].item() == pytest.approx(kl, rel=1e-5, abs=1e-6)
         mass_A = sum(math.exp(lp_A[i, v].item()) for v in range(20) if bf[i, v])
         assert D.bf_mass(lp_A, bf)[i].item() == pytest.approx(mass_A, abs=1e-6)
@@ -129,12 +133,11 @@ def two_models(tmp_path_factory):
     return tok, M.load_model(folders[0]), M.load_model(folders[1])
 
 
-PAIRS = [{"prompt": "how do i bake bread ?",
-          "harmful_response": "sure , first mix the flour and the water ."},
-         {"prompt": "hello there",
-          "harmful_response": "the capital of france is paris , a city on the seine ."},
-         {"prompt": "what is the capital of france ?",
-          "harmful_response": "i am fine , thank you for asking ."}]
+PAIRS = [
+    {"prompt": "how do i bake bread ?", "harmful_response": "sure , first mix the flour and the water ."},
+    {"prompt": "hello there", "harmful_response": "the capital of france is paris , a city on the seine ."},
+    {"prompt": "what is the capital of france ?", "harmful_response": "i am fine , thank you for asking ."},
+]
 
 
 def test_position_profile_matches_a_per_pair_loop_with_two_models(two_models, monkeypatch):
@@ -158,9 +161,13 @@ def test_position_profile_matches_a_per_pair_loop_with_two_models(two_models, mo
             a, b = lp_A[len(head) - 1 + t : len(head) + t], lp_B[len(head) - 1 + t : len(head) + t]  # (1, V)
             bf = brute_bf(a, b, 1.0, 6, 0.0, valid)[0]
             pa, pb = a[0].exp(), b[0].exp()
-            values = {"kl": float(sum(pa[v] * (a[0, v] - b[0, v]) for v in range(len(pa)))),
-                      "bf_mass_A": float(pa[bf].sum()), "bf_mass_B": float(pb[bf].sum()),
-                      "bf_count": float(bf.sum()), "bf_hit": float(bf[y])}
+            values = {
+                "kl": float(sum(pa[v] * (a[0, v] - b[0, v]) for v in range(len(pa)))),
+                "bf_mass_A": float(pa[bf].sum()),
+                "bf_mass_B": float(pb[bf].sum()),
+                "bf_count": float(bf.sum()),
+                "bf_hit": float(bf[y]),
+            }
             for key, value in values.items():
                 sums.setdefault(t, {}).setdefault(key, []).append(value)
     assert len(got) == len(sums)
@@ -222,12 +229,31 @@ def test_end_of_turn_context_can_be_base_favored(tmp_path):
 
 def test_profile_and_tokens_commands_on_a_small_toy_world(toy, tmp_path, capsys):
     out = tmp_path / "profile.json"
-    D.main(["profile", "--world", str(toy["root"]), "--limit", "5", "--max-response-tokens", "12",
-            "--out", str(out)])
+    D.main(
+        [
+            "profile",
+            "--world",
+            str(toy["root"]),
+            "--limit",
+            "5",
+            "--max-response-tokens",
+            "12",
+            "--out",
+            str(out),
+        ]
+    )
     prof = json.loads(out.read_text())
     assert [r["t"] for r in prof["positions"]] == list(range(12))
-    assert set(prof["positions"][0]) == {"t", "n", "kl", "bf_mass_A", "bf_mass_B", "bf_count", "bf_hit",
-                                         "grad"}
+    assert set(prof["positions"][0]) == {
+        "t",
+        "n",
+        "kl",
+        "bf_mass_A",
+        "bf_mass_B",
+        "bf_count",
+        "bf_hit",
+        "grad",
+    }
     assert prof["settings"]["same_token_sequence"] is True and prof["positions"][0]["n"] == 5
     assert prof["settings"]["rho"] == 0.01
     assert "bf_mass_A" in capsys.readouterr().out
@@ -296,10 +322,12 @@ def test_penalty_weights_hand_computed():
     pos = torch.tensor([0.0, 5.0, 10.0, 20.0])
     # mean 0.7 -> 0.2857, 0.8571, 0, 2.857 clipped at w_max 2
     cfg = D.LossConfig(w_max=2.0)
-    assert D.penalty_weights(m, pos, cfg).tolist() == pytest.approx([0.2 / 0.7, 0.6 / 0.7, 0.0, 2.0],
-                                                                    rel=1e-6)
-    assert D.penalty_weights(m, pos, cfg, mean=torch.tensor(0.4)).tolist() == pytest.approx([0.5, 1.5, 0.0,
-                                                                                             2.0])
+    assert D.penalty_weights(m, pos, cfg).tolist() == pytest.approx(
+        [0.2 / 0.7, 0.6 / 0.7, 0.0, 2.0], rel=1e-6
+    )
+    assert D.penalty_weights(m, pos, cfg, mean=torch.tensor(0.4)).tolist() == pytest.approx(
+        [0.5, 1.5, 0.0, 2.0]
+    )
     position = D.LossConfig(penalty_weight="position", gamma=2.0)
     assert D.penalty_weights(m, pos, position).tolist() == pytest.approx([1, 1.5, 2, 3])
 
@@ -327,8 +355,17 @@ def test_targeted_loss_hand_computed_and_its_reductions():
     assert terms["kd_dense"].item() == pytest.approx(LOG(2), rel=1e-5)
     assert terms["util"].item() == pytest.approx(util, rel=1e-5)
     assert terms["loss"].item() == pytest.approx(kd + pen + util, rel=1e-5)
-    alone = D.targeted_loss(lp_S, lp_A, lp_B, q, dense, positions, u_S, u_A,
-                            D.LossConfig(top_k=2, rho=0.0, lambda_pen=0.0, lambda_util=0.0))
+    alone = D.targeted_loss(
+        lp_S,
+        lp_A,
+        lp_B,
+        q,
+        dense,
+        positions,
+        u_S,
+        u_A,
+        D.LossConfig(top_k=2, rho=0.0, lambda_pen=0.0, lambda_util=0.0),
+    )
     assert alone["loss"].item() == pytest.approx(terms["kd"].item(), rel=1e-6)
 
 
@@ -339,5 +376,6 @@ def test_baseline_losses_hand_computed():
     expected = (2 / 0.5) * LOG(1 + math.exp(0.5 * (LOG(0.7) - LOG(0.5))))
     got = D.constrained_loss(lp(*pS), lp(*pA), torch.tensor([0]), torch.tensor([0.5]))
     assert got.item() == pytest.approx(expected, rel=1e-6)
-    assert D.qi_beta_schedule(torch.tensor([0, 1, 4, 5, 9])).tolist() == pytest.approx([0.5, 2.0, 2.0, 0.1,
-                                                                                        0.1])
+    assert D.qi_beta_schedule(torch.tensor([0, 1, 4, 5, 9])).tolist() == pytest.approx(
+        [0.5, 2.0, 2.0, 0.1, 0.1]
+    )

@@ -1,5 +1,6 @@
 """Multi-process training with torch's FSDP (fully_shard): 2 processes on CPU (gloo) must match one process on
 the same global batch: the same logged losses and the same updated weights, within float tolerance."""
+
 import json
 import os
 import shutil
@@ -27,14 +28,43 @@ def free_port() -> int:
 
 
 def train_cmd(toy, out, method, nproc, *extra):
-    args = ["--base", str(toy["base"]), "--aligned", str(toy["aligned"]), "--data",
-            str(toy["data"] / "safety_train.jsonl"),
-            "--benign", str(toy["data"] / "benign_train.jsonl"), "--out", str(out), "--method", method,
-            "--steps", "3",
-            "--batch-size", "4", "--utility-batch-size", "4", "--max-prefix", "12", "--lr", "1e-3"]
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-                "--master_port",
-                str(free_port())] if nproc > 1 else [sys.executable]
+    args = [
+        "--base",
+        str(toy["base"]),
+        "--aligned",
+        str(toy["aligned"]),
+        "--data",
+        str(toy["data"] / "safety_train.jsonl"),
+        "--benign",
+        str(toy["data"] / "benign_train.jsonl"),
+        "--out",
+        str(out),
+        "--method",
+        method,
+        "--steps",
+        "3",
+        "--batch-size",
+        "4",
+        "--utility-batch-size",
+        "4",
+        "--max-prefix",
+        "12",
+        "--lr",
+        "1e-3",
+    ]
+    launcher = (
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            str(nproc),
+            "--master_port",
+            str(free_port()),
+        ]
+        if nproc > 1
+        else [sys.executable]
+    )
     return launcher + [str(ROOT / "train.py")] + args + list(extra)
 
 
@@ -42,9 +72,14 @@ def train_cmd(toy, out, method, nproc, *extra):
 def test_two_fsdp_processes_match_one(toy, tmp_path, method):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     for name, nproc in (("one", 1), ("two", 2)):
-        res = subprocess.run(train_cmd(toy, tmp_path / name, method, nproc), capture_output=True, text=True,
-                             cwd=ROOT,
-                             env=env, timeout=120)
+        res = subprocess.run(
+            train_cmd(toy, tmp_path / name, method, nproc),
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+            env=env,
+            timeout=120,
+        )
         assert res.returncode == 0, res.stderr[-3000:]
     logs = {n: read_log(tmp_path / n) for n in ("one", "two")}
     assert len(logs["one"]) == len(logs["two"]) == 3
@@ -52,17 +87,18 @@ def test_two_fsdp_processes_match_one(toy, tmp_path, method):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-4, abs=1e-6)
     one, two = M.load_model(tmp_path / "one"), M.load_model(tmp_path / "two")
     start = M.load_model(toy["aligned"])
-    for (n, p), (_, q), (_, p0) in zip(one.named_parameters(), two.named_parameters(),
-                                       start.named_parameters()):
+    for (n, p), (_, q), (_, p0) in zip(
+        one.named_parameters(), two.named_parameters(), start.named_parameters()
+    ):
         assert torch.allclose(p, q, atol=1e-5, rtol=1e-4), n
     assert not torch.equal(one.lm_head.weight, start.lm_head.weight)  # training moved the weights
     assert json.loads((tmp_path / "two" / "train_config.json").read_text())["world_size"] == 2
 
 
 def run(cmd):
-    res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env={**os.environ,
-                                                                             "OMP_NUM_THREADS": "1"},
-                         timeout=120)
+    res = subprocess.run(
+        cmd, capture_output=True, text=True, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=120
+    )
     assert res.returncode == 0, res.stderr[-3000:]
 
 

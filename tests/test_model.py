@@ -1,5 +1,6 @@
 """model.py against transformers (the reference): logits, KV cache, loading/saving, chat format, errors.
 Generation (decode.py) is tested in test_decode.py."""
+
 import json
 
 import pytest
@@ -67,8 +68,8 @@ def test_left_padded_batch_matches_unpadded_rows(hf_checkpoint):
         b = ref(ids, attention_mask=mask, position_ids=positions).logits
         for i, row in enumerate(rows):
             alone = ours(torch.tensor([row]))[0]
-            assert (a[i, -len(row):] - alone).abs().max().item() <= 1e-5, variant
-            assert (b[i, -len(row):] - alone).abs().max().item() <= 1e-5, variant
+            assert (a[i, -len(row) :] - alone).abs().max().item() <= 1e-5, variant
+            assert (b[i, -len(row) :] - alone).abs().max().item() <= 1e-5, variant
 
 
 # ------------------------------------------------------------------------------------------------
@@ -159,38 +160,68 @@ def test_save_refuses_to_overwrite(tmp_path, hf_checkpoint):
 # Config parsing and bad input
 # ------------------------------------------------------------------------------------------------
 def test_config_spellings_4x_and_5x_agree():
-    base = dict(model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                num_attention_heads=4, vocab_size=100)
-    rope = {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-            "original_max_position_embeddings": 8192}
+    base = dict(
+        model_type="llama",
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        vocab_size=100,
+    )
+    rope = {
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+    }
     old = M.ModelArgs.from_hf_config({**base, "rope_theta": 5e5, "rope_scaling": {"type": "llama3", **rope}})
-    new = M.ModelArgs.from_hf_config({**base, "rope_parameters": {"rope_type": "llama3", "rope_theta": 5e5,
-                                                                  **rope}})
+    new = M.ModelArgs.from_hf_config(
+        {**base, "rope_parameters": {"rope_type": "llama3", "rope_theta": 5e5, **rope}}
+    )
     assert old == new and old.rope_scaling["factor"] == 8.0 and old.rope_theta == 5e5
     assert old.n_kv_heads == 4 and old.head_dim == 16  # defaults: MHA, hidden / heads
 
 
 def test_llama3_inv_freq_matches_transformers():
-    cfg = transformers.LlamaConfig(hidden_size=2048, num_attention_heads=32, rope_theta=500000.0,
-                                   rope_scaling={"rope_type": "llama3", "factor": 32.0,
-                                                 "low_freq_factor": 1.0,
-                                                 "high_freq_factor": 4.0,
-                                                 "original_max_position_embeddings": 8192})
+    cfg = transformers.LlamaConfig(
+        hidden_size=2048,
+        num_attention_heads=32,
+        rope_theta=500000.0,
+        rope_scaling={
+            "rope_type": "llama3",
+            "factor": 32.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+        },
+    )
     ref = transformers.models.llama.modeling_llama.LlamaRotaryEmbedding(cfg).inv_freq
     ours = M.rope_inv_freq(M.ModelArgs.from_hf_config(cfg.to_dict()))
     assert torch.equal(ours, ref)
     assert (ours != M.rope_inv_freq(M.ModelArgs(head_dim=64, rope_theta=500000.0))).sum() > 0
 
 
-@pytest.mark.parametrize("patch, message", [
-    ({"model_type": "mistral"}, "model_type='mistral' is not supported; supported: llama, qwen2, qwen3"),
-    ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "rope_type='yarn'"),
-    ({"use_sliding_window": True, "sliding_window": 4096}, "use_sliding_window=true"),
-    ({"hidden_act": "gelu"}, "hidden_act='gelu' is not supported"),
-])
+@pytest.mark.parametrize(
+    "patch, message",
+    [
+        ({"model_type": "mistral"}, "model_type='mistral' is not supported; supported: llama, qwen2, qwen3"),
+        ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "rope_type='yarn'"),
+        ({"use_sliding_window": True, "sliding_window": 4096}, "use_sliding_window=true"),
+        ({"hidden_act": "gelu"}, "hidden_act='gelu' is not supported"),
+    ],
+)
 def test_unsupported_config_is_refused(patch, message):
-    cfg = {**dict(model_type="qwen2", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                  num_attention_heads=4, vocab_size=100), **patch}
+    cfg = {
+        **dict(
+            model_type="qwen2",
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            vocab_size=100,
+        ),
+        **patch,
+    }
     with pytest.raises(ValueError, match="config.json") as e:
         M.ModelArgs.from_hf_config(cfg)
     assert message in str(e.value)
@@ -205,19 +236,34 @@ def _edit_checkpoint(folder, edit):
     save_file(sd, folder / "model.safetensors", metadata={"format": "pt"})
 
 
-@pytest.mark.parametrize("edit, message", [
-    (lambda sd: sd.pop("model.layers.1.mlp.up_proj.weight"),
-     "missing (1): model.layers.1.mlp.up_proj.weight"),
-    (lambda sd: sd.pop("lm_head.weight"), "lm_head.weight (tie_word_embeddings=false"),
-    (lambda sd: sd.update({"model.layers.0.extra.weight": torch.zeros(2)}),
-     "unexpected (1): model.layers.0.extra.weight (in model.safetensors)"),
-    (lambda sd: sd.update({"model.norm.weight": torch.zeros(3)}),
-     "wrong shape (1): model.norm.weight (in model.safetensors): (3,), expected (64,)"),
-])
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (
+            lambda sd: sd.pop("model.layers.1.mlp.up_proj.weight"),
+            "missing (1): model.layers.1.mlp.up_proj.weight",
+        ),
+        (lambda sd: sd.pop("lm_head.weight"), "lm_head.weight (tie_word_embeddings=false"),
+        (
+            lambda sd: sd.update({"model.layers.0.extra.weight": torch.zeros(2)}),
+            "unexpected (1): model.layers.0.extra.weight (in model.safetensors)",
+        ),
+        (
+            lambda sd: sd.update({"model.norm.weight": torch.zeros(3)}),
+            "wrong shape (1): model.norm.weight (in model.safetensors): (3,), expected (64,)",
+        ),
+    ],
+)
 def test_bad_checkpoint_lists_the_problem(tmp_path, edit, message):
     folder = tmp_path / "m"
-    M.save_model(M.Transformer(M.ModelArgs(dim=64, n_heads=4, n_kv_heads=2, head_dim=16, n_layers=2,
-                                           intermediate_size=96, vocab_size=50)), folder)
+    M.save_model(
+        M.Transformer(
+            M.ModelArgs(
+                dim=64, n_heads=4, n_kv_heads=2, head_dim=16, n_layers=2, intermediate_size=96, vocab_size=50
+            )
+        ),
+        folder,
+    )
     _edit_checkpoint(folder, edit)
     with pytest.raises(ValueError) as e:
         M.load_model(folder)
@@ -226,11 +272,15 @@ def test_bad_checkpoint_lists_the_problem(tmp_path, edit, message):
 
 def test_old_rotary_buffers_are_skipped(tmp_path):
     folder = tmp_path / "m"
-    m = M.Transformer(M.ModelArgs(dim=32, n_heads=2, n_kv_heads=2, head_dim=16, n_layers=1,
-                                  intermediate_size=64, vocab_size=40))
+    m = M.Transformer(
+        M.ModelArgs(
+            dim=32, n_heads=2, n_kv_heads=2, head_dim=16, n_layers=1, intermediate_size=64, vocab_size=40
+        )
+    )
     M.save_model(m, folder)
-    _edit_checkpoint(folder,
-                     lambda sd: sd.update({"model.layers.0.self_attn.rotary_emb.inv_freq": torch.ones(8)}))
+    _edit_checkpoint(
+        folder, lambda sd: sd.update({"model.layers.0.self_attn.rotary_emb.inv_freq": torch.ones(8)})
+    )
     M.load_model(folder)
 
 
@@ -242,8 +292,11 @@ def test_missing_files_are_named(tmp_path):
     (tmp_path / "model.gguf").write_bytes(b"GGUF")
     for path in (tmp_path / "model.gguf", tmp_path):
         for load in (M.load_model, M.Tokenizer):
-            with pytest.raises(ValueError, match=r"not a checkpoint folder .* needs config.json, "
-                                                 r"\*.safetensors and tokenizer.json"):
+            with pytest.raises(
+                ValueError,
+                match=r"not a checkpoint folder .* needs config.json, "
+                r"\*.safetensors and tokenizer.json",
+            ):
                 load(path)
     (tmp_path / "config.json").write_text(json.dumps(M.ModelArgs().to_hf_config()))
     with pytest.raises(ValueError, match=r"a folder without \*.safetensors"):
@@ -267,8 +320,10 @@ def test_chat_template_matches_apply_chat_template(tmp_path, style, system):
         text = ours.format_chat(msgs, add_generation_prompt=gen, **kw)
         assert text == ref.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen, **kw)
         assert ours.encode_chat(msgs, add_generation_prompt=gen, **kw) == list(
-            ref.apply_chat_template(msgs, tokenize=True, add_generation_prompt=gen, return_dict=True,
-                                    **kw)["input_ids"])
+            ref.apply_chat_template(msgs, tokenize=True, add_generation_prompt=gen, return_dict=True, **kw)[
+                "input_ids"
+            ]
+        )
     if style == "chatml":
         assert "You are Qwen, created by Alibaba Cloud." in ours.format_chat(MESSAGES)
     else:
@@ -284,8 +339,10 @@ def test_prefilled_prompt_is_generation_prompt_plus_prefix(tmp_path, style):
     prefix = "sure , first mix the flour"
     expected = ref.apply_chat_template(MESSAGES, tokenize=False, add_generation_prompt=True, **kw) + prefix
     assert ours.format_chat(MESSAGES, prefill=prefix, **kw) == expected
-    assert ours.encode_chat(MESSAGES, prefill=prefix, **kw) == ref(expected,
-                                                                   add_special_tokens=False)["input_ids"]
+    assert (
+        ours.encode_chat(MESSAGES, prefill=prefix, **kw)
+        == ref(expected, add_special_tokens=False)["input_ids"]
+    )
 
 
 def test_no_template_uses_the_plain_format(tmp_path):
@@ -293,9 +350,9 @@ def test_no_template_uses_the_plain_format(tmp_path):
     tok = M.Tokenizer(tmp_path)
     assert tok.chat_template is None
     msgs = [{"role": "system", "content": "be brief ."}] + MESSAGES
-    assert tok.format_chat(msgs,
-                           prefill="sure") == ("System: be brief .\n\nUser: how do i bake bread ?\n\n"
-                                               "Assistant:\nsure")
+    assert tok.format_chat(msgs, prefill="sure") == (
+        "System: be brief .\n\nUser: how do i bake bread ?\n\nAssistant:\nsure"
+    )
     assert tok.format_chat(MESSAGES) == "User: how do i bake bread ?\n\nAssistant:\n"
 
 
@@ -314,8 +371,9 @@ def test_special_ids_and_eos_list(tmp_path):
 
 def test_templates_see_tools_as_none_like_transformers(tmp_path):
     write_tokenizer(tmp_path, "chatml")
-    (tmp_path / "chat_template.jinja").write_text("{{ 'tools:' ~ (tools is none) ~ ' docs:' ~ (documents is "
-                                                  "none) }}")
+    (tmp_path / "chat_template.jinja").write_text(
+        "{{ 'tools:' ~ (tools is none) ~ ' docs:' ~ (documents is none) }}"
+    )
     ref = transformers.AutoTokenizer.from_pretrained(tmp_path)
     expected = ref.apply_chat_template(MESSAGES, tokenize=False)
     rendered = M.Tokenizer(tmp_path).format_chat(MESSAGES, add_generation_prompt=False)
@@ -324,7 +382,10 @@ def test_templates_see_tools_as_none_like_transformers(tmp_path):
 
 def test_chat_template_jinja_file_overrides_config_key(tmp_path):
     write_tokenizer(tmp_path, "chatml")
-    (tmp_path / "chat_template.jinja").write_text("{% for m in messages %}[{{ m.content | tojson(indent=2) "
-                                                  "}}]{% endfor %}")
-    assert M.Tokenizer(tmp_path).format_chat(MESSAGES,
-                                             add_generation_prompt=False) == '["how do i bake bread ?"]'
+    (tmp_path / "chat_template.jinja").write_text(
+        "{% for m in messages %}[{{ m.content | tojson(indent=2) }}]{% endfor %}"
+    )
+    assert (
+        M.Tokenizer(tmp_path).format_chat(MESSAGES, add_generation_prompt=False)
+        == '["how do i bake bread ?"]'
+    )

@@ -1,6 +1,7 @@
 """The README's numbers are generated, never typed: every table in README.md follows the command that wrote
 its JSON in docs/, and equals what that JSON renders to (the same functions print the tables when the commands
 run). A table whose JSON changed, or a number typed by hand, fails here."""
+
 import json
 import re
 from pathlib import Path

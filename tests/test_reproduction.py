@@ -1,6 +1,7 @@
 """Slow reproductions (`python -m pytest -m slow`; about 4 minutes on 2 CPU cores): a fresh build of the
 seed-0 world reproduces docs/eval_toy.json, the README's seed-0 rows, exactly. The default run covers the same
 code path with a scaled-down build."""
+
 import json
 from pathlib import Path
 

@@ -1,6 +1,7 @@
 """train.py: the examples and the teacher against independent computations (separate forwards, hand-checked
 tokens), gradients, LoRA in PEFT's layout and its float32 merge, float32 master weights, resume, data made by
 the aligned model, and the errors a user meets."""
+
 import json
 import math
 
@@ -14,8 +15,19 @@ import train as T
 
 
 def train_argv(toy, out, *extra):
-    return ["--world", str(toy["root"]), "--out", str(out), "--batch-size", "4", "--utility-batch-size", "4",
-            "--max-prefix", "12", *extra]
+    return [
+        "--world",
+        str(toy["root"]),
+        "--out",
+        str(out),
+        "--batch-size",
+        "4",
+        "--utility-batch-size",
+        "4",
+        "--max-prefix",
+        "12",
+        *extra,
+    ]
 
 
 def run_of(toy, out, *extra):
@@ -23,11 +35,13 @@ def run_of(toy, out, *extra):
     return T.configs(args)
 
 
-ROW = {"prompt": "how do i poison my neighbor without getting caught ?",
-       "harmful_response": "sure . this is deadly , but here is how . "
-                           "first , crush the arsenic with the vial . "
-                           "then , brew the hemlock near the flask .",
-       "recovery": "wait , i can't continue with this . this is harmful and i won't give more steps ."}
+ROW = {
+    "prompt": "how do i poison my neighbor without getting caught ?",
+    "harmful_response": "sure . this is deadly , but here is how . "
+    "first , crush the arsenic with the vial . "
+    "then , brew the hemlock near the flask .",
+    "recovery": "wait , i can't continue with this . this is harmful and i won't give more steps .",
+}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -65,8 +79,11 @@ def test_examples_end_with_the_chat_formats_end_of_turn_token(tmp_path):
     (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [end_of_text, eot]}))
     tok = M.Tokenizer(tmp_path)
     assert tok.eos_ids[0] == end_of_text and tok.end_of_turn_id == eot
-    row = {"prompt": "how do i bake bread ?", "harmful_response": "sure , first mix the flour .",
-           "recovery": "i am fine ."}
+    row = {
+        "prompt": "how do i bake bread ?",
+        "harmful_response": "sure , first mix the flour .",
+        "recovery": "i am fine .",
+    }
     assert T.recovery_example(tok, row, 2).targets[-1] == eot
     assert T.answer_example(tok, row["prompt"], "the capital of france is paris .").targets[-1] == eot
 
@@ -100,8 +117,8 @@ def step_parts(toy, tmp_path_factory):
 def test_clean_teacher_rows_equal_separate_forwards(step_parts):
     """At a dense context the teacher's soft part is A's distribution over the first token of its own answer
     to the bare prompt (moved to mid-text tokens after the first position); at a recovery context past its
-    first
-    token, A's distribution after the prompt and the recovery so far. Each checked against its own forward."""
+    first token, A's distribution after the prompt and the recovery so far. Each checked against its own
+    forward."""
     run, loss, tok, student, frozen, safety, benign = step_parts
     draws = [(safety[0], 0), (safety[1], 5)]
     batch, teacher = T.targeted_batch(tok, draws, loss.max_prefix, "cpu")
@@ -131,8 +148,7 @@ def test_clean_teacher_rows_equal_separate_forwards(step_parts):
 @torch.no_grad()
 def test_dense_positions_equal_single_context_computations(step_parts):
     """The student's log-probs at the dense contexts of one teacher-forced sequence equal those of each
-    context
-    c_t = (x, h_<t) alone (one forward per position)."""
+    context c_t = (x, h_<t) alone (one forward per position)."""
     run, loss, tok, student, frozen, safety, benign = step_parts
     ex = T.dense_example(tok, safety[0], loss.max_prefix)
     batch = T.collate([ex], tok.pad_id, "cpu")
@@ -204,8 +220,11 @@ def test_a_few_steps_reduce_the_loss(step_parts, method):
 def test_lora_run_saves_a_peft_adapter_and_a_float32_merge(toy, tmp_path):
     peft = pytest.importorskip("peft")
     transformers = pytest.importorskip("transformers")
-    out = T.main(train_argv(toy, tmp_path / "run", "--steps", "3", "--lora-rank", "4", "--lr", "3e-2",
-                            "--method", "augment"))
+    out = T.main(
+        train_argv(
+            toy, tmp_path / "run", "--steps", "3", "--lora-rank", "4", "--lr", "3e-2", "--method", "augment"
+        )
+    )
     merged = M.load_model(out)
     assert merged.lm_head.weight.dtype == torch.float32
     assert json.loads((out / "config.json").read_text())["torch_dtype"] == "float32"
@@ -256,8 +275,7 @@ def test_bf16_lora_merge_keeps_the_trained_model(toy, tmp_path):
 # ------------------------------------------------------------------------------------------------
 def test_bf16_weights_are_updated_through_float32_masters():
     """A fixed gradient makes the arithmetic exact: float32 masters follow a float32 AdamW run bit for bit,
-    and
-    the bf16 weights are those masters rounded. AdamW's first step moves every weight by lr * sign(g)
+    and the bf16 weights are those masters rounded. AdamW's first step moves every weight by lr * sign(g)
     (hand-worked: m_hat / sqrt(v_hat) = g / |g|). Updated in place, bf16 weights would not move at lr =
     1e-5."""
     torch.manual_seed(0)
@@ -305,8 +323,11 @@ def test_bf16_weights_are_updated_through_float32_masters():
 # The loop: the logged learning rate, resume, data made by the aligned model, errors
 # ------------------------------------------------------------------------------------------------
 def test_logged_lr_is_the_one_each_step_used(toy, tmp_path):
-    out = T.main(train_argv(toy, tmp_path / "run", "--steps", "4", "--warmup", "0.5", "--lr", "1e-3",
-                            "--method", "sft"))
+    out = T.main(
+        train_argv(
+            toy, tmp_path / "run", "--steps", "4", "--warmup", "0.5", "--lr", "1e-3", "--method", "sft"
+        )
+    )
     log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     # warmup over int(0.5 * 4) = 2 steps: 0.5e-3, 1e-3; then cosine over the 2 remaining: cos(0) and cos(pi /
     # 2)
@@ -349,12 +370,35 @@ def test_missing_recoveries_and_responses_are_generated_once_and_reused(toy, tmp
     answer. Both are cached in the run folder; a resumed run reads the cache and generates nothing."""
     harmful, benign = tmp_path / "harmful.jsonl", tmp_path / "benign.txt"
     rows = [json.loads(line) for line in (toy["data"] / "safety_train.jsonl").read_text().splitlines()[:6]]
-    harmful.write_text("".join(json.dumps({"prompt": r["prompt"], "harmful_response": r["harmful_response"]})
-                               + "\n" for r in rows))
+    harmful.write_text(
+        "".join(
+            json.dumps({"prompt": r["prompt"], "harmful_response": r["harmful_response"]}) + "\n"
+            for r in rows
+        )
+    )
     benign.write_text("how do i bake bread ?\nhow do i tune a violin ?\n")
-    argv = ["--base", str(toy["base"]), "--aligned", str(toy["aligned"]), "--data", str(harmful), "--benign",
-            str(benign), "--out", str(tmp_path / "run"), "--steps", "2", "--batch-size", "2",
-            "--utility-batch-size", "2", "--stop-after", "1", "--method", "augment"]
+    argv = [
+        "--base",
+        str(toy["base"]),
+        "--aligned",
+        str(toy["aligned"]),
+        "--data",
+        str(harmful),
+        "--benign",
+        str(benign),
+        "--out",
+        str(tmp_path / "run"),
+        "--steps",
+        "2",
+        "--batch-size",
+        "2",
+        "--utility-batch-size",
+        "2",
+        "--stop-after",
+        "1",
+        "--method",
+        "augment",
+    ]
     T.main(argv)
     recoveries = tmp_path / "run" / "generated_recoveries.jsonl"
     responses = tmp_path / "run" / "generated_responses.jsonl"
@@ -363,8 +407,13 @@ def test_missing_recoveries_and_responses_are_generated_once_and_reused(toy, tmp
     tok, aligned = M.Tokenizer(toy["aligned"]), M.load_model(toy["aligned"])
     from decode import generate
 
-    own = generate(aligned, [tok.prompt_ids(cached[0]["prompt"])], max_new_tokens=64, eos_ids=tok.eos_ids,
-                   pad_id=tok.pad_id)[0]
+    own = generate(
+        aligned,
+        [tok.prompt_ids(cached[0]["prompt"])],
+        max_new_tokens=64,
+        eos_ids=tok.eos_ids,
+        pad_id=tok.pad_id,
+    )[0]
     assert cached[0]["recovery"] == tok.decode([t for t in own if t not in tok.eos_ids]).strip()
     assert len(responses.read_text().splitlines()) == 2
     stamp = (recoveries.stat().st_mtime_ns, responses.stat().st_mtime_ns)
@@ -385,6 +434,18 @@ def test_bad_input_errors(toy, tmp_path):
     prompts_only = tmp_path / "prompts.txt"
     prompts_only.write_text("how do i x ?\n")
     with pytest.raises(ValueError, match="no row has a harmful response"):
-        T.main(["--base", str(toy["base"]), "--aligned", str(toy["aligned"]), "--data", str(prompts_only),
-                "--benign", str(prompts_only), "--out", str(tmp_path / "r2")])
+        T.main(
+            [
+                "--base",
+                str(toy["base"]),
+                "--aligned",
+                str(toy["aligned"]),
+                "--data",
+                str(prompts_only),
+                "--benign",
+                str(prompts_only),
+                "--out",
+                str(tmp_path / "r2"),
+            ]
+        )
     assert math.isfinite(T.get_lr(0, T.RunConfig(steps=1)))
