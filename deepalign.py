@@ -701,10 +701,30 @@ def cmd_profile_seeds(args):
             },
         )
     if args.plot:
-        first = str(args.seeds[0])
-        curves = {f"{name} (seed {first})": p[first]["positions"] for name, p in profiles.items()}
-        if plot_profile(curves, args.plot, "position profiles against the base"):
+        curves = {
+            name: mean_positions([p["positions"] for p in per_seed.values()])
+            for name, per_seed in profiles.items()
+        }
+        seeds = ", ".join(str(seed) for seed in args.seeds)
+        if plot_profile(curves, args.plot, f"position profiles against the base (mean over worlds {seeds})"):
             print(f"plot: {args.plot}", file=sys.stderr)
+
+
+def mean_positions(profiles: list[list[dict]]) -> list[dict]:
+    """The mean over profiles (one per world) of kl, bf_mass_A and grad at each response position t, over
+    the profiles that reach t."""
+    by_t = {}
+    for positions in profiles:
+        for row in positions:
+            by_t.setdefault(row["t"], []).append(row)
+    means = []
+    for t, rows in sorted(by_t.items()):
+        mean = {"t": t}
+        for key in ("kl", "bf_mass_A", "grad"):
+            values = [r[key] for r in rows if r.get(key) is not None]
+            mean[key] = sum(values) / len(values) if values else None
+        means.append(mean)
+    return means
 
 
 def cmd_profile(args):

@@ -41,7 +41,7 @@ import judges as J
 from data import files, formats
 from data import toyworld as TW
 from data import world as W
-from data.files import write_json_atomic
+from data.files import write_json_atomic, write_jsonl
 from decode import contrastive_generate, decode_loop, generate
 from model import Tokenizer, load_model, log
 
@@ -325,14 +325,24 @@ def mean_nll(model, tok, rows: list[dict], batch_size: int, base=None, alpha: fl
     return total / max(count, 1)
 
 
-def direct_refusal_rate(gens: list[dict], toy: bool) -> float | None:
-    """The share of direct harmful requests (prefill k = 0) the model refuses: the world's refusal markers
-    (toy), or our refusal phrases (real models)."""
-    direct = [g["continuation"] for g in gens if (g["attack"], g["k"]) == ("prefill", 0)]
-    if not direct:
-        return None
-    refused = [W.is_refusal(t) if toy else not J.refusal_phrase_judge(t) for t in direct]
-    return sum(refused) / len(refused)
+def direct_refusal_rates(gens: list[dict], toy: bool) -> dict:
+    """The share of direct harmful requests (prefill k = 0) the model refuses, by the world's refusal markers
+    (toy) or our refusal phrases (real models): {"refusal_rate": all, "refusal_rate seen": ...,
+    "refusal_rate held_out": ...}, the splits only where rows say which they are."""
+    rates = {}
+    for split in SPLITS:
+        direct = [
+            g["continuation"] for g in gens if (g["attack"], g["k"]) == ("prefill", 0) and in_split(g, split)
+        ]
+        if direct:
+            refused = [W.is_refusal(t) if toy else not J.refusal_phrase_judge(t) for t in direct]
+            rates[utility_figure("refusal_rate", split)] = sum(refused) / len(refused)
+    return rates
+
+
+def utility_figure(figure: str, split: str) -> str:
+    """The name of a utility figure measured on one split of the harmful prompts ("refusal_rate held_out")."""
+    return figure if split == "all" else f"{figure} {split}"
 
 
 def benign_utility(tok, benign: list, decoder, dec: DecodeConfig, toy: bool) -> tuple[dict, list]:
@@ -407,14 +417,16 @@ def asr_rows(gens: list[dict], judge_names) -> list[dict]:
 def summarize(results: list[dict], utility: list[dict]) -> list[dict]:
     """Mean and sample standard deviation over seeds of every ASR and utility figure of each (model, decode):
     [{model, decode, alpha?, beta?, figure, mean, sd, per_seed: {seed: value}}], seeds as strings ("-" for
-    real data). A figure is "attack k [jJ] split judge" for ASR, or refusal_rate (of direct harmful
+    real data). A figure is "attack k [jJ] split judge" for ASR, or refusal_rate [split] (of direct harmful
     requests) / helpful_rate / over_refusal / nll / mmlu."""
     cells = {}
     for r in results:
         key = (r["model"], r["decode"], r.get("alpha"), r.get("beta"), asr_figure(r))
         cells.setdefault(key, {})[seed_key(r["seed"])] = r["asr"]
+    figures = [utility_figure("refusal_rate", split) for split in SPLITS]
+    figures += ["helpful_rate", "over_refusal", "nll", "mmlu"]
     for u in utility:
-        for figure in ("refusal_rate", "helpful_rate", "over_refusal", "nll", "mmlu"):
+        for figure in figures:
             if u.get(figure) is not None:
                 key = (u["model"], u["decode"], u.get("alpha"), u.get("beta"), figure)
                 cells.setdefault(key, {})[seed_key(u["seed"])] = u[figure]
@@ -498,7 +510,10 @@ def markdown_table(summary: list[dict], split: str = "all", judge: str | None = 
     head = ["model", "decode", "seed"] + [column_label(c) for c in columns] + [name for _, name, _ in utility]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     figures = [(figure_name(a, k, j, split, judge), True) for a, k, j in columns]
-    figures += [(figure, percent) for figure, _, percent in utility]
+    split_figures = {s["figure"] for s in summary}
+    for figure, _, percent in utility:  # a figure measured on harmful prompts is shown for the table's split
+        on_split = utility_figure(figure, split)
+        figures.append((on_split if on_split in split_figures else figure, percent))
     for model, decode in rows:
         found = [by_key.get((model, decode, figure)) for figure, _ in figures]
         for seed in seeds:
@@ -602,7 +617,11 @@ def parse_args(argv=None):
     cli.add_device_flags(d)
     cli.add_contrastive_flags(p, sweep=True)
     cli.add_base_favored_flags(p)
-    p.add_argument("--out", help="write settings, every generation, the per-seed rows and the summary here")
+    p.add_argument(
+        "--out",
+        help="write the settings, the per-seed rows and the summary here, and every generation beside it "
+        "(X.json -> X.generations.jsonl)",
+    )
     return p.parse_args(argv)
 
 
@@ -701,7 +720,7 @@ def evaluate_world(args, seed, paths, attacks: AttackConfig, judges: dict) -> tu
             judge_generations(model_gens, judges)
             results += [{**label, **r} for r in asr_rows(model_gens, list(judges))]
             util, benign_gens = benign_utility(tok, benign, decoder, dec, toy)
-            util["refusal_rate"] = direct_refusal_rate(model_gens, toy)
+            util.update(direct_refusal_rates(model_gens, toy))
             with_ref = [r for r in benign if r.get("response")]
             alpha = dec.alpha if dec.contrastive else 0.0
             util["nll"] = (
@@ -763,22 +782,26 @@ def main(argv=None):
     log(f"judges: {', '.join(judges)}; {time.perf_counter() - start:.0f} s")
     if args.out:
         settings = {k: v for k, v in vars(args).items() if k != "debug"}
-        write_json_atomic(
-            args.out,
-            {
-                "settings": settings,
-                "attacks": asdict(attacks),
-                "worlds": worlds,
-                "notes": notes,
-                "agreement": agreement,
-                "summary": summary,
-                "results": results,
-                "utility": utility,
-                "generations": gens,
-            },
-        )
-        log(f"wrote {args.out}")
+        record = {"settings": settings, "attacks": asdict(attacks), "worlds": worlds, "notes": notes}
+        write_results(args.out, record | {"agreement": agreement}, summary, results, utility, gens)
     return summary
+
+
+def generations_path(out) -> Path:
+    """Where the generations behind an --out JSON go: beside it, runs/x.json -> runs/x.generations.jsonl."""
+    out = Path(out)
+    return out.with_name(out.name.removesuffix(".json") + ".generations.jsonl")
+
+
+def write_results(out, record: dict, summary, results, utility, gens):
+    """The --out JSON (settings, summary, the per-seed rows) and, beside it, every generation with every
+    judge's verdict (JSONL, one per line: large, so docs/ keeps them out of git)."""
+    gens_file = write_jsonl(generations_path(out), gens)
+    write_json_atomic(
+        out,
+        record | {"summary": summary, "results": results, "utility": utility, "generations": gens_file.name},
+    )
+    log(f"wrote {out} and {gens_file}")
 
 
 if __name__ == "__main__":

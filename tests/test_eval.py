@@ -12,6 +12,7 @@ import eval as E
 import model as M
 from data import toyworld as TW
 from data import world as W
+from data.files import read_jsonl
 from decode import generate
 
 
@@ -173,6 +174,8 @@ def test_eval_end_to_end_writes_auditable_json(toy, tmp_path):
         ]
     )
     res = json.loads(out.read_text())
+    assert res["generations"] == "eval.generations.jsonl"
+    res["generations"] = read_jsonl(E.generations_path(out))
     keys = {(r["model"], r["attack"], r["k"], r["split"], r["judge"]) for r in res["results"]}
     for model in ("base", "aligned"):
         for attack, k in (("prefill", 0), ("prefill", 5), ("insertion", 10), ("rap", 3)):
@@ -196,6 +199,9 @@ def test_eval_end_to_end_writes_auditable_json(toy, tmp_path):
             g for g in res["generations"] if (g["model"], g["attack"], g["k"]) == (u["model"], "prefill", 0)
         ]
         assert u["refusal_rate"] == sum(W.is_refusal(g["continuation"]) for g in direct) / len(direct)
+        held_out = [g for g in direct if g["held_out"]]
+        refused = sum(W.is_refusal(g["continuation"]) for g in held_out)
+        assert held_out and u["refusal_rate held_out"] == refused / len(held_out)
     assert len(res["agreement"]) == 1 and set(res["agreement"][0]["judges"]) == {"toy", "refusal_phrase"}
     assert res["worlds"] == [{"seed": 0, "folder": str(toy["root"])}]
 
@@ -233,12 +239,13 @@ def test_contrastive_rows_and_alpha_zero_equal_greedy(toy, tmp_path):
         + ["--decode", "contrastive", "--alpha", "0", "1", "--beta", "0.1", "--out", str(tmp_path / "c")]
     )
     res = json.loads((tmp_path / "c").read_text())
+    res["generations"] = read_jsonl(E.generations_path(tmp_path / "c"))
     assert {(r["decode"], r["alpha"], r["beta"]) for r in res["results"]} == {
         ("contrastive", 0.0, 0.1),
         ("contrastive", 1.0, 0.1),
     }
     E.main(common + ["--out", str(tmp_path / "g")])
-    greedy = json.loads((tmp_path / "g").read_text())["generations"]
+    greedy = read_jsonl(E.generations_path(tmp_path / "g"))
     alpha0 = [g for g in res["generations"] if g["alpha"] == 0.0]
     assert [g["continuation"] for g in alpha0] == [g["continuation"] for g in greedy]
 
@@ -280,6 +287,27 @@ def test_summary_over_seeds_is_mean_and_sample_sd():
     table = E.markdown_table(list(summary.values()))
     assert "| aligned | greedy | 1 | 50.0 | 100.0 | 0.0 | 1.000 |" in table  # no refusal_rate: no column
     assert "| aligned | greedy | mean ± sd | 50.0 ± 30.0 | 95.0 ± 5.0 | 0.0 ± 0.0 | 1.000 ± 0.000 |" in table
+
+
+def test_the_direct_refusal_column_follows_the_tables_split():
+    """The refusal rate is measured on harmful prompts, so a held-out table shows the held-out figure, while
+    helpfulness (benign prompts) is the same in every split's table."""
+    utility = [
+        {
+            "model": "aligned",
+            "decode": "greedy",
+            "seed": 0,
+            "refusal_rate": 0.75,
+            "refusal_rate seen": 1.0,
+            "refusal_rate held_out": 0.0,
+            "helpful_rate": 0.5,
+        }
+    ]
+    summary = E.summarize([], utility)
+    rows = {split: E.markdown_table(summary, split=split).splitlines()[2] for split in E.SPLITS}
+    assert rows["all"] == "| aligned | greedy | 0 | 75.0 | 50.0 |"
+    assert rows["seen"] == "| aligned | greedy | 0 | 100.0 | 50.0 |"
+    assert rows["held_out"] == "| aligned | greedy | 0 | 0.0 | 50.0 |"
 
 
 # ------------------------------------------------------------------------------------------------

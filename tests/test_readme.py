@@ -1,50 +1,53 @@
-"""The README's numbers are generated, never typed: every table in README.md follows the command that wrote
-its JSON in docs/, and equals what that JSON renders to (the same functions print the tables when the commands
-run). A table whose JSON changed, or a number typed by hand, fails here."""
+"""The README's numbers are generated, never typed: every result table in README.md sits under a marker naming
+the docs/*.json it comes from, follows the command that wrote that JSON, and equals what the JSON renders to
+(docs/tables.py, by the same functions that print the tables when the commands run). A table whose JSON
+changed, or a number typed by hand into a table, fails here."""
 
-import json
 import re
 from pathlib import Path
 
-import bench
-import deepalign as D
-import eval as E
+from docs import tables
 
 ROOT = Path(__file__).resolve().parents[1]
+README = (ROOT / "README.md").read_text()
 
 
-def sections(readme: str):
-    """[(the docs/*.json a code block writes, [the Markdown tables that follow it, up to the next code block
-    or heading])]."""
-    out = []
-    blocks = re.split(r"^```[a-z]*\n(.*?)^```\n", readme, flags=re.S | re.M)
-    # re.split with one group: text, code, text, code, ...
+def test_every_marked_table_is_what_its_json_renders():
+    assert tables.markers(README), "README.md has no table rendered from docs/*.json"
+    for doc in tables.documents():
+        text = doc.read_text()
+        for path, view in tables.markers(text):
+            assert (ROOT / path).exists(), f"{doc.name} cites {path}, which does not exist"
+        rendered = tables.update(text).splitlines()
+        for i, (ours, theirs) in enumerate(zip(text.splitlines(), rendered)):
+            assert ours == theirs, (
+                f"{doc.name} line {i + 1} differs from its JSON (python docs/tables.py):\n{ours}"
+            )
+        assert len(rendered) == len(text.splitlines())
+
+
+def test_every_table_of_results_is_marked_and_follows_its_command():
+    """A table after a command that writes docs/*.json is a result: it must be a marked (rendered) one, and
+    each marked table's JSON must be written by a command shown above it."""
+    blocks = re.split(r"^```[a-z]*\n(.*?)^```\n", README, flags=re.S | re.M)  # text, code, text, code, ...
+    written = set()
     for i in range(1, len(blocks), 2):
-        written = re.findall(r"--out (docs/\S+\.json)", blocks[i])
-        following = re.split(r"^#", blocks[i + 1], flags=re.M)[0] if i + 1 < len(blocks) else ""
-        tables = re.findall(r"((?:^\|.*\|\n)+)", following, flags=re.M)
-        for path in written:
-            out.append((path, [t.rstrip("\n") for t in tables]))
-    return out
+        written |= set(re.findall(r"--out (docs/\S+\.json)", blocks[i]))
+        section = re.split(r"^#", blocks[i + 1], flags=re.M)[0] if i + 1 < len(blocks) else ""
+        if not written:
+            continue
+        for table in re.finditer(r"^\|.*\|\n(?:^\|.*\|\n)*", section, flags=re.M):
+            before = section[: table.start()].splitlines()
+            assert before and tables.MARKER.match(before[-1] + "\n"), (
+                f"README.md: an unmarked table after a command that writes docs/*.json:\n{table[0][:200]}"
+            )
+            path = tables.MARKER.match(before[-1] + "\n")[1]
+            assert path in written, f"README.md: the table of {path} comes before any command writing it"
 
 
-def rendered(path: Path) -> set[str]:
-    """Every table a docs JSON renders to."""
-    data = json.loads(path.read_text())
-    if "rows" in data:  # bench.py
-        return {bench.markdown_rows(data["rows"])}
-    if isinstance(data.get("summary"), dict):  # deepalign.py profile --seeds
-        return {D.profile_summary_table(data["summary"])}
-    return {E.markdown_table(data["summary"], split=split) for split in E.SPLITS}
-
-
-def test_every_readme_table_is_what_its_json_renders():
-    readme = (ROOT / "README.md").read_text()
-    found = sections(readme)
-    assert found, "README.md shows no command that writes docs/*.json"
-    for path, tables in found:
-        assert (ROOT / path).exists(), f"README.md cites {path}, which does not exist"
-        assert tables, f"README.md: no table follows the command that writes {path}"
-        expected = rendered(ROOT / path)
-        for table in tables:
-            assert table in expected, f"README.md: a table after {path} is not what it renders to:\n{table}"
+def test_readme_gives_the_two_commands():
+    """A new user's two commands on a fresh clone: the toy-world run and the tests (the command CI runs)."""
+    first = re.search(r"^```bash\n(.*?)^```", README, flags=re.S | re.M)[1]
+    commands = [line for line in first.splitlines() if line and not line.startswith("#")]
+    assert commands == ["make run", "make test"]
+    assert "make test" in (ROOT / ".ci" / "run").read_text()

@@ -1,0 +1,90 @@
+"""The README's result tables, rendered from the JSON files in docs/: the tables are generated, never typed.
+
+Each result table in README.md and docs/*.md sits under a marker naming its JSON and its view,
+
+    <!-- table: docs/compare.json held_out -->
+
+and is exactly what that JSON renders to, by the same functions that print the tables when the commands run
+(eval.py, compare.py, deepalign.py profile, bench.py). After a command rewrote its JSON:
+
+    python docs/tables.py            # rewrite every marked table in README.md and docs/*.md from its JSON
+    python docs/tables.py --check    # exit 1 if a table differs from its JSON (as tests/test_readme.py)
+
+Views: all | seen | held_out (eval.py and compare.py JSON: ASR on that split of the harmful prompts, with
+utility), targets (compare.py: each target of docs/method.md §4-§5, met or not), profile (deepalign.py
+profile --seeds), bench (bench.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import bench  # noqa: E402  (the repository's modules, from the root put on sys.path above)
+import compare  # noqa: E402
+import deepalign as D  # noqa: E402
+import eval as E  # noqa: E402
+from data.files import write_text_atomic  # noqa: E402
+
+MARKER = re.compile(r"^<!-- table: (docs/\S+\.json) (\w+) -->\n", re.M)
+TABLE = re.compile(r"(?:^\|.*\|\n)*", re.M)  # the Markdown table right after a marker (possibly none yet)
+
+
+def render(path: str, view: str) -> str:
+    """The Markdown table of one view of one docs JSON (path relative to the repository root)."""
+    data = json.loads((ROOT / path).read_text())
+    if view == "bench":
+        return bench.markdown_rows(data["rows"])
+    if view == "profile":
+        return D.profile_summary_table(data["summary"])
+    if view == "targets":
+        return compare.targets_table(data["summary"])
+    if view in E.SPLITS:
+        return E.markdown_table(data["summary"], split=view)
+    raise ValueError(
+        f"README.md: unknown table view {view!r} for {path}; use one of {E.SPLITS} or targets, profile, bench"
+    )
+
+
+def update(readme: str) -> str:
+    """The README with every marked table replaced by its rendering."""
+    out, pos = [], 0
+    for marker in MARKER.finditer(readme):
+        table = TABLE.match(readme, marker.end())
+        out += [readme[pos : marker.end()], render(marker[1], marker[2]) + "\n"]
+        pos = table.end()
+    return "".join(out + [readme[pos:]])
+
+
+def markers(readme: str) -> list[tuple[str, str]]:
+    """[(json path, view)] of every marked table, in order."""
+    return [(m[1], m[2]) for m in MARKER.finditer(readme)]
+
+
+def documents() -> list[Path]:
+    """The Markdown files whose tables are rendered: README.md and docs/*.md."""
+    return [ROOT / "README.md"] + sorted((ROOT / "docs").glob("*.md"))
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--check", action="store_true", help="change nothing; exit 1 if a table differs")
+    args = p.parse_args(argv)
+    for path in documents():
+        text = path.read_text()
+        new = update(text)
+        if args.check and new != text:
+            sys.exit(f"{path}: a table differs from its JSON; run python docs/tables.py")
+        if not args.check and new != text:
+            write_text_atomic(path, new)
+            print(f"{path.relative_to(ROOT)}: {len(markers(text))} tables rendered")
+
+
+if __name__ == "__main__":
+    main()
