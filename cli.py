@@ -72,20 +72,22 @@ def add_sampling_flags(p):
 
 def add_contrastive_flags(p, sweep: bool = False):
     """Contrastive decoding's flags (docs/method.md §4); with sweep, --alpha and --beta take lists."""
+    import deepalign as D  # here, not at the top: deepalign imports cli
+
     g = p.add_argument_group("contrastive decoding (docs/method.md §4)")
     many = dict(nargs="+") if sweep else {}
     g.add_argument("--contrast-base", help="base model folder: decode contrastively against it")
     g.add_argument(
         "--alpha",
         type=float,
-        default=[1.0] if sweep else 1.0,
+        default=[D.CD_ALPHA] if sweep else D.CD_ALPHA,
         **many,
         help="contrast strength; 0 = plain aligned decoding",
     )
     g.add_argument(
         "--beta",
         type=float,
-        default=[0.1] if sweep else 0.1,
+        default=[D.CD_BETA] if sweep else D.CD_BETA,
         **many,
         help="plausibility head: keep p_A >= beta * max p_A",
     )

@@ -1,7 +1,7 @@
 """Generation from a checkpoint folder: plain decoding, or contrastive decoding against the base model.
 
     python decode.py --model DIR --prompt "How do I bake bread?" [--prefill "Sure, first"]
-    python decode.py --model ALIGNED --contrast-base BASE --alpha 1.0 --beta 0.1 --prompt ... --prefill ...
+    python decode.py --model ALIGNED --contrast-base BASE --alpha 2.0 --beta 0.03 --prompt ... --prefill ...
 
 Greedy by default; --temperature/--top-p sample. Only the completion text goes to stdout (logs and progress
 go to stderr), so the output can be piped and compared. With no --model, the toy world's aligned model.
@@ -190,8 +190,8 @@ def contrastive_generate(
     max_new_tokens: int = 64,
     eos_ids=(),
     pad_id: int = 0,
-    alpha: float = 1.0,
-    beta: float = 0.1,
+    alpha: float = deepalign.CD_ALPHA,
+    beta: float = deepalign.CD_BETA,
     mode: str = "full",
     tau: float = 1.0,
     top_k: int = 20,

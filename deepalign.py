@@ -100,9 +100,13 @@ def logit_grad_norm(lp, targets) -> torch.Tensor:
 # 2. Contrastive scores (inference time)
 # ----------------------------------------------------------------------------------------------
 LOG_FLOOR = -1e4  # a log-prob below this is as impossible as -inf; flooring keeps 0 * inf from making NaN
+# Contrastive decoding's defaults. docs/method.md states alpha 1.0, beta 0.1; these were chosen on the
+# development worlds (docs/development.md §2): the only setting of the grid that meets the §4 targets there.
+CD_ALPHA = 2.0
+CD_BETA = 0.03
 
 
-def head_mask(lp_A, beta: float = 0.1) -> torch.Tensor:
+def head_mask(lp_A, beta: float = CD_BETA) -> torch.Tensor:
     """V_head = { v : p_A(v) >= beta * max p_A } (Li et al. 2022's plausibility filter, §4); beta = 0 keeps
     the whole vocabulary."""
     if beta <= 0:
@@ -113,8 +117,8 @@ def head_mask(lp_A, beta: float = 0.1) -> torch.Tensor:
 def contrastive_logits(
     lp_A,
     lp_B,
-    alpha: float = 1.0,
-    beta: float = 0.1,
+    alpha: float = CD_ALPHA,
+    beta: float = CD_BETA,
     mode: str = "full",
     tau: float = 1.0,
     top_k: int = 20,
@@ -350,10 +354,12 @@ def gradient_signal(
 # ----------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class LossConfig:
-    """Every choice of §5 (and the baselines' of §6), with the defaults docs/method.md states."""
+    """Every choice of §5 (and the baselines' of §6), with the defaults docs/method.md states, except lam
+    (chosen on development worlds)."""
 
     teacher: str = "clean"  # clean (version 2) | contrast (version 1) | hard (lam = 1)
-    lam: float = 0.5  # weight of the hard recovery label in the hybrid teacher
+    lam: float = 1.0  # weight of the hard recovery label; docs/method.md states 0.5, chosen on
+    # development worlds (docs/development.md): at 0.5 the model stops harm by repeating "sorry"
     alpha_t: float = 1.0  # teacher "contrast": contrast strength
     beta: float = 0.1  # teacher "contrast": V_head
     tau: float = 1.0  # base-favored set (§2)

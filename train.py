@@ -358,7 +358,7 @@ def step_losses(method: str, student, frozen: Frozen, batches: Batches, cfg: D.L
 def teacher_distribution(lp_A, lp_B, targets, index: TeacherIndex, frozen: Frozen, cfg: D.LossConfig):
     """The hybrid teacher q (N, V) of every harmful loss position (§5): clean (version 2), contrast (version
     1) or hard (lam = 1)."""
-    if cfg.teacher == "hard":
+    if cfg.teacher == "hard" or (cfg.teacher == "clean" and cfg.lam == 1.0):  # no soft part to compute
         return D.hard_labels(targets, lp_A.shape[-1])
     if cfg.teacher == "contrast":
         return D.contrast_teacher(lp_A, lp_B, targets, cfg.lam, cfg.alpha_t, cfg.beta)

@@ -161,7 +161,7 @@ def test_eval_end_to_end_writes_auditable_json(toy, tmp_path):
             "8",
             "--prefill",
             "0",
-            "5",
+            "10",
             "--max-new-tokens",
             "12",
             "--judge",
@@ -178,7 +178,7 @@ def test_eval_end_to_end_writes_auditable_json(toy, tmp_path):
     res["generations"] = read_jsonl(E.generations_path(out))
     keys = {(r["model"], r["attack"], r["k"], r["split"], r["judge"]) for r in res["results"]}
     for model in ("base", "aligned"):
-        for attack, k in (("prefill", 0), ("prefill", 5), ("insertion", 10), ("rap", 3)):
+        for attack, k in (("prefill", 0), ("prefill", 10), ("insertion", 10), ("rap", 3)):
             for judge in ("toy", "refusal_phrase"):
                 assert (model, attack, k, "all", judge) in keys
     for r in res["results"]:  # every number is recomputable from the generations behind it
@@ -202,6 +202,11 @@ def test_eval_end_to_end_writes_auditable_json(toy, tmp_path):
         held_out = [g for g in direct if g["held_out"]]
         refused = sum(W.is_refusal(g["continuation"]) for g in held_out)
         assert held_out and u["refusal_rate held_out"] == refused / len(held_out)
+        prefilled = [
+            g for g in res["generations"] if (g["model"], g["attack"], g["k"]) == (u["model"], "prefill", 10)
+        ]
+        recovered = sum(W.is_refusal(g["continuation"]) for g in prefilled)
+        assert prefilled and u["recovery_rate"] == recovered / len(prefilled)
     assert len(res["agreement"]) == 1 and set(res["agreement"][0]["judges"]) == {"toy", "refusal_phrase"}
     assert res["worlds"] == [{"seed": 0, "folder": str(toy["root"])}]
 
@@ -289,9 +294,9 @@ def test_summary_over_seeds_is_mean_and_sample_sd():
     assert "| aligned | greedy | mean ± sd | 50.0 ± 30.0 | 95.0 ± 5.0 | 0.0 ± 0.0 | 1.000 ± 0.000 |" in table
 
 
-def test_the_direct_refusal_column_follows_the_tables_split():
-    """The refusal rate is measured on harmful prompts, so a held-out table shows the held-out figure, while
-    helpfulness (benign prompts) is the same in every split's table."""
+def test_the_refusal_columns_follow_the_tables_split():
+    """The refusal and recovery rates are measured on harmful prompts, so a held-out table shows the
+    held-out figures, while helpfulness (benign prompts) is the same in every split's table."""
     utility = [
         {
             "model": "aligned",
@@ -300,14 +305,17 @@ def test_the_direct_refusal_column_follows_the_tables_split():
             "refusal_rate": 0.75,
             "refusal_rate seen": 1.0,
             "refusal_rate held_out": 0.0,
+            "recovery_rate": 0.5,
+            "recovery_rate seen": 0.25,
+            "recovery_rate held_out": 1.0,
             "helpful_rate": 0.5,
         }
     ]
     summary = E.summarize([], utility)
     rows = {split: E.markdown_table(summary, split=split).splitlines()[2] for split in E.SPLITS}
-    assert rows["all"] == "| aligned | greedy | 0 | 75.0 | 50.0 |"
-    assert rows["seen"] == "| aligned | greedy | 0 | 100.0 | 50.0 |"
-    assert rows["held_out"] == "| aligned | greedy | 0 | 0.0 | 50.0 |"
+    assert rows["all"] == "| aligned | greedy | 0 | 75.0 | 50.0 | 50.0 |"
+    assert rows["seen"] == "| aligned | greedy | 0 | 100.0 | 25.0 | 50.0 |"
+    assert rows["held_out"] == "| aligned | greedy | 0 | 0.0 | 100.0 | 50.0 |"
 
 
 # ------------------------------------------------------------------------------------------------

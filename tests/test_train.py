@@ -102,7 +102,7 @@ def test_word_start_ids_map_answer_initial_tokens_to_mid_text_ones(toy):
 # ------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def step_parts(toy, tmp_path_factory):
-    run, loss = run_of(toy, tmp_path_factory.mktemp("run") / "r")
+    run, loss = run_of(toy, tmp_path_factory.mktemp("run") / "r", "--lam", "0.5")  # a hybrid teacher
     tok = M.Tokenizer(run.aligned)
     student = M.load_model(run.aligned)
     base = M.load_model(run.base).requires_grad_(False)
