@@ -230,9 +230,9 @@ def m_profile(folder, args):
 
 
 def m_train(folder, args):
-    """One `targeted` step (dense and recovery contexts, the clean-context teacher) vs one cross-entropy step
-    on the same harmful and utility batch (what `rto` and `augment` compute), on the seed-0 toy world's
-    data."""
+    """One `targeted` step (dense and recovery contexts, the clean-context teacher at the stated lam = 0.5:
+    the costlier case) vs one cross-entropy step on the same harmful and utility batch (what `rto` and
+    `augment` compute), on the seed-0 toy world's data."""
     import deepalign as D
     import train as T
     from data import toyworld as TW
@@ -242,7 +242,8 @@ def m_train(folder, args):
     tok = Tokenizer(paths["aligned"])
     safety, benign = TW.read_set(paths, "safety_train"), TW.read_set(paths, "benign_train")
     student, step = targeted_training(lambda seed: load_model(folder, args.dtype, args.device), 0, tok)
-    run, loss = T.RunConfig(batch_size=8, utility_batch_size=8), D.LossConfig()
+    run = T.RunConfig(batch_size=8, utility_batch_size=8)
+    loss = D.LossConfig(lam=0.5)  # the stated hybrid teacher: its clean-context forward is the costlier case
     batches = T.make_batches(0, tok, safety, benign, {}, student, run, loss, args.device)
     return (*timed_pair(lambda: step("targeted", batches), lambda: step("rto", batches)), {})
 
@@ -531,7 +532,7 @@ def targeted_training(make_model, lora_rank: int, tok=None):
     valid = torch.ones(V, dtype=torch.bool, device=device)
     word_start = T.word_start_ids(tok, V).to(device) if tok is not None else torch.arange(V, device=device)
     frozen = T.Frozen(base, aligned, valid, word_start)
-    loss = D.LossConfig()
+    loss = D.LossConfig(lam=0.5)  # the stated hybrid teacher (lam = 1 skips the clean-context forward)
 
     def step(method, batches):
         # as train.py: the masters' float32 gradients are freed before each step

@@ -38,6 +38,8 @@ TABLE = re.compile(r"(?:^\|.*\|\n)*", re.M)  # the Markdown table right after a 
 
 def render(path: str, view: str) -> str:
     """The Markdown table of one view of one docs JSON (path relative to the repository root)."""
+    if not (ROOT / path).exists():
+        raise SystemExit(f"{path} is missing: run the command printed above its table, then this script")
     data = json.loads((ROOT / path).read_text())
     if view == "bench":
         return bench.markdown_rows(data["rows"])
@@ -75,8 +77,11 @@ def documents() -> list[Path]:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--check", action="store_true", help="change nothing; exit 1 if a table differs")
+    p.add_argument(
+        "files", nargs="*", type=Path, help="only these Markdown files (default: README.md and docs/*.md)"
+    )
     args = p.parse_args(argv)
-    for path in documents():
+    for path in [f.resolve() for f in args.files] or documents():
         text = path.read_text()
         new = update(text)
         if args.check and new != text:
