@@ -202,8 +202,8 @@ def test_decode_cli_help_shows_every_default(capsys):
         "(default: how do i bake bread ?)",
         "(default: float32)",
         "(default: False)",
-        "(default: 1.0)",
-        "(default: 0.1)",
+        "(default: 2.0)",  # contrastive alpha and beta, chosen on development worlds (docs/development.md)
+        "(default: 0.03)",
         "(default: full)",
         "(default: 20)",
     ):
