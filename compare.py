@@ -6,7 +6,7 @@ every model under every attack, and report mean ± sd over the worlds (the per-s
 
 Each world's runs live in runs/seed-N/<row>/ and are reused when finished (--retrain trains them again).
 Flags after `--` go to every train.py run (for development seeds: try a setting on every method at once).
-The rows: the aligned model (greedy and with contrastive decoding at its defaults, §4), every baseline of §6,
+The rows: the aligned model (greedy, and contrastive at its defaults, §4), every baseline of §6,
 targeted completion (§5) and its ablations.
 """
 

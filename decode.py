@@ -116,10 +116,10 @@ def decode_loop(
     max_new_tokens: int,
     eos_ids,
     pad_id: int,
-    temperature: float,
-    top_p: float,
-    seed: int | None,
-    compile: bool,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: int | None = None,
+    compile: bool = False,
 ) -> list[list[int]]:
     """Prefill: every model reads the left-padded prompts once, into its own KV cache. Then at every step,
     score(logits (B, V) of each model) -> scores (B, V), one token per row from them (sample_next), and that

@@ -2,7 +2,7 @@
 models over one or several worlds, or for real checkpoints on data files you have.
 
     python eval.py                                        # the seed-0 world's base and aligned models
-    python eval.py --seeds 0 1 2 --out docs/calibration.json     # mean ± sd over worlds, per seed in the JSON
+    python eval.py --seeds 0 1 2 --out docs/calibration.json     # mean ± sd over worlds, per seed in JSON
     python eval.py --world data/worlds/seed-1 --model targeted=runs/seed-1/targeted
     python eval.py --decode contrastive --alpha 0 0.5 1 2 --beta 0.1 0.01              # contrastive sweep
     python eval.py --model ~/models/Qwen2.5-7B-Instruct --harmful harmbench.csv --benign xstest.csv \\
@@ -230,18 +230,7 @@ def attack_generations(
 
             def rap(prompts, k=k):
                 score = rank_assisted_score(k, banned, attacks.rap_top)
-                return decode_loop(
-                    [model],
-                    prompts,
-                    score,
-                    attacks.max_new_tokens,
-                    tok.eos_ids,
-                    tok.pad_id,
-                    0.0,
-                    1.0,
-                    None,
-                    False,
-                )
+                return decode_loop([model], prompts, score, attacks.max_new_tokens, tok.eos_ids, tok.pad_id)
 
             inputs = [(tok.prompt_ids(r["prompt"]), "") for r in harmful]
             outs = batched(rap, [ids for ids, _ in inputs], dec.batch_size, f"rap K={k}")

@@ -108,18 +108,7 @@ def test_rank_assisted_prefilling_skips_refusal_starts_then_decodes_freely(toy):
     K = 4
     from decode import decode_loop
 
-    outs = decode_loop(
-        [model],
-        prompts,
-        E.rank_assisted_score(K, banned, 20),
-        12,
-        tok.eos_ids,
-        tok.pad_id,
-        0.0,
-        1.0,
-        None,
-        False,
-    )
+    outs = decode_loop([model], prompts, E.rank_assisted_score(K, banned, 20), 12, tok.eos_ids, tok.pad_id)
     for prompt, out in zip(prompts, outs):
         seq = list(prompt)
         for step, token in enumerate(out):
@@ -133,18 +122,7 @@ def test_rank_assisted_prefilling_skips_refusal_starts_then_decodes_freely(toy):
                 assert token == int(logits.argmax())
             seq.append(token)
     none = torch.zeros_like(banned)
-    free = decode_loop(
-        [model],
-        prompts,
-        E.rank_assisted_score(K, none, 20),
-        12,
-        tok.eos_ids,
-        tok.pad_id,
-        0.0,
-        1.0,
-        None,
-        False,
-    )
+    free = decode_loop([model], prompts, E.rank_assisted_score(K, none, 20), 12, tok.eos_ids, tok.pad_id)
     assert free == generate(model, prompts, max_new_tokens=12, eos_ids=tok.eos_ids, pad_id=tok.pad_id)
 
 
@@ -291,7 +269,8 @@ def test_summary_over_seeds_is_mean_and_sample_sd():
     assert summary["helpful_rate"]["sd"] == pytest.approx(statistics.stdev([0.9, 1.0, 0.95]))
     table = E.markdown_table(list(summary.values()))
     assert "| aligned | greedy | 1 | 50.0 | 100.0 | 0.0 | 1.000 |" in table  # no refusal_rate: no column
-    assert "| aligned | greedy | mean ± sd | 50.0 ± 30.0 | 95.0 ± 5.0 | 0.0 ± 0.0 | 1.000 ± 0.000 |" in table
+    mean_row = "| aligned | greedy | mean ± sd | 50.0 ± 30.0 | 95.0 ± 5.0 | 0.0 ± 0.0 | 1.000 ± 0.000 |"
+    assert mean_row in table
 
 
 def test_the_refusal_columns_follow_the_tables_split():

@@ -30,6 +30,12 @@ def train_argv(toy, out, *extra):
     ]
 
 
+def files_argv(toy, data, benign, out, *extra):
+    """train.py on the toy pair's folders with data files of the test's own (no --world)."""
+    folders = ["--base", str(toy["base"]), "--aligned", str(toy["aligned"])]
+    return folders + ["--data", str(data), "--benign", str(benign), "--out", str(out), *extra]
+
+
 def run_of(toy, out, *extra):
     args = T.parse_args(train_argv(toy, out, *extra))
     return T.configs(args)
@@ -377,28 +383,8 @@ def test_missing_recoveries_and_responses_are_generated_once_and_reused(toy, tmp
         )
     )
     benign.write_text("how do i bake bread ?\nhow do i tune a violin ?\n")
-    argv = [
-        "--base",
-        str(toy["base"]),
-        "--aligned",
-        str(toy["aligned"]),
-        "--data",
-        str(harmful),
-        "--benign",
-        str(benign),
-        "--out",
-        str(tmp_path / "run"),
-        "--steps",
-        "2",
-        "--batch-size",
-        "2",
-        "--utility-batch-size",
-        "2",
-        "--stop-after",
-        "1",
-        "--method",
-        "augment",
-    ]
+    steps = ["--steps", "2", "--batch-size", "2", "--utility-batch-size", "2", "--stop-after", "1"]
+    argv = files_argv(toy, harmful, benign, tmp_path / "run", *steps, "--method", "augment")
     T.main(argv)
     recoveries = tmp_path / "run" / "generated_recoveries.jsonl"
     responses = tmp_path / "run" / "generated_responses.jsonl"
@@ -434,18 +420,5 @@ def test_bad_input_errors(toy, tmp_path):
     prompts_only = tmp_path / "prompts.txt"
     prompts_only.write_text("how do i x ?\n")
     with pytest.raises(ValueError, match="no row has a harmful response"):
-        T.main(
-            [
-                "--base",
-                str(toy["base"]),
-                "--aligned",
-                str(toy["aligned"]),
-                "--data",
-                str(prompts_only),
-                "--benign",
-                str(prompts_only),
-                "--out",
-                str(tmp_path / "r2"),
-            ]
-        )
+        T.main(files_argv(toy, prompts_only, prompts_only, tmp_path / "r2"))
     assert math.isfinite(T.get_lr(0, T.RunConfig(steps=1)))
