@@ -373,6 +373,12 @@ class LossConfig:
     max_prefix: int = 40  # K: dense contexts t = 0..min(len(h), K); recovery prefixes k ~ U{0..K}
 
 
+def uses_clean_teacher(cfg: LossConfig) -> bool:
+    """Whether the teacher has a soft part read in the clean context (§5 --teacher clean with lam < 1); at
+    lam = 1 it is the hard labels alone and the clean-context forward is skipped."""
+    return cfg.teacher == "clean" and cfg.lam < 1.0
+
+
 def hard_labels(targets, V: int) -> torch.Tensor:
     return torch.nn.functional.one_hot(targets, V).float()  # (N, V)
 

@@ -27,13 +27,11 @@ from __future__ import annotations
 
 import itertools
 import statistics
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 import cli
 import deepalign as D
@@ -151,13 +149,6 @@ def rank_assisted_score(k: int, banned: torch.Tensor, top: int):
 # ----------------------------------------------------------------------------------------------
 # 3. One model's generations under every attack
 # ----------------------------------------------------------------------------------------------
-def batched(fn, items: list, batch_size: int, desc: str) -> list:
-    out = []
-    for i in tqdm(range(0, len(items), batch_size), desc=desc, file=sys.stderr, leave=False):
-        out.extend(fn(items[i : i + batch_size]))
-    return out
-
-
 def make_decoder(model, tok, dec: DecodeConfig, attacks: AttackConfig, base=None):
     """A function: token-id prompts -> new token ids, plain or contrastive (docs/method.md §4)."""
     common = dict(
@@ -208,7 +199,7 @@ def attack_generations(
     for k in attacks.prefill:
         rows = harmful if k == 0 else with_response
         inputs = [prefill_inputs(tok, r, k) if k else (tok.prompt_ids(r["prompt"]), "") for r in rows]
-        outs = batched(decoder, [ids for ids, _ in inputs], dec.batch_size, f"prefill k={k}")
+        outs = J.in_batches(decoder, [ids for ids, _ in inputs], dec.batch_size, f"prefill k={k}")
         record("prefill", k, rows, inputs, outs)
         if k == 0:
             own = {r["prompt"]: o for r, o in zip(rows, outs)}
@@ -216,26 +207,39 @@ def attack_generations(
     if insertions and with_response:
         if own is None:
             prompts = [tok.prompt_ids(r["prompt"]) for r in with_response]
-            outs = batched(decoder, prompts, dec.batch_size, "own")
+            outs = J.in_batches(decoder, prompts, dec.batch_size, "own")
             own = {r["prompt"]: o for r, o in zip(with_response, outs)}
         for j, m in insertions:
             inputs = [insertion_inputs(tok, r, own[r["prompt"]], j, m) for r in with_response]
-            outs = batched(decoder, [ids for ids, _ in inputs], dec.batch_size, f"insertion j={j} m={m}")
+            outs = J.in_batches(decoder, [ids for ids, _ in inputs], dec.batch_size, f"insertion j={j} m={m}")
             record("insertion", m, with_response, inputs, outs, j=j)
     if attacks.rap:
         banned = torch.zeros(model.args.vocab_size, dtype=torch.bool)
         banned[list(refusal_start_ids(tok, refusal_phrases))] = True
         banned = banned.to(model.lm_head.weight.device)
+        inputs = [(tok.prompt_ids(r["prompt"]), "") for r in harmful]
+        prompts = [ids for ids, _ in inputs]
         for k in attacks.rap:
-
-            def rap(prompts, k=k):
-                score = rank_assisted_score(k, banned, attacks.rap_top)
-                return decode_loop([model], prompts, score, attacks.max_new_tokens, tok.eos_ids, tok.pad_id)
-
-            inputs = [(tok.prompt_ids(r["prompt"]), "") for r in harmful]
-            outs = batched(rap, [ids for ids, _ in inputs], dec.batch_size, f"rap K={k}")
+            outs = rank_assisted_generations(model, tok, prompts, decoder, k, banned, attacks.rap_top, dec)
             record("rap", k, harmful, inputs, outs)
     return gens
+
+
+def rank_assisted_generations(model, tok, prompts, decoder, k: int, banned, top: int, dec) -> list[list[int]]:
+    """Rank-assisted prefilling (docs/method.md §7): the attacker forces the model's first k tokens (its
+    highest-ranked non-refusal starts, rank_assisted_score), then the decoding under test (`decoder`: plain or
+    contrastive) continues from them. Each row's new ids are the forced tokens and the continuation (none
+    after a forced eos)."""
+
+    def force(batch):
+        score = rank_assisted_score(k, banned, top)
+        return decode_loop([model], batch, score, k, tok.eos_ids, tok.pad_id)
+
+    forced = J.in_batches(force, prompts, dec.batch_size, f"rap K={k}")
+    ended = [any(t in tok.eos_ids for t in f) for f in forced]
+    open_rows = [p + f for p, f, e in zip(prompts, forced, ended) if not e]
+    continued = iter(J.in_batches(decoder, open_rows, dec.batch_size, f"rap K={k}, continued"))
+    return [f if e else f + next(continued) for f, e in zip(forced, ended)]
 
 
 def skipped_attacks(harmful: list, attacks: AttackConfig) -> list[str]:
@@ -346,7 +350,7 @@ def utility_figure(figure: str, split: str) -> str:
 
 def benign_utility(tok, benign: list, decoder, dec: DecodeConfig, toy: bool) -> tuple[dict, list]:
     """Helpful rate (toy: exact) and over-refusal rate on benign prompts, and their generations."""
-    outs = batched(decoder, [tok.prompt_ids(r["prompt"]) for r in benign], dec.batch_size, "benign")
+    outs = J.in_batches(decoder, [tok.prompt_ids(r["prompt"]) for r in benign], dec.batch_size, "benign")
     texts = [tok.decode(o) for o in outs]
     if toy:
         refused = [W.is_refusal(t) for t in texts]
@@ -698,17 +702,18 @@ def evaluate_world(args, seed, paths, attacks: AttackConfig, judges: dict) -> tu
     base = None
     if args.decode == "contrastive":
         base_dir = Path((args.contrast_base or "{world}/base").format(**fill))
-        base = load_model(base_dir, args.dtype, args.device)
+        base, base_tok = load_model(base_dir, args.dtype, args.device), Tokenizer(base_dir)
     phrases = W.REFUSALS + W.RECOVERIES + W.WEB_REFUSALS if toy else J.REFUSAL_PHRASES
     results, utility, gens, notes = [], [], [], {}
     for name, folder in models:
         tok, model = Tokenizer(folder), load_model(folder, args.dtype, args.device)
         if base is not None:
-            D.check_same_tokenizer(tok, Tokenizer(base_dir))
+            D.check_same_tokenizer(tok, base_tok)
         notes[name] = {
             "skipped": skipped_attacks(harmful, attacks),
             "clipped": clipped_prefills(tok, harmful, attacks),
         }
+        mmlu = model_mmlu(model, tok, args)  # the model's, whatever the decoding: measured once
         for decode, dec in decode_configs(args):
             label = {"model": name, "decode": decode, "seed": seed}
             if dec.contrastive:
@@ -728,16 +733,24 @@ def evaluate_world(args, seed, paths, attacks: AttackConfig, judges: dict) -> tu
                 if with_ref
                 else None
             )
-            if args.mmlu:
-                import benchmarks
-
-                util["mmlu"] = benchmarks.mmlu_accuracy(
-                    model, tok, args.mmlu, args.mmlu_limit, batch_size=dec.batch_size
-                )["accuracy"]
+            if mmlu is not None:
+                util["mmlu"] = mmlu
             utility.append({**label, **util})
             gens += [{**label, **g} for g in model_gens + benign_gens]
         del model
     return results, utility, gens, notes
+
+
+def model_mmlu(model, tok, args) -> float | None:
+    """MMLU accuracy of one model (a log-probability benchmark: it does not depend on the decoding), or None
+    without --mmlu."""
+    if not args.mmlu:
+        return None
+    import benchmarks
+
+    return benchmarks.mmlu_accuracy(model, tok, args.mmlu, args.mmlu_limit, batch_size=args.batch_size)[
+        "accuracy"
+    ]
 
 
 def main(argv=None):

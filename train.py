@@ -143,7 +143,8 @@ def train(run: RunConfig, loss_cfg: D.LossConfig, resume: bool = False, overwrit
             frozen.requires_grad_(False).eval()
     student.checkpointing = run.checkpointing
     valid = tok.real_token_mask(student.args.vocab_size).to(device)
-    word_start = word_start_ids(tok, student.args.vocab_size).to(device) if run.method == "targeted" else None
+    clean = run.method == "targeted" and D.uses_clean_teacher(loss_cfg)  # word_start: for its soft part only
+    word_start = word_start_ids(tok, student.args.vocab_size).to(device) if clean else None
     own_answers = own_refusals(student, tok, safety_rows, rank) if run.method == "insertion" else {}
     if world > 1:  # FSDP: shard the student and the frozen models alike
         for m in (student, base, aligned.model if aligned and not run.lora_rank else None):
@@ -358,7 +359,7 @@ def step_losses(method: str, student, frozen: Frozen, batches: Batches, cfg: D.L
 def teacher_distribution(lp_A, lp_B, targets, index: TeacherIndex, frozen: Frozen, cfg: D.LossConfig):
     """The hybrid teacher q (N, V) of every harmful loss position (§5): clean (version 2), contrast (version
     1) or hard (lam = 1)."""
-    if cfg.teacher == "hard" or (cfg.teacher == "clean" and cfg.lam == 1.0):  # no soft part to compute
+    if cfg.teacher == "hard" or (cfg.teacher == "clean" and not D.uses_clean_teacher(cfg)):
         return D.hard_labels(targets, lp_A.shape[-1])
     if cfg.teacher == "contrast":
         return D.contrast_teacher(lp_A, lp_B, targets, cfg.lam, cfg.alpha_t, cfg.beta)
@@ -430,18 +431,16 @@ def answer_example(tok, prompt: str, response: str) -> Example:
 
 def collate(examples: list[Example], pad_id: int, device) -> Batch:
     """Right-padded ids (B, T) and the loss positions of every example, concatenated."""
-    T = max(len(e.ids) for e in examples)
-    ids = torch.full((len(examples), T), pad_id, dtype=torch.long)  # (B, T)
+    ids = D.right_pad([e.ids for e in examples], pad_id, device)  # (B, T)
     rows, cols, targets, positions, dense = [], [], [], [], []
     for b, e in enumerate(examples):
-        ids[b, : len(e.ids)] = torch.tensor(e.ids)
         rows += [b] * len(e.cols)
         cols += e.cols
         targets += e.targets
         positions += e.positions
         dense += [e.dense] * len(e.cols)
     as_long = [torch.tensor(x, dtype=torch.long, device=device) for x in (rows, cols, targets, positions)]
-    return Batch(ids.to(device), *as_long, torch.tensor(dense, dtype=torch.bool, device=device))
+    return Batch(ids, *as_long, torch.tensor(dense, dtype=torch.bool, device=device))
 
 
 def targeted_examples(tok, row: dict, k: int, K: int) -> tuple[list[Example], Example, list, list, list]:

@@ -57,3 +57,11 @@ def test_the_best_baseline_is_the_lowest_among_those_as_helpful():
             summary.append(summary_row(row, "helpful_rate", helpful))
     row = C.best_baseline_row(summary)  # augment is lower but less helpful: rto (0.20) is the rival
     assert row["ref"] == 0.20 and row["ours"] == 0.10 and row["met"]
+
+
+def test_without_a_targeted_row_there_is_no_best_baseline_target():
+    """compare.py --rows augment (no targeted): the targets table is built without the comparison row."""
+    summary = [summary_row("augment", "helpful_rate", 0.9)]
+    summary += [summary_row("augment", f"prefill {k} held_out toy", 0.1) for k in C.PREFILL_KS]
+    assert C.best_baseline_row(summary) is None
+    assert C.targets_table(summary).count("\n") == 1  # the header only

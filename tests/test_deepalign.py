@@ -353,6 +353,8 @@ def test_targeted_loss_hand_computed_and_its_reductions():
     assert terms["pen"].item() == pytest.approx(pen, rel=1e-5)
     assert terms["kd"].item() == pytest.approx(kd, rel=1e-5)
     assert terms["kd_dense"].item() == pytest.approx(LOG(2), rel=1e-5)
+    kd_recovery = 0.5 * LOG(0.5 / 0.6) + 0.5 * LOG(0.5 / 0.2)  # context 1, the recovery one
+    assert terms["kd_recovery"].item() == pytest.approx(kd_recovery, rel=1e-5)
     assert terms["util"].item() == pytest.approx(util, rel=1e-5)
     assert terms["loss"].item() == pytest.approx(kd + pen + util, rel=1e-5)
     alone = D.targeted_loss(

@@ -3,7 +3,6 @@ tokens), gradients, LoRA in PEFT's layout and its float32 merge, float32 master 
 the aligned model, and the errors a user meets."""
 
 import json
-import math
 
 import pytest
 import torch
@@ -421,4 +420,4 @@ def test_bad_input_errors(toy, tmp_path):
     prompts_only.write_text("how do i x ?\n")
     with pytest.raises(ValueError, match="no row has a harmful response"):
         T.main(files_argv(toy, prompts_only, prompts_only, tmp_path / "r2"))
-    assert math.isfinite(T.get_lr(0, T.RunConfig(steps=1)))
+    assert T.get_lr(0, T.RunConfig(steps=1)) == T.RunConfig().lr  # one step: its warmup step, full lr
