@@ -390,10 +390,11 @@ class Transformer(nn.Module):
         self.cache: KVCache | None = None  # set while decoding (decode.py); the model's only decoding state
         self.checkpointing = False  # activation checkpointing per block (training big models)
 
-    def forward(self, idx, attention_mask=None, positions=None, logits_at=None, cache_pos=None):
+    def forward(self, idx, attention_mask=None, positions=None, logits_at=None, cache_pos=None, embeds=None):
         """Logits (B, T, V) in the model dtype (upcast yourself before log_softmax/KL).
 
-        idx (B, T) token ids. attention_mask (B, T) 1 = real token, 0 = padding (left padding is the norm
+        idx (B, T) token ids. embeds (B, T, d): input embeddings used instead of embed_tokens(idx) (idx still
+        gives the shape and device); gradient attacks (attacks.py, GCG) differentiate through them. attention_mask (B, T) 1 = real token, 0 = padding (left padding is the norm
         for generation; any padding works). positions (B, T) RoPE positions; default: count of real tokens
         before each one (cumsum(mask) - 1), as HF `generate` does for left padding (docs/model_notes.md
         §6 F1). logits_at: compute logits only at these positions and return them as (N, V): a (B, T) bool
@@ -420,7 +421,7 @@ class Transformer(nn.Module):
         else:
             slots = torch.arange(T, device=idx.device)  # (T,)
             mask = padded_causal_mask(attention_mask.bool(), slots)  # (B, 1, T, T)
-        x = self.model.embed_tokens(idx)  # (B, T, d)
+        x = self.model.embed_tokens(idx) if embeds is None else embeds  # (B, T, d)
         cos, sin = rope_cos_sin(rope_inv_freq(self.args, idx.device), positions, x.dtype)  # (B, T, hd)
         for layer in self.model.layers:
             if self.checkpointing and self.training:
