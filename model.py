@@ -394,8 +394,9 @@ class Transformer(nn.Module):
         """Logits (B, T, V) in the model dtype (upcast yourself before log_softmax/KL).
 
         idx (B, T) token ids. embeds (B, T, d): input embeddings used instead of embed_tokens(idx) (idx still
-        gives the shape and device); gradient attacks (attacks.py, GCG) differentiate through them. attention_mask (B, T) 1 = real token, 0 = padding (left padding is the norm
-        for generation; any padding works). positions (B, T) RoPE positions; default: count of real tokens
+        gives the shape and device); gradient attacks (attacks.py, GCG) differentiate through them.
+        attention_mask (B, T) 1 = real token, 0 = padding (left padding is the norm for generation; any
+        padding works). positions (B, T) RoPE positions; default: count of real tokens
         before each one (cumsum(mask) - 1), as HF `generate` does for left padding (docs/model_notes.md
         §6 F1). logits_at: compute logits only at these positions and return them as (N, V): a (B, T) bool
         mask or a (rows, cols) pair of index tensors. Teacher-forced statistics and losses need the few
