@@ -3,7 +3,9 @@
 Alignment must not cost utility, and the paper reports MMLU and BBH. Both read the user's local copies:
     MMLU  hendrycks/test layout: {folder}/dev/{subject}_dev.csv and {folder}/test/{subject}_test.csv, no
           header, columns question,A,B,C,D,answer. The prompt is built exactly as hendrycks' evaluate.py
-          builds it; the prediction is the letter whose token (" A" .. " D") is most likely after "Answer:".
+          builds it; the prediction is the letter (" A" .. " D") most likely after "Answer:": the summed
+          log-probability of its tokens, as lm-eval-harness scores a continuation (one token in most
+          tokenizers).
     BBH   BIG-Bench Hard task files {"examples": [{"input", "target"}]}, few-shot from each task's first
           examples, greedy generation, exact match of the first line of the answer.
 Both are plain text (no chat template) with the BOS the tokenizer's post-processor adds, batched with left
@@ -80,20 +82,21 @@ def mmlu_prompt(subject: str, shots: list[list[str]], question: list[str]) -> st
     return header + "".join(format_example(s) for s in shots) + format_example(question, include_answer=False)
 
 
-def letter_token_ids(tok) -> list[int]:
-    """The ids of " A" .. " D" as they follow "Answer:". Each must be one token: the prediction compares the
-    four next-token log-probabilities."""
-    head = tok.encode("Answer:")
-    ids = []
+def letter_continuations(tok, prompt: str) -> list[list[int]]:
+    """The token ids of " A" .. " D" after `prompt` (which ends in "Answer:"), split as lm-eval-harness splits
+    a context and its continuation: the tokens of prompt + " X" after those of the prompt. One token each in
+    most tokenizers; several where the vocabulary has no " A"."""
+    head = tok.encode(prompt)
+    conts = []
     for letter in CHOICES:
-        full = tok.encode(f"Answer: {letter}")
-        if full[: len(head)] != head or len(full) != len(head) + 1:
+        full = tok.encode(f"{prompt} {letter}")
+        if full[: len(head)] != head or len(full) == len(head):
             raise ValueError(
-                f"{tok.folder}: the tokenizer splits ' {letter}' after 'Answer:' into "
-                f"{len(full) - len(head)} tokens; MMLU scoring needs one token per letter"
+                f"{tok.folder}: the tokenizer merges ' {letter}' into the tokens of 'Answer:' before it; "
+                "MMLU scoring needs the prompt's tokens unchanged, the letter's after them"
             )
-        ids.append(full[-1])
-    return ids
+        conts.append(full[len(head) :])
+    return conts
 
 
 @torch.no_grad()
@@ -104,6 +107,50 @@ def next_token_log_probs(model, seqs: list[list[int]], pad_id: int) -> torch.Ten
     last = torch.zeros_like(mask, dtype=torch.bool)  # (B, T)
     last[:, -1] = True  # left padding puts every row's last real token in the last column
     return model(ids, attention_mask=mask, logits_at=last).float().log_softmax(-1)  # (B, V)
+
+
+@torch.no_grad()
+def continuation_log_probs(model, prompts: list[list[int]], conts: list[list[int]], pad_id: int):
+    """Summed log-probability (N,) of each continuation conts[i] (non-empty) after prompts[i], teacher-forced:
+    one left-padded forward over prompt + continuation, logits only where they predict a continuation
+    token."""
+    device = model.lm_head.weight.device
+    ids, mask = left_pad([p + c for p, c in zip(prompts, conts)], pad_id, device)  # (N, T)
+    T = ids.shape[1]
+    rows = torch.cat([torch.full((len(c),), i) for i, c in enumerate(conts)]).to(device)  # (M,)
+    cols = torch.cat([torch.arange(T - len(c), T) for c in conts]).to(device)  # (M,): continuation tokens
+    logits = model(ids, attention_mask=mask, logits_at=(rows, cols - 1))  # (M, V): each predicts the next
+    token_lp = logits.float().log_softmax(-1).gather(-1, ids[rows, cols][:, None])[:, 0]  # (M,)
+    return torch.zeros(len(conts), device=device).index_add_(0, rows, token_lp)  # (N,)
+
+
+def batch_letter_scores(model, seqs: list[list[int]], conts: list[list[list[int]]], pad_id: int):
+    """(B, 4) summed log-probabilities of the letters' tokens conts[b] after each prompt seqs[b]. Letters of
+    one token each: one forward, next-token log-probabilities (the fast path). Else prompt + letter is
+    teacher-forced, four sequences per question, in forwards of B sequences."""
+    if all(len(c) == 1 for letters in conts for c in letters):
+        log_probs = next_token_log_probs(model, seqs, pad_id)  # (B, V)
+        ids = torch.tensor([[c[0] for c in letters] for letters in conts], device=log_probs.device)  # (B, 4)
+        return log_probs.gather(-1, ids).cpu()
+    prompts = [s for s in seqs for _ in CHOICES]  # (4B,): each prompt once per letter
+    flat = [c for letters in conts for c in letters]  # (4B,)
+    B = len(seqs)
+    parts = [
+        continuation_log_probs(model, prompts[i : i + B], flat[i : i + B], pad_id) for i in range(0, 4 * B, B)
+    ]
+    return torch.cat(parts).view(B, len(CHOICES)).cpu()
+
+
+def letter_scores(model, seqs: list[list[int]], conts: list, pad_id: int, batch_size: int) -> torch.Tensor:
+    """(Q, 4) summed log-probabilities of " A" .. " D" after each prompt, in batches of similar lengths."""
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))  # similar lengths share a batch
+    scores = torch.zeros(len(seqs), len(CHOICES))  # (Q, 4)
+    for i in tqdm(range(0, len(order), batch_size), desc="mmlu", file=sys.stderr, leave=False):
+        batch = order[i : i + batch_size]
+        scores[batch] = batch_letter_scores(
+            model, [seqs[j] for j in batch], [conts[j] for j in batch], pad_id
+        )
+    return scores
 
 
 def mmlu_questions(root: Path, limit: int | None, shots: int) -> list[tuple[str, str, str]]:
@@ -126,30 +173,31 @@ def mmlu_questions(root: Path, limit: int | None, shots: int) -> list[tuple[str,
 
 def mmlu_accuracy(model, tok, folder, limit: int | None = None, shots: int = 5, batch_size: int = 8) -> dict:
     """MMLU accuracy, hendrycks' protocol (docs/method.md §7): `shots` examples from each subject's dev file,
-    plain text with BOS, and the prediction = argmax over the log-probabilities of " A", " B", " C", " D" as
-    the next token. limit: at most that many test questions per subject.
-    Returns {"accuracy" (question-weighted), "subjects": {subject: {"accuracy", "n", "predictions"}}, "n",
-    "shots"}."""
+    plain text with BOS, and the prediction = the letter among " A", " B", " C", " D" whose tokens have the
+    highest summed log-probability after the prompt (letter_scores). limit: at most that many test questions
+    per subject.
+    Returns {"accuracy" (question-weighted), "subjects": {subject: {"accuracy", "n", "predictions", "scores"
+    (per question, the four letters' log-probabilities)}}, "n", "shots"}."""
     questions = mmlu_questions(mmlu_root(folder), limit, shots)
-    letters = torch.tensor(letter_token_ids(tok))  # (4,)
     seqs = [tok.encode(prompt, add_special_tokens=True) for _, prompt, _ in questions]
-    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))  # similar lengths share a batch
-    predicted = [""] * len(seqs)
-    for i in tqdm(range(0, len(order), batch_size), desc="mmlu", file=sys.stderr, leave=False):
-        batch = order[i : i + batch_size]
-        log_probs = next_token_log_probs(model, [seqs[j] for j in batch], tok.pad_id)  # (B, V)
-        best = log_probs[:, letters.to(log_probs.device)].argmax(-1).tolist()  # (B,)
-        for j, b in zip(batch, best):
-            predicted[j] = CHOICES[b]
+    conts = [letter_continuations(tok, prompt) for _, prompt, _ in questions]
+    scores = letter_scores(model, seqs, conts, tok.pad_id, batch_size)  # (Q, 4)
     subjects: dict[str, dict] = {}
-    for (subject, _, answer), guess in zip(questions, predicted):
-        entry = subjects.setdefault(subject, {"correct": 0, "n": 0, "predictions": []})
+    for (subject, _, answer), row in zip(questions, scores.tolist()):
+        guess = CHOICES[max(range(len(CHOICES)), key=row.__getitem__)]  # the first of equal scores
+        entry = subjects.setdefault(subject, {"correct": 0, "n": 0, "predictions": [], "scores": []})
         entry["correct"] += guess == answer
         entry["n"] += 1
         entry["predictions"].append(guess)
+        entry["scores"].append(row)
     correct = sum(s["correct"] for s in subjects.values())
     per_subject = {
-        name: {"accuracy": s["correct"] / s["n"], "n": s["n"], "predictions": s["predictions"]}
+        name: {
+            "accuracy": s["correct"] / s["n"],
+            "n": s["n"],
+            "predictions": s["predictions"],
+            "scores": s["scores"],
+        }
         for name, s in subjects.items()
     }
     n = len(questions)

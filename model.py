@@ -25,6 +25,7 @@ import math
 import os
 import shutil
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -450,8 +451,6 @@ def read_json(path: Path) -> dict:
 def weight_files(folder: Path) -> dict[str, list[str]]:
     """{file name: [tensor names]}: from model.safetensors.index.json's weight_map when sharded, else
     model.safetensors."""
-    from safetensors import safe_open
-
     index = folder / "model.safetensors.index.json"
     if index.exists():
         weight_map = read_json(index).get("weight_map")
@@ -472,8 +471,79 @@ def weight_files(folder: Path) -> dict[str, list[str]]:
             f"{folder}: no model.safetensors or model.safetensors.index.json. deepalign reads Hugging Face "
             "safetensors folders (convert .bin/.pth checkpoints with transformers' save_pretrained first)."
         )
-    with safe_open(single, framework="pt") as f:
+    with open_safetensors(single) as f:
         return {"model.safetensors": list(f.keys())}
+
+
+@contextmanager
+def open_safetensors(path: Path, device="cpu"):
+    """safetensors' safe_open(path), for reading tensors onto `device`. A truncated or corrupt file (a header
+    that does not parse, data shorter than the header says, a read that fails), whether found on opening or
+    on reading a tensor, is one ValueError naming the file instead of a SafetensorError traceback."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(path, framework="pt", device=str(device)) as f:
+            yield f
+    except FileNotFoundError:
+        raise
+    except (SafetensorError, OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        reason = " ".join(str(e).split()) or type(e).__name__
+        raise ValueError(
+            f"{path}: truncated or corrupt safetensors file ({reason}); re-download or re-save the checkpoint"
+        ) from e
+
+
+def _non_finite_counts(tensors: dict) -> dict[str, int]:
+    """{name: count of NaN/inf entries} of the tensors that have any: one isfinite reduction per tensor,
+    counting only where it fails."""
+    bad = [name for name, t in tensors.items() if not bool(torch.isfinite(t).all())]
+    return {name: int((~torch.isfinite(tensors[name])).sum()) for name in bad}
+
+
+def _check_finite_shard(shard: dict, path: Path, f) -> None:
+    """One line when a loaded shard holds NaN/inf weights, naming the file, the tensors and the count: stored
+    NaN/inf is a corrupt file; finite stored values that became inf overflowed the cast to a narrower dtype.
+    `f` is the shard's open file, read again only on this error path."""
+    counts = _non_finite_counts(shard)
+    if not counts:
+        return
+    stored = _non_finite_counts({name: f.get_tensor(name) for name in counts})
+    if stored:
+        raise ValueError(
+            f"{path}: NaN/inf weights: {_listed(stored)}; the file is corrupt: re-download or re-save the "
+            "checkpoint"
+        )
+    dtype = str(next(iter(shard.values())).dtype).removeprefix("torch.")
+    raise ValueError(
+        f"{path}: weights overflow to inf in {dtype}: {_listed(counts)}; load the checkpoint in bfloat16 or "
+        "float32 (--dtype)"
+    )
+
+
+def _entries(n: int) -> str:
+    return f"{n} {'entry' if n == 1 else 'entries'}"
+
+
+def _listed(counts: dict[str, int], most: int = 5) -> str:
+    """'name (n entries), ...' for the first `most` of {name: count}, then how many more."""
+    text = ", ".join(f"{name} ({_entries(n)})" for name, n in list(counts.items())[:most])
+    if len(counts) > most:
+        text += f" and {len(counts) - most} more tensors ({_entries(sum(counts.values()))} in all)"
+    return text
+
+
+def check_finite_logits(logits: torch.Tensor, where: str) -> None:
+    """Raise one line naming `where` (e.g. the checkpoint folder) when logits hold NaN/inf. One reduction and
+    one sync; meant for a model's first forward: corrupt weights, or activations that overflow float16."""
+    if bool(torch.isfinite(logits).all()):
+        return
+    n, dtype = int((~torch.isfinite(logits)).sum()), str(logits.dtype).removeprefix("torch.")
+    overflow = f" or {dtype} overflows (use --dtype bfloat16 or float32)" if dtype == "float16" else ""
+    raise ValueError(
+        f"{where}: {n} of {logits.numel()} logits are NaN/inf ({dtype}); the weights are corrupt "
+        f"(re-download or re-save the checkpoint){overflow}"
+    )
 
 
 def check_folder(folder, needs=("config.json", "*.safetensors", "tokenizer.json")) -> Path:
@@ -501,10 +571,9 @@ def load_model(folder, dtype: torch.dtype | str = torch.float32, device="cpu") -
 
     Built on the meta device, then filled shard by shard in the requested dtype with `assign=True`, so at
     most one shard is ever held twice. Every tensor name and shape is checked *before* any data is read;
-    all problems are reported together.
+    all problems are reported together. A truncated or corrupt safetensors file, and a weight that is NaN or
+    inf, are one-line errors naming the file.
     """
-    from safetensors import safe_open
-
     folder = check_folder(folder, needs=("config.json", "*.safetensors"))
     dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
     args = ModelArgs.from_hf_config(read_json(folder / "config.json"), source=str(folder / "config.json"))
@@ -518,7 +587,7 @@ def load_model(folder, dtype: torch.dtype | str = torch.float32, device="cpu") -
     # Pass 1: names and shapes, from the safetensors headers only.
     found, unexpected, misshaped, ignored = set(), [], [], []
     for file, names in files.items():
-        with safe_open(folder / file, framework="pt") as f:
+        with open_safetensors(folder / file) as f:
             for name in names:
                 tied_head = name == "lm_head.weight" and args.tie_word_embeddings
                 if name.endswith("rotary_emb.inv_freq") or tied_head:
@@ -545,10 +614,11 @@ def load_model(folder, dtype: torch.dtype | str = torch.float32, device="cpu") -
     # Pass 2: the data, one shard at a time, cast to dtype on the target device.
     for file, names in files.items():
         shard = {}
-        with safe_open(folder / file, framework="pt", device=str(device)) as f:
+        with open_safetensors(folder / file, device) as f:
             for name in names:
                 if name in found:
                     shard[name] = f.get_tensor(name).to(dtype)
+            _check_finite_shard(shard, folder / file, f)
         model.load_state_dict(shard, strict=False, assign=True)
         del shard
     if args.tie_word_embeddings:
