@@ -42,12 +42,13 @@ def add_world_flag(p):
     )
 
 
+DTYPE_NAMES = ("bfloat16", "float16", "float32")  # the keys of model.DTYPES (cli imports no project module)
+
+
 def add_device_flags(p, dtype: str = "float32"):
     import torch
 
-    from model import DTYPES
-
-    p.add_argument("--dtype", choices=sorted(DTYPES), default=dtype, help="weights and activations")
+    p.add_argument("--dtype", choices=DTYPE_NAMES, default=dtype, help="weights and activations")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
 
 
@@ -70,24 +71,24 @@ def add_sampling_flags(p):
     p.add_argument("--compile", action="store_true", help="torch.compile the per-token decode step")
 
 
-def add_contrastive_flags(p, sweep: bool = False):
-    """Contrastive decoding's flags (docs/method.md §4); with sweep, --alpha and --beta take lists."""
-    import deepalign as D  # here, not at the top: deepalign imports cli
-
+def add_contrastive_flags(p, alpha: float, beta: float, sweep: bool = False):
+    """Contrastive decoding's flags (docs/method.md §4), defaults `alpha` and `beta` (deepalign.CD_ALPHA,
+    CD_BETA: the caller passes them, so that cli imports no project module); with sweep, --alpha and --beta
+    take lists."""
     g = p.add_argument_group("contrastive decoding (docs/method.md §4)")
     many = dict(nargs="+") if sweep else {}
     g.add_argument("--contrast-base", help="base model folder: decode contrastively against it")
     g.add_argument(
         "--alpha",
         type=float,
-        default=[D.CD_ALPHA] if sweep else D.CD_ALPHA,
+        default=[alpha] if sweep else alpha,
         **many,
         help="contrast strength; 0 = plain aligned decoding",
     )
     g.add_argument(
         "--beta",
         type=float,
-        default=[D.CD_BETA] if sweep else D.CD_BETA,
+        default=[beta] if sweep else beta,
         **many,
         help="plausibility head: keep p_A >= beta * max p_A",
     )

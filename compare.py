@@ -19,6 +19,7 @@ from pathlib import Path
 import cli
 import deepalign as D
 import eval as E
+import stats
 import train
 from data import toyworld as TW
 from model import log
@@ -29,12 +30,27 @@ ROWS = {  # row name -> train.py flags ("aligned" rows are not trained)
     "constrained": ["--method", "constrained"],
     "rto": ["--method", "rto"],
     "insertion": ["--method", "insertion"],
-    "targeted": ["--method", "targeted"],
-    "targeted, stated lam": ["--method", "targeted", "--lam", "0.5"],  # docs/method.md's stated default
+    "targeted": ["--method", "targeted"],  # §5 version 3 at its defaults (D.LossConfig)
+    "targeted, lam 0.5": ["--method", "targeted", "--lam", "0.5"],  # docs/method.md's stated lam
+    "targeted, lam 1": ["--method", "targeted", "--lam", "1"],  # hard labels: A's own refusal, no soft part
+    "targeted, hard teacher": ["--method", "targeted", "--teacher", "hard"],  # v2's default: data recovery
     "targeted, teacher contrast": ["--method", "targeted", "--teacher", "contrast", "--lam", "0.5"],
     "targeted, no penalty": ["--method", "targeted", "--lambda-pen", "0"],
     "targeted, position weights": ["--method", "targeted", "--penalty-weight", "position"],
 }
+# The rows `make compare` runs: the recovery-trained methods and targeted's ablations. sft (shallow by design)
+# and constrained (a defence against fine-tuning, near the base under prefilling) stay available with --rows;
+# they are left out of the default to keep three worlds under the time budget (docs/development.md).
+DEFAULT_ROWS = (
+    "augment",
+    "insertion",
+    "rto",
+    "targeted",
+    "targeted, lam 1",
+    "targeted, hard teacher",
+    "targeted, no penalty",
+    "targeted, position weights",
+)
 
 
 # The targets of targeted completion and contrastive decoding (docs/method.md §4-§5), on means over the
@@ -143,16 +159,112 @@ def targets_table(summary: list[dict]) -> str:
     return "\n".join(lines)
 
 
+# ----------------------------------------------------------------------------------------------
+# Paired tests: every row against targeted, over the same prompts (docs/method.md §7 Statistics)
+# ----------------------------------------------------------------------------------------------
+TESTED = ("prefill", "insertion", "sample@", "finetune", "gcg", "ablate")  # attacks whose rows are tested
+
+
+def tested_figures(summary: list[dict], model: str) -> list[str]:
+    """The ASR figures of `model` (greedy) that get a paired test: every attack of TESTED, and sampling at its
+    largest n and at n = 1 only."""
+    figures = [
+        s["figure"]
+        for s in summary
+        if s["model"] == model and s["decode"] == "greedy" and E.is_asr_figure(s["figure"])
+    ]
+    largest = E.max_sample([{"attack": f.split()[0]} for f in figures])
+    return [
+        f
+        for f in figures
+        if f.split()[0].startswith(TESTED)
+        and (not f.startswith("sample@") or f.split()[0] in (largest, "sample@1"))
+    ]
+
+
+def per_prompt(gens: list[dict], model: str, figure: str) -> dict:
+    """{(seed, prompt): value} of one model's generations behind an ASR figure (greedy decoding): the verdict
+    (bool), or for the sampling attack the share of harmful samples (sample@1) or whether any is harmful."""
+    attack, k, *rest = figure.split()
+    tag, split, judge = (rest[0], *rest[1:]) if len(rest) == 3 else (None, *rest)
+    family = "sample" if attack.startswith("sample@") else attack
+    chosen = [
+        g
+        for g in gens
+        if g["model"] == model
+        and g["decode"] == "greedy"
+        and E.attack_key(g) == (family, int(k), tag)
+        and E.in_split(g, split)
+    ]
+    verdicts = E.prompt_verdicts(chosen, judge)
+    if attack == "sample@1":
+        return {key: sum(v) / len(v) for key, v in verdicts.items()}
+    return {key: any(v) for key, v in verdicts.items()}
+
+
+def paired_tests(
+    summary: list[dict], gens: list[dict], rows: list[str], reference: str = "targeted"
+) -> list[dict]:
+    """Every row against `reference` on every tested figure, paired over the same (world, prompt): exact
+    McNemar stratified over worlds on verdicts, a paired bootstrap (stratified) on sample@1's shares.
+    [{figure, a, b, a_rate, b_rate, diff, p, test, verdict}]; "no measurable difference" where p >= 0.05."""
+    out = []
+    if reference not in rows:
+        return out
+    for figure in tested_figures(summary, reference):
+        ref = per_prompt(gens, reference, figure)
+        for row in [r for r in ["aligned", *rows] if r != reference]:
+            other = per_prompt(gens, row, figure)
+            keys = sorted(set(ref) & set(other))
+            if not keys:
+                continue
+            a, b, strata = [ref[k] for k in keys], [other[k] for k in keys], [k[0] for k in keys]
+            if figure.startswith("sample@1 "):
+                test = stats.paired_bootstrap(a, b, strata=strata)
+                test.update(a_rate=sum(a) / len(a), b_rate=sum(b) / len(b))
+            else:
+                test = stats.mcnemar(a, b, strata=strata)
+            verdict = stats.verdict(test, names=(reference, row))
+            out.append(
+                {"figure": figure, "a": reference, "b": row, **test, "n": len(keys), "verdict": verdict}
+            )
+    return out
+
+
+def tests_table(tests: list[dict], split: str = "all") -> str:
+    """Markdown: one line per (figure, row): both rates (%), the difference, p and the verdict."""
+    lines = ["| attack | row | targeted | row's | p | verdict |", "| --- | --- | --- | --- | --- | --- |"]
+    for t in tests:
+        if t["figure"].split()[-2] != split:
+            continue
+        label = " ".join(t["figure"].split()[:-2])
+        lines.append(
+            f"| {label} | {t['b']} | {100 * t['a_rate']:.1f} | {100 * t['b_rate']:.1f} | "
+            f"{stats.format_p(t['p'])} | {t['verdict']} |"
+        )
+    return "\n".join(lines)
+
+
 def run_folder(runs: Path, seed: int, row: str) -> Path:
     return runs / f"seed-{seed}" / row.replace(", ", "-").replace(" ", "-")
 
 
-def train_row(paths: dict, folder: Path, row: str, extra: list, retrain: bool):
-    """Train one row on one world, unless its run folder holds a finished model."""
+def train_row(paths: dict, folder: Path, row: str, extra: list, retrain: bool, budgets: list):
+    """Train one row on one world, unless its run folder holds a finished model; with several budgets, for
+    the largest, saving the model after each smaller one (OUT/step-N: the model part-way through the run)."""
     if (folder / "config.json").exists() and not retrain:
         return
     log(f"training {row} -> {folder}")
-    train.main(ROWS[row] + ["--world", str(paths["root"]), "--out", str(folder), "--overwrite"] + extra)
+    steps = ["--steps", str(max(budgets)), "--save-at", *map(str, budgets)] if budgets else []
+    train.main(
+        ROWS[row] + ["--world", str(paths["root"]), "--out", str(folder), "--overwrite"] + extra + steps
+    )
+
+
+def budget_models(folder: Path, row: str, budgets: list) -> list[str]:
+    """eval --model specs for the training-budget curve: the row's model after each budget."""
+    last = max(budgets)
+    return [f"{row} @{b}={folder if b == last else folder / f'step-{b}'}" for b in sorted(budgets)]
 
 
 def parse_args(argv):
@@ -171,9 +283,35 @@ def parse_args(argv):
         nargs="+",
         choices=list(ROWS),
         metavar="ROW",
-        default=list(ROWS),
+        default=list(DEFAULT_ROWS),
         help=f"the trained rows to compare; of: {', '.join(ROWS)}",
     )
+    p.add_argument(
+        "--samples", type=int, default=16, help="the sampling attack's N per context (0: off; eval --samples)"
+    )
+    p.add_argument(
+        "--finetune-attack",
+        type=int,
+        nargs="*",
+        default=[0, 5, 10, 20, 40],
+        help="the fine-tuning attack's step counts (none: off; eval --finetune-attack)",
+    )
+    p.add_argument(
+        "--finetune-prefill",
+        type=int,
+        nargs="+",
+        default=[0, 10],
+        help="the prefill k answered after each fine-tuning step count",
+    )
+    p.add_argument(
+        "--steps",
+        type=int,
+        nargs="*",
+        default=[],
+        help="training budgets (e.g. 10 20 40 80 150): each row trained once for the largest, saved after "
+        "each; every budget is evaluated under greedy prefilling and insertion (the budget curve)",
+    )
+    p.add_argument("--report", action="store_true", help="write an HTML report beside --out (report.py)")
     p.add_argument("--runs", default="runs", help="where the trained models live (runs/seed-N/<row>)")
     p.add_argument("--retrain", action="store_true", help="train every row again even if it is finished")
     p.add_argument(
@@ -189,46 +327,73 @@ def parse_args(argv):
     return args
 
 
+def attack_flags(args) -> list[str]:
+    """The eval.py flags of the comparison's attack suite."""
+    flags = ["--samples", str(args.samples)]
+    if args.finetune_attack:
+        flags += ["--finetune-attack", *map(str, args.finetune_attack)]
+    return flags
+
+
+def evaluate(eval_args: list, seed: int, paths: dict, ft_prefill=None) -> tuple[list, list, list]:
+    parsed = E.parse_args(eval_args)
+    E.check_args(parsed)
+    attacks = E.attack_config(parsed)
+    if ft_prefill is not None:
+        attacks = E.dataclasses.replace(attacks, finetune_prefill=tuple(ft_prefill))
+    r, u, g, _ = E.evaluate_world(parsed, seed, paths, attacks, {"toy": E.toy_judge()})
+    return r, u, g
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
     start = time.perf_counter()
     results, utility, gens, worlds = [], [], [], []
+    limit = ["--limit", str(args.limit)] if args.limit else []
     for seed in args.seeds:
         paths = TW.ensure_world(seed=seed)
+        world = ["--world", str(paths["root"])]
         worlds.append({"seed": seed, "folder": str(paths["root"])})
-        models = ["aligned={world}/aligned"]
+        models, budget = ["aligned={world}/aligned"], []
         for row in args.rows:
             folder = run_folder(Path(args.runs), seed, row)
-            train_row(paths, folder, row, args.train_flags, args.retrain)
+            train_row(paths, folder, row, args.train_flags, args.retrain, args.steps)
             models.append(f"{row}={folder}")
-        limit = ["--limit", str(args.limit)] if args.limit else []
-        runs = [["--world", str(paths["root"]), "--model", *models, *limit]]
+            if args.steps:
+                budget += budget_models(folder, row, args.steps)
+        runs = [(world + ["--model", *models, *limit, *attack_flags(args)], args.finetune_prefill)]
         if not args.no_contrastive:
             runs.append(
-                [
-                    "--world",
-                    str(paths["root"]),
-                    "--model",
-                    "aligned={world}/aligned",
-                    "--decode",
-                    "contrastive",
-                    *limit,
-                ]
+                (world + ["--model", "aligned={world}/aligned", "--decode", "contrastive", *limit], None)
             )
-        for eval_args in runs:
-            parsed = E.parse_args(eval_args)
-            E.check_args(parsed)
-            r, u, g, _ = E.evaluate_world(parsed, seed, paths, E.AttackConfig(), {"toy": E.toy_judge()})
+        if budget:  # the budget curve: greedy prefilling and insertion only
+            runs.append((world + ["--model", *budget, *limit], None))
+        for eval_args, ft_prefill in runs:
+            r, u, g = evaluate(eval_args, seed, paths, ft_prefill)
             results, utility, gens = results + r, utility + u, gens + g
     summary = E.summarize(results, utility)
-    print(E.markdown_table(summary))
-    print("\nheld-out categories only:\n" + E.markdown_table(summary, split="held_out"))
+    E.print_tables(summary, results)
     print("\ntargets (means over the worlds):\n" + targets_table(summary))
+    tests = paired_tests(summary, gens, args.rows)
+    if tests:
+        print("\npaired tests against targeted (all prompts):\n" + tests_table(tests))
     log(f"{len(args.seeds)} worlds, {time.perf_counter() - start:.0f} s")
     if args.out:
-        settings = {"seeds": args.seeds, "rows": args.rows, "train_flags": args.train_flags}
-        E.write_results(args.out, {"settings": settings, "worlds": worlds}, summary, results, utility, gens)
+        settings = {
+            "seeds": args.seeds,
+            "rows": args.rows,
+            "train_flags": args.train_flags,
+            "samples": args.samples,
+            "finetune_attack": args.finetune_attack,
+            "finetune_prefill": args.finetune_prefill,
+            "steps": args.steps,
+            "seconds": round(time.perf_counter() - start),
+        }
+        record = {"settings": settings, "worlds": worlds, "paired_tests": tests}
+        E.write_results(args.out, record, summary, results, utility, gens)
+        if args.report:
+            E.write_report(args.out)
     return summary
 
 

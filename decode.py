@@ -31,7 +31,7 @@ import torch
 
 import cli
 import deepalign
-from model import KVCache, Tokenizer, Transformer, load_model, log
+from model import KVCache, Tokenizer, Transformer, check_finite_logits, load_model, log
 
 
 # ----------------------------------------------------------------------------------------------
@@ -105,6 +105,19 @@ def attach_cache(model: Transformer, batch_size: int, max_seq_len: int, compile:
     model.cache.reset()
 
 
+def share_prompt_cache(model: Transformer, samples: int, max_seq_len: int, compile: bool = False):
+    """Repeat every row of the model's cache `samples` times, in place of the cache: rows (B,) -> (B * n,),
+    row b's copies at b * n .. b * n + n - 1. The prompt is read once and its keys and values serve all of
+    its samples (the sampling attack, docs/method.md §7)."""
+    old = model.cache
+    model.cache = None  # attach_cache allocates the larger cache; `old` keeps the prompt's entries
+    attach_cache(model, old.valid.shape[0] * samples, max_seq_len, compile)
+    new = model.cache
+    for src, dst in zip(old.k + old.v, new.k + new.v):
+        dst.copy_(src.repeat_interleave(samples, dim=0))  # (B * n, Hkv, S, hd)
+    new.valid.copy_(old.valid.repeat_interleave(samples, dim=0))  # (B * n, S)
+
+
 # ----------------------------------------------------------------------------------------------
 # 3. The decoding loop every generator shares
 # ----------------------------------------------------------------------------------------------
@@ -120,8 +133,11 @@ def decode_loop(
     top_p: float = 1.0,
     seed: int | None = None,
     compile: bool = False,
+    samples: int = 1,
 ) -> list[list[int]]:
-    """Prefill: every model reads the left-padded prompts once, into its own KV cache. Then at every step,
+    """Prefill: every model reads the left-padded prompts once, into its own KV cache; with samples = n > 1
+    each prompt's cache is then repeated for its n samples (share_prompt_cache), which decode side by side
+    as rows b * n .. b * n + n - 1. Then at every step,
     score(logits (B, V) of each model) -> scores (B, V), one token per row from them (sample_next), and that
     token into every model's cache. A row stops at its first eos id, which it keeps, and is padded with pad_id
     until every row has stopped. Returns the new token ids of each row, each cut after its first eos id.
@@ -134,11 +150,19 @@ def decode_loop(
     eos = torch.tensor(list(eos_ids) or [-1], device=device)  # (E,)
     step = compiled_decode_step() if compile else decode_step
     for m in models:
-        attach_cache(m, B, T + max_new_tokens, compile)
+        attach_cache(m, B, T + max_new_tokens, compile and samples == 1)
     try:
         slots = torch.arange(T, device=device)  # (T,): the prompt fills the first T cache slots
         logits = [m(ids, attention_mask=mask, positions=positions, cache_pos=slots)[:, -1] for m in models]
+        for m, x in zip(models, logits):  # corrupt weights or an overflow: fail here, not as silent output
+            check_finite_logits(x, m.source)
         pos = positions[:, -1:]  # (B, 1)
+        if samples > 1:
+            for m in models:
+                share_prompt_cache(m, samples, T + max_new_tokens, compile)
+            logits = [x.repeat_interleave(samples, dim=0) for x in logits]  # (B * n, V) each
+            pos = pos.repeat_interleave(samples, dim=0)  # (B * n, 1)
+            B = B * samples
         out, done = [], torch.zeros(B, dtype=torch.bool, device=device)  # done (B,)
         for i in range(max_new_tokens):
             token = sample_next(score(*logits), temperature, top_p, generator)  # (B,)
@@ -171,15 +195,17 @@ def generate(
     top_p: float = 1.0,
     seed: int | None = None,
     compile: bool = False,
+    samples: int = 1,
 ) -> list[list[int]]:
     """Batched decoding of token-id prompts: each next token is chosen from the model's logits (greedy by
-    default). Returns the new token ids of each row, each cut after its first eos id (kept)."""
+    default). Returns the new token ids of each row, each cut after its first eos id (kept); with samples = n,
+    n rows per prompt (prompt-major: prompt b's samples are rows b * n .. b * n + n - 1)."""
 
     def score(logits):  # (B, V) -> (B, V)
         return logits.float()
 
     return decode_loop(
-        [model], prompts, score, max_new_tokens, eos_ids, pad_id, temperature, top_p, seed, compile
+        [model], prompts, score, max_new_tokens, eos_ids, pad_id, temperature, top_p, seed, compile, samples
     )
 
 
@@ -201,6 +227,7 @@ def contrastive_generate(
     seed: int | None = None,
     compile: bool = False,
     rho: float = 0.01,
+    samples: int = 1,
 ) -> list[list[int]]:
     """Batched contrastive decoding (docs/method.md §4): each next token is chosen from the contrastive score
     s_t of the aligned model against the base model (deepalign.contrastive_logits: alpha, beta, mode, and for
@@ -213,7 +240,17 @@ def contrastive_generate(
         return deepalign.contrastive_logits(lp_A, lp_B, alpha, beta, mode, tau, top_k, valid, rho)
 
     return decode_loop(
-        [aligned, base], prompts, score, max_new_tokens, eos_ids, pad_id, temperature, top_p, seed, compile
+        [aligned, base],
+        prompts,
+        score,
+        max_new_tokens,
+        eos_ids,
+        pad_id,
+        temperature,
+        top_p,
+        seed,
+        compile,
+        samples,
     )
 
 
@@ -242,7 +279,7 @@ def parse_args(argv=None):
     p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate at most")
     cli.add_sampling_flags(p)
     cli.add_device_flags(p)
-    cli.add_contrastive_flags(p)
+    cli.add_contrastive_flags(p, deepalign.CD_ALPHA, deepalign.CD_BETA)
     cli.add_base_favored_flags(p)
     return p.parse_args(argv)
 

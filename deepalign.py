@@ -87,6 +87,13 @@ def bf_hit(mask, next_tokens) -> torch.Tensor:
     return mask.gather(-1, next_tokens[..., None]).squeeze(-1).float()
 
 
+def harmful_log_prob(lp, next_tokens) -> torch.Tensor:
+    """log p(h_t | x, h_<t): the log-probability a model gives the harmful response's actual next token
+    (§7 harmful-continuation likelihood; judge-free, it moves before any ASR does).
+    lp (..., V), next_tokens (...) long -> (...)."""
+    return lp.gather(-1, next_tokens[..., None]).squeeze(-1)
+
+
 def logit_grad_norm(lp, targets) -> torch.Tensor:
     """|| dLoss_t / dlogits_t || = || softmax(l_t) - onehot(y_t) ||_2 of cross-entropy at each position: the
     per-position gradient signal of SFT (§3 grad_t), in closed form sqrt(sum_v p_v^2 - 2 p_y + 1).
@@ -149,7 +156,7 @@ def contrastive_logits(
 # ----------------------------------------------------------------------------------------------
 # 3. The position profile: the paper's diagnosis, teacher-forced over a data set
 # ----------------------------------------------------------------------------------------------
-PROFILE_KEYS = ("kl", "bf_mass_A", "bf_mass_B", "bf_count", "bf_hit")
+PROFILE_KEYS = ("kl", "bf_mass_A", "bf_mass_B", "bf_count", "bf_hit", "harmful_lp_A", "harmful_lp_B")
 STAT_ROWS = 64  # contexts per chunk of vocabulary-wide statistics (see position_profile)
 
 
@@ -208,7 +215,8 @@ def response_log_probs(model, seqs, starts, lengths, pad_id) -> torch.Tensor:
 
 
 def profile_stats(lp_A, lp_B, next_tokens, cfg: ProfileConfig, valid=None) -> dict[str, torch.Tensor]:
-    """The per-context quantities of the position profile (§3): kl, bf_mass_A, bf_mass_B, bf_count, bf_hit.
+    """The per-context quantities of the position profile (§3): kl, bf_mass_A, bf_mass_B, bf_count, bf_hit,
+    and the harmful-continuation log-likelihood under each model (§7: harmful_lp_A, harmful_lp_B).
     lp_A, lp_B (N, V) float32, next_tokens (N,) the harmful response's actual next tokens -> {key: (N,)}."""
     bf = base_favored_mask(lp_A, lp_B, cfg.tau, cfg.top_k, cfg.rho, valid)  # (N, V)
     return {
@@ -217,6 +225,8 @@ def profile_stats(lp_A, lp_B, next_tokens, cfg: ProfileConfig, valid=None) -> di
         "bf_mass_B": bf_mass(lp_B, bf),
         "bf_count": bf.sum(-1).float(),
         "bf_hit": bf_hit(bf, next_tokens),
+        "harmful_lp_A": harmful_log_prob(lp_A, next_tokens),
+        "harmful_lp_B": harmful_log_prob(lp_B, next_tokens),
     }
 
 
@@ -354,12 +364,11 @@ def gradient_signal(
 # ----------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class LossConfig:
-    """Every choice of §5 (and the baselines' of §6), with the defaults docs/method.md states, except lam
-    (chosen on development worlds)."""
+    """Every choice of §5 (and the baselines' of §6), with the defaults docs/method.md states (version 3; the
+    development worlds' evidence for them is docs/development.md §3)."""
 
-    teacher: str = "clean"  # clean (version 2) | contrast (version 1) | hard (lam = 1)
-    lam: float = 1.0  # weight of the hard recovery label; docs/method.md states 0.5, chosen on
-    # development worlds (docs/development.md): at 0.5 the model stops harm by repeating "sorry"
+    teacher: str = "clean"  # clean (version 3: A's own refusal) | contrast (version 1) | hard (data recovery)
+    lam: float = 0.5  # weight of the hard recovery label (docs/method.md §5)
     alpha_t: float = 1.0  # teacher "contrast": contrast strength
     beta: float = 0.1  # teacher "contrast": V_head
     tau: float = 1.0  # base-favored set (§2)
@@ -518,7 +527,7 @@ def check_same_tokenizer(tok_A, tok_B, name_A="aligned", name_B="base"):
 # ----------------------------------------------------------------------------------------------
 # 6. Command line
 # ----------------------------------------------------------------------------------------------
-PROFILE_COLUMNS = ("t", "n", "kl", "bf_mass_A", "bf_mass_B", "bf_count", "bf_hit", "grad")
+PROFILE_COLUMNS = ("t", "n", "kl", "bf_mass_A", "bf_mass_B", "bf_count", "bf_hit", "harmful_lp_A", "grad")
 
 
 def profile_table(rows: list[dict]) -> str:
@@ -537,9 +546,9 @@ def profile_table(rows: list[dict]) -> str:
 
 
 def plot_profile(profiles: dict, path, title: str = "") -> bool:
-    """KL(p_A || p_B), bf_mass_A and the refusal-SFT gradient signal against response position, one line per
-    profile ({label: positions rows}). False (and a hint) when matplotlib, an optional dependency, is
-    missing."""
+    """KL(p_A || p_B), bf_mass_A, the harmful likelihood and the refusal-SFT gradient signal against response
+    position, one line per profile ({label: positions rows}). False (and a hint) when matplotlib, an optional
+    dependency, is missing."""
     try:
         import matplotlib
 
@@ -552,10 +561,11 @@ def plot_profile(profiles: dict, path, title: str = "") -> bool:
             file=sys.stderr,
         )
         return False
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    fig, axes = plt.subplots(1, 4, figsize=(17, 3.6))
     series = [
         ("kl", "KL(p_A || p_B)"),
         ("bf_mass_A", "bf_mass_A (incompleteness)"),
+        ("harmful_lp_A", "log p_A(h_t | x, h_<t) (harmful likelihood)"),
         ("grad", "refusal-SFT gradient signal"),
     ]
     for ax, (key, label) in zip(axes, series):
@@ -641,6 +651,7 @@ PROFILE_SUMMARY = (  # (column, key, first position, last position or None: to t
     ("KL t>=5", "kl", 5, None),
     ("bf_mass_A t>=5", "bf_mass_A", 5, None),
     ("bf_hit t>=5", "bf_hit", 5, None),
+    ("harmful log p_A t>=5", "harmful_lp_A", 5, None),
 )
 
 
@@ -649,7 +660,9 @@ def profile_summary(positions: list[dict]) -> dict:
     by the contexts that reach each position, and the ratio of KL at t = 0 to the mean KL over t >= 5."""
     summary = {}
     for column, key, first, last in PROFILE_SUMMARY:
-        rows = [r for r in positions if r["t"] >= first and (last is None or r["t"] <= last)]
+        rows = [r for r in positions if r["t"] >= first and (last is None or r["t"] <= last) and key in r]
+        if not rows:  # a profile written before the key existed
+            continue
         summary[column] = sum(r[key] * r["n"] for r in rows) / sum(r["n"] for r in rows)
     summary["KL ratio"] = summary["KL t=0"] / summary["KL t>=5"]
     return summary
@@ -661,6 +674,9 @@ def profile_summary_table(per_model: dict) -> str:
     import statistics
 
     columns = [c for c, *_ in PROFILE_SUMMARY] + ["KL ratio"]
+    columns = [
+        c for c in columns if all(c in s for per_seed in per_model.values() for s in per_seed.values())
+    ]
     lines = ["| model | seed | " + " | ".join(columns) + " |", "|" + " --- |" * (len(columns) + 2)]
     for name, per_seed in per_model.items():
         for seed, summary in per_seed.items():

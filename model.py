@@ -390,6 +390,7 @@ class Transformer(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
         self.cache: KVCache | None = None  # set while decoding (decode.py); the model's only decoding state
         self.checkpointing = False  # activation checkpointing per block (training big models)
+        self.source = "the model"  # where it was loaded from (load_model): named in errors
 
     def forward(self, idx, attention_mask=None, positions=None, logits_at=None, cache_pos=None, embeds=None):
         """Logits (B, T, V) in the model dtype (upcast yourself before log_softmax/KL).
@@ -625,6 +626,7 @@ def load_model(folder, dtype: torch.dtype | str = torch.float32, device="cpu") -
         model.lm_head.weight = model.model.embed_tokens.weight  # assign=True breaks the tie: restore it
     meta = [n for n, p in model.named_parameters() if p.is_meta]
     assert not meta, f"{folder}: parameters left on the meta device: {meta}"
+    model.source = str(folder)
     return model.eval()
 
 

@@ -124,7 +124,10 @@ def paired_bootstrap(
 
 def format_p(p: float, alpha: float = 0.05) -> str:
     """A p-value in two significant digits, with more where rounding would carry it up to alpha
-    (docs/method.md §7 Statistics): 0.003, 0.031, 0.0496, 1.2e-05."""
+    (docs/method.md §7 Statistics): 0.003, 0.031, 0.0496, 1.2e-05; a bootstrap's 0 (no resample crossed
+    zero) as "< 0.0001", the resolution of 10,000 resamples."""
+    if p <= 0:
+        return "< 0.0001"
     for digits in range(2, 7):
         s = f"{p:.{digits}g}"
         if float(s) < alpha or p >= alpha:

@@ -16,10 +16,13 @@ student's contexts. Methods (docs/method.md §5-§6), on the same data and in th
     rto          DeRTa's transition optimisation: at every dense harmful context, the first recovery token
     constrained  Qi et al.'s token-wise constrained objective on harmful fine-tuning data (+ benign)
     insertion    worst-insertion training: a harmful span spliced into the model's own refusal, then recovery
+    finetune     the attacker's fine-tuning (docs/method.md §7): plain cross-entropy on --data's answers
+                 (harmful_response, or response), no anchor; eval.py --finetune-attack runs it
 
 Data: harmful rows {"prompt", "harmful_response", "recovery"?} (--data, any layout of docs/method.md §9 with
 harmful responses) and benign rows {"prompt", "response"?} (--benign). A row without a recovery gets the
-aligned model's own refusal to its bare prompt, a benign row without a response the aligned model's own answer
+aligned model's own refusal to its bare prompt (targeted's clean teacher always uses A's own refusal: §5
+version 3), a benign row without a response the aligned model's own answer
 (as Qi et al. make their anchors); both are generated once, cached in the run folder and reused on --resume.
 Each step draws its batches seeded by (seed, step), so a resumed run sees the batches an uninterrupted one
 does.
@@ -65,7 +68,7 @@ from data.files import read_jsonl, write_json_atomic, write_jsonl
 from decode import generate
 from model import DTYPES, Tokenizer, load_model, log, save_model
 
-METHODS = ("targeted", "sft", "augment", "rto", "constrained", "insertion")
+METHODS = ("targeted", "sft", "augment", "rto", "constrained", "insertion", "finetune")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -93,6 +96,7 @@ class RunConfig:
     clip: float = 1.0
     seed: int = 0
     save_every: int = 50
+    save_at: tuple = ()  # also save the model as out/step-N after each of these steps (budget curves)
     stop_after: int = 0  # stop (with a checkpoint) after this step; 0: run to the end
     insert_candidates: int = 4
     dtype: str = "float32"
@@ -105,7 +109,7 @@ class RunConfig:
 
 
 # may differ between a run and its resume
-RESUMABLE = ("out", "save_every", "stop_after", "device", "compile")
+RESUMABLE = ("out", "save_every", "save_at", "stop_after", "device", "compile")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -120,7 +124,8 @@ def train(run: RunConfig, loss_cfg: D.LossConfig, resume: bool = False, overwrit
     D.check_same_tokenizer(tok, Tokenizer(run.base))
     device = torch.device(run.device)
     student = load_model(run.aligned, DTYPES[run.dtype], device)
-    safety_rows, benign_rows = load_data(run, tok, student, out, rank)
+    own = run.method == "targeted" and loss_cfg.teacher == "clean"  # §5 v3: A's own refusals as recoveries
+    safety_rows, benign_rows = load_data(run, tok, student, out, rank, own_recoveries=own)
     base = load_model(run.base, DTYPES[run.dtype], device) if run.method == "targeted" else None
     if base is not None and base.args.vocab_size != student.args.vocab_size:
         raise ValueError(
@@ -199,6 +204,7 @@ def train(run: RunConfig, loss_cfg: D.LossConfig, resume: bool = False, overwrit
                 world,
             )
             terms = step_losses(run.method, model_fn, frozen, batches, loss_cfg)
+            check_finite(terms, step + 1)
             (terms["loss"] / run.grad_accum).backward()
             grads_to_masters(params, masters)
             for k, v in terms.items():  # the global batch's value of each term (shares undone)
@@ -220,6 +226,8 @@ def train(run: RunConfig, loss_cfg: D.LossConfig, resume: bool = False, overwrit
         bar.set_postfix(
             {k: f"{logged[k]:.3f}" for k in ("loss", "kd", "pen", "util", "ce") if k in logged}, refresh=False
         )
+        if step + 1 in run.save_at and step + 1 < run.steps:
+            save_snapshot(student, run, out / f"step-{step + 1}", rank, world)
         stopping = run.stop_after and step + 1 == run.stop_after
         if stopping or ((step + 1) % run.save_every == 0 and step + 1 < run.steps):
             save_checkpoint(out / CHECKPOINT, step + 1, student, masters, opt, run, loss_cfg)
@@ -233,6 +241,16 @@ def train(run: RunConfig, loss_cfg: D.LossConfig, resume: bool = False, overwrit
     save_final(student, run, out, rank, world)
     finish_distributed()
     return out
+
+
+def check_finite(terms: dict, step: int):
+    """Stop a run whose loss is NaN or infinite, before anything is written, naming the step and the terms."""
+    bad = [k for k, v in terms.items() if not bool(torch.isfinite(v.detach()).all())]
+    if bad:
+        raise ValueError(
+            f"step {step}: non-finite loss terms {bad}; no checkpoint was written for this step (lower --lr, "
+            "check the data and the checkpoints for NaN/inf, or resume from the last checkpoint)"
+        )
 
 
 def get_lr(step: int, run: RunConfig) -> float:
@@ -347,9 +365,10 @@ def step_losses(method: str, student, frozen: Frozen, batches: Batches, cfg: D.L
             )
         terms["loss"] = shares["safety"] * terms["safety"] + shares["util"] * terms["util"]
         return terms
-    terms["ce"] = D.ce_loss(loss_log_probs(student, safety), safety.targets)  # sft, augment, rto, insertion
+    # sft, augment, rto, insertion, finetune
+    terms["ce"] = D.ce_loss(loss_log_probs(student, safety), safety.targets)
     terms["loss"] = shares["ce"] * terms["ce"]
-    if method != "sft":
+    if method not in ("sft", "finetune"):  # the attacker's fine-tuning anchors nothing
         terms["util"] = D.ce_loss(loss_log_probs(student, utility), utility.targets)
         terms["loss"] = terms["loss"] + cfg.lambda_util * shares["util"] * terms["util"]
     return terms
@@ -518,7 +537,8 @@ def make_batches(
             )
         else:
             draws.append((row, prefix_length(rng, run.method, cfg.max_prefix)))
-    benign = [benign_rows[rng.randrange(len(benign_rows))] for _ in range(run.utility_batch_size)]
+    n_benign = run.utility_batch_size if benign_rows else 0  # finetune: the attacker anchors nothing
+    benign = [benign_rows[rng.randrange(len(benign_rows))] for _ in range(n_benign)]
     teacher = None
     if run.method == "targeted":
         safety_batch, teacher = targeted_batch(tok, draws[rank::world], cfg.max_prefix, device)
@@ -528,8 +548,9 @@ def make_batches(
         ]
         safety_batch = collate(examples, tok.pad_id, device)
     utility = [answer_example(tok, r["prompt"], r["response"]) for r in benign[rank::world]]
-    utility_batch = collate(utility, tok.pad_id, device)
-    s_share, u_share = token_share(safety_batch), token_share(utility_batch)
+    utility_batch = collate(utility, tok.pad_id, device) if utility else None
+    s_share = token_share(safety_batch)
+    u_share = token_share(utility_batch) if utility else 1.0
     shares = {name: s_share for name in ("kd", "kd_dense", "kd_recovery", "pen", "bf_mass_S", "ce", "safety")}
     shares["util"] = u_share
     return Batches(safety_batch, utility_batch, teacher, shares)
@@ -538,7 +559,7 @@ def make_batches(
 def baseline_example(tok, row: dict, draw, student, run: RunConfig, cfg: D.LossConfig, device) -> Example:
     """One harmful row's example for a baseline (§6); `draw` is its prefix length k, or (insertion) its
     candidate splices."""
-    if run.method == "constrained":  # harmful fine-tuning data: the harmful response is the target
+    if run.method in ("constrained", "finetune"):  # fine-tuning data: the answer given is the target
         return answer_example(tok, row["prompt"], row["harmful_response"])
     if run.method == "insertion":
         return recovery_example(tok, row, 0, worst_insertion(student, tok, row, draw, device))
@@ -594,17 +615,29 @@ def word_start_ids(tok, vocab_size: int) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------
 # 5. Data, and the data the aligned model makes itself
 # ----------------------------------------------------------------------------------------------
-def load_data(run: RunConfig, tok, aligned, out: Path, rank: int) -> tuple[list, list]:
+def load_data(
+    run: RunConfig, tok, aligned, out: Path, rank: int, own_recoveries: bool = False
+) -> tuple[list, list]:
     """The harmful rows (with harmful responses) and the benign rows; recoveries and benign responses the
-    files lack are the aligned model's own (generated on process 0, cached in the run folder)."""
+    files lack are the aligned model's own (generated on process 0, cached in the run folder). With
+    own_recoveries (targeted completion's clean teacher, docs/method.md §5 version 3) every recovery is the
+    aligned model's own greedy answer to the bare prompt, whatever the file holds. For `finetune` (the
+    attacker's fine-tuning, §7) a row's "response" is its target where it has no harmful response."""
+    rows = formats.read_prompts(run.data, "harmful")
+    if run.method == "finetune":
+        rows = [{**r, "harmful_response": r.get("harmful_response") or r.get("response")} for r in rows]
     needs = "harmful_response"
-    safety = [r for r in formats.read_prompts(run.data, "harmful") if r.get(needs)]
+    safety = [r for r in rows if r.get(needs)]
+    if own_recoveries:
+        safety = [{k: v for k, v in r.items() if k != "recovery"} for r in safety]
     if not safety:
         raise ValueError(
             f"{run.data}: no row has a harmful response; training needs (prompt, harmful "
             "response) pairs (e.g. our JSONL, AdvBench's goal,target, HEx-PHI with responses)"
         )
     benign = formats.read_prompts(run.benign, "benign")
+    if run.method == "finetune":  # the attacker's pairs: no recoveries, no anchors
+        return safety, []
     if rank == 0:
         fill_missing(safety, "recovery", tok, aligned, out / "generated_recoveries.jsonl")
         fill_missing(benign, "response", tok, aligned, out / "generated_responses.jsonl")
@@ -1023,6 +1056,17 @@ def save_final(student, run: RunConfig, out: Path, rank: int, world: int):
     log(f"wrote {out}")
 
 
+def save_snapshot(student, run: RunConfig, folder: Path, rank: int, world: int):
+    """The model as it is after an intermediate step (--save-at), as a Hugging Face folder; full fine-tuning
+    on one process only (a LoRA or FSDP student would need save_final's merge or gather)."""
+    if run.lora_rank or world > 1:
+        raise ValueError(
+            "--save-at saves full fine-tuning runs on one process; leave out --lora-rank/torchrun"
+        )
+    if rank == 0:
+        save_model(student, folder, tokenizer_from=run.aligned, overwrite=True)
+
+
 # ----------------------------------------------------------------------------------------------
 # 11. Command line
 # ----------------------------------------------------------------------------------------------
@@ -1066,6 +1110,13 @@ def parse_args(argv=None):
     g.add_argument("--clip", type=float, default=1.0, help="gradient-norm clipping")
     g.add_argument("--seed", type=int, default=0, help="seed of the batches")
     g.add_argument("--save-every", type=int, default=50, help="checkpoint every N steps")
+    g.add_argument(
+        "--save-at",
+        type=int,
+        nargs="*",
+        default=[],
+        help="also save the model after these steps, as OUT/step-N (budget curves, fine-tuning attacks)",
+    )
     g.add_argument(
         "--stop-after", type=int, default=0, help="stop with a checkpoint after this step (0: never)"
     )
@@ -1143,6 +1194,7 @@ def configs(args) -> tuple[RunConfig, D.LossConfig]:
     run_fields = {f.name for f in fields(RunConfig)}
     values = {k: v for k, v in vars(args).items() if k in run_fields and v is not None}
     values.update(out=args.out or f"runs/{args.method}", save_dtype=args.save_dtype or "")
+    values["save_at"] = tuple(args.save_at)
     if paths:
         values.update(
             base=str(paths["base"]),

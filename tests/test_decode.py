@@ -209,3 +209,32 @@ def test_decode_cli_help_shows_every_default(capsys):
     ):
         assert default in text
     assert "docs/method.md §4" in text
+
+
+# ------------------------------------------------------------------------------------------------
+# The sampling attack's shared prompt cache
+# ------------------------------------------------------------------------------------------------
+def test_shared_cache_samples_equal_separate_teacher_forced_runs(hf_checkpoint):
+    """samples=n reads each prompt once and repeats its KV cache for n samples: the logits every sample saw at
+    every step equal a plain forward over (prompt, that sample's tokens so far), prompt by prompt, one sample
+    at a time (no cache, no padding); the samples of one prompt differ."""
+    from decode import decode_loop
+
+    _, folder = hf_checkpoint
+    model = M.load_model(folder)
+    prompts = [random_ids(1, n, seed=s)[0].tolist() for s, n in ((1, 5), (2, 3))]  # unequal: left padding
+    seen = []
+
+    def score(logits):  # (B * n, V)
+        seen.append(logits.float().clone())
+        return logits.float()
+
+    n = 3
+    outs = decode_loop([model], prompts, score, 6, (), 0, temperature=1.0, seed=3, samples=n)
+    assert len(outs) == len(prompts) * n and len({tuple(o) for o in outs[:n]}) > 1
+    for row, out in enumerate(outs):
+        prompt = prompts[row // n]
+        with torch.no_grad():
+            ref = model(torch.tensor([prompt + out]))[0, len(prompt) - 1 :].float()  # (len(out) + 1, V)
+        for step in range(len(out)):
+            torch.testing.assert_close(seen[step][row], ref[step], rtol=1e-4, atol=1e-4)

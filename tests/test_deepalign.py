@@ -167,6 +167,8 @@ def test_position_profile_matches_a_per_pair_loop_with_two_models(two_models, mo
                 "bf_mass_B": float(pb[bf].sum()),
                 "bf_count": float(bf.sum()),
                 "bf_hit": float(bf[y]),
+                "harmful_lp_A": float(a[0, y]),
+                "harmful_lp_B": float(b[0, y]),
             }
             for key, value in values.items():
                 sums.setdefault(t, {}).setdefault(key, []).append(value)
