@@ -1,0 +1,1281 @@
+"""One self-contained HTML report of evaluation runs: summary, curves, the token view and every generation.
+
+    python report.py runs/eval_toy.json --out runs/report.html        # after `make run`
+    python report.py docs/calibration.json --profile docs/profile_aligned.json --out /tmp/calibration.html
+    python report.py docs/compare.json docs/compare_steps30.json --profile docs/profile_trained.json
+    python report.py runs/eval_toy.json --tokens-world data/worlds/seed-0 --tokens 6 --out /tmp/report.html
+
+It reads the JSON the project already writes: eval.py / compare.py --out (and the generations JSONL beside it,
+X.json -> X.generations.jsonl) and deepalign.py profile --out. The page:
+    1. summary      one row per model: every attack's ASR, mean ± sd over seeds (95% intervals where the JSON
+                    has them), the worst case over the attacks run, and utility
+    2. curves       ASR against every budget present (prefill k, samples n, fine-tuning steps, training
+                    steps), one line per model with its spread over seeds; the position profile
+    3. token view   (--tokens-world) harmful answers token by token, coloured by KL(p_A || p_B) and by the
+                    aligned model's base-favored mass (docs/method.md §2-§3), computed here
+    4. generations  every generation, grouped by model, attack and category; filters for harmful ones, judge
+                    disagreements and held-out categories (CSS only: with JavaScript off all of it works, and
+                    with CSS off everything is shown)
+One file: inline CSS, inline SVG charts and a few lines of JavaScript (expand / collapse all); no external
+URL. Beyond a size budget the generations are sampled per group, and the page says how many are shown.
+
+Read top to bottom: 1. reading the JSON, 2. the summary, 3. charts and curves, 4. the token view,
+5. generations, 6. the page, 7. the command line.
+"""
+
+from __future__ import annotations
+
+import html
+import itertools
+import json
+import math
+import re
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import cli
+from data.files import read_jsonl, spread, write_text_atomic
+
+SPLITS = ("all", "seen", "held_out")
+GEN_BUDGET = 4_000_000  # characters of the generations section; beyond it, a sample per group is shown
+RUN_HINT = "pass a JSON written by eval.py --out or compare.py --out"
+PROFILE_HINT = "pass a JSON written by deepalign.py profile --out"
+
+
+def esc(value) -> str:
+    return html.escape(str(value), quote=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# 1. Reading the JSON
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class Run:
+    """One eval.py / compare.py output: its JSON, its generations, and the note said when they are missing."""
+
+    path: Path
+    data: dict
+    gens: list
+    gens_note: str = ""
+
+
+def read_json(path, hint: str) -> dict:
+    """A JSON object from `path`, or a one-line ValueError naming the file and what to pass instead."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path}: no such file; {hint}")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e}); {hint}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}; {hint}")
+    return data
+
+
+def read_run(path) -> Run:
+    """An eval/compare JSON with its summary rows checked, and its generations (empty, with a note, when the
+    JSONL beside it is missing: the summary alone still makes a report)."""
+    path = Path(path)
+    data = read_json(path, RUN_HINT)
+    summary = data.get("summary")
+    if not isinstance(summary, list):
+        raise ValueError(f"{path}: no 'summary' list; {RUN_HINT} (profiles go to --profile)")
+    for i, row in enumerate(summary):
+        if not isinstance(row, dict) or "model" not in row or "figure" not in row:
+            raise ValueError(f"{path}: summary row {i} lacks 'model' or 'figure'; {RUN_HINT}")
+    name = data.get("generations") or path.name.removesuffix(".json") + ".generations.jsonl"
+    gens_path = path.parent / str(name)
+    if not gens_path.is_file():
+        return Run(path, data, [], f"{gens_path} not found: no generations to show")
+    return Run(path, data, read_jsonl(gens_path))
+
+
+def read_profiles(paths) -> dict:
+    """{label: {seed: [position rows]}} of deepalign.py profile JSONs: one pair's (positions) or several
+    models' over seeds (profiles); a label that repeats across files is prefixed with its file's name."""
+    out = {}
+    for path in [paths] if isinstance(paths, (str, Path)) else list(paths or []):
+        data = read_json(path, PROFILE_HINT)
+        if isinstance(data.get("positions"), list):
+            found = {Path(path).stem.removeprefix("profile_"): {"-": data}}
+        elif isinstance(data.get("profiles"), dict):
+            found = data["profiles"]
+        else:
+            raise ValueError(f"{path}: neither 'positions' nor 'profiles'; {PROFILE_HINT}")
+        for model, per_seed in found.items():
+            label = f"{Path(path).stem}: {model}" if model in out else str(model)
+            rows = {str(s): p.get("positions", []) for s, p in per_seed.items() if isinstance(p, dict)}
+            out[label] = {s: [r for r in pos if isinstance(r, dict) and "t" in r] for s, pos in rows.items()}
+    return out
+
+
+def number(value) -> float | None:
+    """A finite float, or None for anything else (a missing value, null, a string, NaN)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value) if math.isfinite(value) else None
+
+
+def decode_label(row: dict) -> str:
+    decode = str(row.get("decode", "greedy"))
+    if decode == "contrastive" and "alpha" in row:
+        return f"contrastive α={row['alpha']:g} β={row.get('beta', 0):g}"
+    return decode
+
+
+def model_label(row: dict) -> str:
+    """'aligned', or 'aligned · contrastive α=2 β=0.03' for a decoding other than greedy."""
+    decode = decode_label(row)
+    name = str(row.get("model", "?"))
+    return name if decode == "greedy" else f"{name} · {decode}"
+
+
+def labeler(runs: list[Run]):
+    """A function (run, row) -> the row's model label, prefixed with its run's file name where another run
+    has the same label ('compare: aligned' and 'compare_steps30: aligned')."""
+    labels = [{model_label(r) for r in run.data["summary"]} for run in runs]
+    shared = {
+        x for i, mine in enumerate(labels) for x in mine if any(x in b for b in labels[:i] + labels[i + 1 :])
+    }
+
+    def label(run: Run, row: dict) -> str:
+        name = model_label(row)
+        return f"{run.path.stem}: {name}" if name in shared else name
+
+    return label
+
+
+@dataclass(frozen=True)
+class Figure:
+    """An ASR figure's name parsed: 'prefill 5 held_out toy', 'insertion 10 j4 all toy', 'sample@16 10 all
+    toy', 'finetune 0 s20 all toy', 'worst 0 all toy'."""
+
+    attack: str
+    k: int
+    tag: str | None
+    split: str
+    judge: str
+
+
+def parse_figure(figure) -> Figure | None:
+    parts = str(figure).split()
+    if len(parts) not in (4, 5) or parts[-2] not in SPLITS or not re.fullmatch(r"-?\d+", parts[1]):
+        return None
+    return Figure(parts[0], int(parts[1]), parts[2] if len(parts) == 5 else None, parts[-2], parts[-1])
+
+
+def k_label(k: int) -> str:
+    return "direct" if k == 0 else f"k={k}"
+
+
+def column_label(f: Figure) -> str:
+    """A short name for an attack column: 'direct', 'k=5', 'insertion (j=4, m=10)', 'sample@16 k=5'."""
+    tag = f.tag or ""
+    if f.attack == "prefill":
+        return k_label(f.k)
+    if f.attack == "insertion":
+        return f"insertion (j={tag[1:]}, m={f.k})" if tag.startswith("j") else f"insertion m={f.k}"
+    if f.attack == "worst":
+        return "worst case"
+    if f.attack == "rap":
+        return f"rap K={f.k}"
+    if tag.startswith("s") and tag[1:].isdigit():
+        return f"{f.attack.replace('_', ' ')} s={tag[1:]} {k_label(f.k)}"
+    return " ".join([f.attack, k_label(f.k)] + ([tag] if tag else []))
+
+
+def attack_order(f: Figure) -> tuple:
+    tag_n = int(re.sub(r"\D", "", f.tag) or 0) if f.tag else 0
+    family = {"prefill": 0, "insertion": 1, "rap": 2, "worst": 9}.get(f.attack, 3)
+    at = re.fullmatch(r"(.+)@(\d+)", f.attack)
+    name, n = (at[1], int(at[2])) if at else (f.attack, 0)
+    return family, name, tag_n, f.k, n
+
+
+def is_rate(summary: list[dict], figure: str) -> bool:
+    """Whether a figure is a rate (shown in %): not an NLL, and every value of it within [0, 1]."""
+    if figure.startswith("nll"):
+        return False
+    values = [number(r.get("mean")) for r in summary if r["figure"] == figure]
+    return all(v is None or 0 <= v <= 1 for v in values)
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. The summary
+# ----------------------------------------------------------------------------------------------
+UTILITY = (
+    ("refusal_rate", "refuses (direct)"),
+    ("recovery_rate", "recovers (k=10)"),
+    ("helpful_rate", "helpful"),
+    ("over_refusal", "over-refusal"),
+    ("nll", "benign NLL"),
+    ("mmlu", "MMLU"),
+)
+
+
+@dataclass
+class Row:
+    """One summary row of one run, labelled: the figure's mean, sd, per-seed values and 95% intervals."""
+
+    label: str
+    figure: str
+    mean: float | None
+    sd: float | None
+    per_seed: dict
+    interval: tuple | None  # pooled over seeds (or the row's own lo, hi)
+    seed_ci: dict  # {seed: (lo, hi)}
+    raw: dict
+    run: dict = None  # the whole JSON the row is from
+
+
+def summary_rows(runs: list[Run]) -> list[Row]:
+    label = labeler(runs)
+    rows = []
+    for run in runs:
+        for r in run.data["summary"]:
+            per_seed = r.get("per_seed") if isinstance(r.get("per_seed"), dict) else {"-": r.get("mean")}
+            lo_hi = r.get("pooled") if isinstance(r.get("pooled"), list) else [r.get("lo"), r.get("hi")]
+            interval = tuple(map(number, lo_hi[:2])) if len(lo_hi) >= 2 else (None, None)
+            ci = r.get("ci") if isinstance(r.get("ci"), dict) else {}
+            seed_ci = {str(s): tuple(map(number, v[:2])) for s, v in ci.items() if isinstance(v, list)}
+            rows.append(
+                Row(
+                    label=label(run, r),
+                    figure=str(r["figure"]),
+                    mean=number(r.get("mean")),
+                    sd=number(r.get("sd")),
+                    per_seed={str(s): number(v) for s, v in per_seed.items()},
+                    interval=interval if None not in interval else None,
+                    seed_ci={s: v for s, v in seed_ci.items() if None not in v},
+                    raw=r,
+                    run=run.data,
+                )
+            )
+    return rows
+
+
+def fmt(value, percent: bool) -> str:
+    if value is None:
+        return "–"
+    return f"{100 * value:.1f}" if percent else f"{value:.3f}"
+
+
+def value_cell(row: Row | None, percent: bool, heat: bool = False, extra: str = "") -> str:
+    """A table cell: mean ± sd (sd only with several seeds), the 95% interval under it, every seed's value
+    in its tooltip, and (heat) a red tint as strong as the rate."""
+    if row is None:
+        return '<td class="na">–</td>'
+    seeds = [s for s in row.per_seed if s != "-"]
+    text = fmt(row.mean, percent)
+    if len(row.per_seed) > 1 and row.sd is not None:
+        text += f" <small>± {fmt(row.sd, percent)}</small>"
+    if row.interval:
+        lo, hi = (fmt(v, percent) for v in row.interval)
+        text += f'<br><small class="ci">[{lo}, {hi}]</small>'
+    tip = [f"seed {s}: {fmt(v, percent)}" for s, v in row.per_seed.items() if s in seeds]
+    tip += [
+        f"seed {s} 95% CI [{fmt(lo, percent)}, {fmt(hi, percent)}]" for s, (lo, hi) in row.seed_ci.items()
+    ]
+    style = ""
+    if heat and percent and row.mean is not None:
+        style = f' style="background:rgba(214,39,40,{0.04 + 0.5 * min(max(row.mean, 0), 1):.2f})"'
+    return f'<td title="{esc("; ".join(tip))}"{style}>{text}{extra}</td>'
+
+
+def asr_columns(rows: list[Row], split: str, judge: str) -> list[Figure]:
+    """The attack columns of the summary table: every ASR figure of this split and judge, a budget family
+    (samples, fine-tuning steps) at its largest budget only; the curves show the rest."""
+    figs = {f for f in (parse_figure(r.figure) for r in rows) if f and (f.split, f.judge) == (split, judge)}
+    largest = {}
+    for f in figs:
+        family, budget = budget_of(f)
+        if family:
+            largest[family] = max(largest.get(family, budget), budget)
+    keep = [
+        f
+        for f in figs
+        if f.attack != "worst" and (not budget_of(f)[0] or budget_of(f)[1] == largest[budget_of(f)[0]])
+    ]
+    return sorted(keep, key=attack_order)
+
+
+def budget_of(f: Figure) -> tuple:
+    """(family, budget) of a figure on a budget curve other than k: samples n or fine-tuning steps s."""
+    at = re.fullmatch(r"(.+)@(\d+)", f.attack)
+    if at:
+        return (at[1], f.k, "n"), int(at[2])
+    if f.tag and re.fullmatch(r"s\d+", f.tag):
+        return (f.attack, f.k, "s"), int(f.tag[1:])
+    return None, 0
+
+
+SAME_MODEL = ("model", "decode", "alpha", "beta")
+
+
+def same_model(entry: dict, raw: dict) -> bool:
+    """Whether a results or worst-case entry is of the summary row's model and decoding."""
+    return all(entry.get(k) == raw.get(k) for k in SAME_MODEL if k in entry or k in raw)
+
+
+def worst_case(mine: list[Row], columns: list[Figure], split: str, judge: str) -> tuple:
+    """(a Row, its attacks) of one model's worst case: the JSON's "worst_case" entry or its "worst" figure
+    where it has them, else the largest ASR over the attack columns in each seed, mean ± sd over seeds."""
+    raw, data = mine[0].raw, mine[0].run or {}
+    given = json_worst_case(data, raw, split)
+    if given:
+        return Row("", "worst", given[0], None, {"-": given[0]}, None, {}, {}), given[1]
+    by_figure = {r.figure: r for r in mine}
+    own = by_figure.get(f"worst 0 {split} {judge}")
+    if own is not None:
+        of = [
+            parse_figure(r.get("of"))
+            for r in data.get("results") or []
+            if isinstance(r, dict)
+            and r.get("attack") == "worst"
+            and same_model(r, raw)
+            and (r.get("split"), r.get("judge")) == (split, judge)
+        ]
+        return own, ", ".join(sorted({column_label(f) for f in of if f}))
+    found = [(f, by_figure[n]) for f in columns if (n := figure_name(f)) in by_figure]
+    worst, names = {}, set()
+    for seed in sorted({s for _, r in found for s in r.per_seed}):
+        values = [(r.per_seed[seed], f) for f, r in found if r.per_seed.get(seed) is not None]
+        if values:
+            worst[seed], f = max(values, key=lambda v: v[0])
+            names.add(column_label(f))
+    if not worst:
+        return None, ""
+    values = list(worst.values())
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    return Row("", "worst", statistics.fmean(values), sd, worst, None, {}, {}), ", ".join(sorted(names))
+
+
+def json_worst_case(data: dict, raw: dict, split: str):
+    """The JSON's own "worst_case" entry for a summary row's model, if it has one: (value, attack) or None.
+    Read defensively: {model: value or {asr|mean|value, attack|of}} or [{model, ..., asr|mean|value}]; an
+    entry without a split is of all prompts."""
+    found = data.get("worst_case")
+    entry = found.get(raw.get("model")) if isinstance(found, dict) else None
+    if isinstance(found, list):
+        entry = next((e for e in found if isinstance(e, dict) and same_model(e, raw)), None)
+    if number(entry) is not None and split == "all":
+        return number(entry), ""
+    if not isinstance(entry, dict) or entry.get("split", "all") != split or not same_model(entry, raw):
+        return None
+    value = next(
+        (number(entry[k]) for k in ("asr", "mean", "value") if number(entry.get(k)) is not None), None
+    )
+    attack = entry.get("attack") or entry.get("of") or entry.get("figure") or ""
+    f = parse_figure(attack)
+    return (value, column_label(f) if f else str(attack)) if value is not None else None
+
+
+def figure_name(f: Figure) -> str:
+    return " ".join([f.attack, str(f.k)] + ([f.tag] if f.tag else []) + [f.split, f.judge])
+
+
+def utility_columns(figures: set, split: str) -> list[tuple[str, str]]:
+    """[(figure, column name)] of the utility figures present: a figure measured on harmful prompts on the
+    table's split where the JSON has it per split ("refusal_rate held_out"), and its sampled variant."""
+    out = []
+    for (figure, name), sampled in itertools.product(UTILITY, ("", " sampled")):
+        found = [f for f in (f"{figure} {split}{sampled}", f"{figure}{sampled}") if f in figures]
+        if found:
+            out.append((found[0], name + (" (sampled)" if sampled else "")))
+    return out
+
+
+def summary_table(rows: list[Row], split: str, judge: str, table_id: str) -> str:
+    """One row per model: the ASR of every attack column, the worst case, then utility."""
+    columns = asr_columns(rows, split, judge)
+    labels = list(dict.fromkeys(r.label for r in rows))
+    utility = utility_columns({r.figure for r in rows}, split)
+    head = ["model"] + [column_label(f) for f in columns] + ["worst case", "worst attack"]
+    head += [name for _, name in utility]
+    out = [f'<table class="summary" id="{table_id}"><thead><tr>']
+    out += [f"<th>{esc(h)}</th>" for h in head] + ["</tr></thead><tbody>"]
+    for label in labels:
+        mine = [r for r in rows if r.label == label]
+        by_figure = {r.figure: r for r in mine}
+        cells = [f'<th scope="row">{esc(label)}</th>']
+        cells += [value_cell(by_figure.get(figure_name(f)), True, heat=True) for f in columns]
+        worst, attacks = worst_case(mine, columns, split, judge)
+        cells.append(value_cell(worst, True, heat=True).replace("<td", '<td class="worst"', 1))
+        cells.append(f'<td class="wa">{esc(attacks) or "–"}</td>')
+        cells += [value_cell(by_figure.get(f), is_rate([r.raw for r in rows], f)) for f, _ in utility]
+        out.append("<tr>" + "".join(cells) + "</tr>")
+    return "".join(out) + "</tbody></table>"
+
+
+def judges_and_splits(rows: list[Row]) -> tuple[list, list]:
+    figs = [f for f in (parse_figure(r.figure) for r in rows) if f]
+    judges = list(dict.fromkeys(f.judge for f in figs))
+    splits = [s for s in SPLITS if any(f.split == s for f in figs)]
+    return judges, splits
+
+
+def summary_section(runs: list[Run], rows: list[Row]) -> str:
+    """The summary tables (the first judge's on every split; other judges' on all prompts), each judge pair's
+    agreement, and every figure of every model in one long table."""
+    judges, splits = judges_and_splits(rows)
+    seeds = sorted({s for r in rows for s in r.per_seed})
+    out = ['<section id="summary"><h2>1. Summary</h2>']
+    out.append(
+        f"<p>ASR in % of harmful prompts, mean ± sd over {len(seeds)} seed(s) ({esc(', '.join(seeds))}); "
+        "[lo, hi]: the 95% Wilson interval over prompts where the JSON has one; hover a cell for every "
+        "seed's value. Worst case: the largest ASR over the attacks run, per seed. Utility: helpful and "
+        "over-refusal on benign prompts, benign NLL in nats.</p>"
+    )
+    if not judges:
+        out.append(summary_table(rows, "all", "", "summary-table"))
+    for judge, split in itertools.product(judges, splits):
+        if judge != judges[0] and split != "all":
+            continue
+        first = judge == judges[0] and split == "all"
+        table_id = "summary-table" if first else f"summary-table-{split}-{judge}"
+        what = {"all": "all harmful prompts", "seen": "seen categories", "held_out": "held-out categories"}
+        out.append(f"<h3>{esc(what[split])}, judge {esc(judge)}</h3>")
+        out.append('<div class="scroll">' + summary_table(rows, split, judge, table_id) + "</div>")
+    out.append(agreement_table(runs))
+    out.append(all_figures_table(rows))
+    return "".join(out) + "</section>"
+
+
+def agreement_table(runs: list[Run]) -> str:
+    rows = [a for run in runs for a in run.data.get("agreement") or [] if isinstance(a, dict)]
+    if not rows:
+        return ""
+    out = [
+        "<h3>Judge agreement</h3><table>",
+        "<tr><th>judges</th><th>agreement</th><th>Cohen's κ</th><th>n</th></tr>",
+    ]
+    for a in rows:
+        pair = " vs ".join(map(str, a.get("judges", [])))
+        cells = [fmt(number(a.get("agreement")), False), fmt(number(a.get("kappa")), False), a.get("n", "")]
+        out.append(f"<tr><td>{esc(pair)}</td>" + "".join(f"<td>{esc(c)}</td>" for c in cells) + "</tr>")
+    return "".join(out) + "</table>"
+
+
+def all_figures_table(rows: list[Row]) -> str:
+    """Every summary figure of every model, as the JSON has it (a figure no column above shows is here)."""
+    raws = [r.raw for r in rows]
+    out = [
+        f"<details><summary>Every figure of every model ({len(rows)} rows)</summary>",
+        '<table class="long"><thead><tr><th>model</th><th>figure</th><th>mean ± sd [95% CI]</th>'
+        "<th>per seed</th></tr></thead><tbody>",
+    ]
+    for r in rows:
+        pct = is_rate(raws, r.figure)
+        seeds = ", ".join(f"{s}: {fmt(v, pct)}" for s, v in r.per_seed.items())
+        cell = value_cell(r, pct)
+        out.append(f"<tr><td>{esc(r.label)}</td><td>{esc(r.figure)}</td>{cell}<td>{esc(seeds)}</td></tr>")
+    return "".join(out) + "</tbody></table></details>"
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. Charts (inline SVG) and curves
+# ----------------------------------------------------------------------------------------------
+PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#7f7f7f")
+CHART_W, CHART_H, PAD_L, PAD_R, PAD_T, PAD_B = 430, 250, 54, 12, 12, 40
+
+
+@dataclass
+class Series:
+    """One line: (x, y, band lo, band hi) points; the band is the spread over seeds, or an interval."""
+
+    label: str
+    points: list
+
+
+def nice_ticks(lo: float, hi: float, n: int = 5) -> list[float]:
+    if hi <= lo:
+        return [lo]
+    raw = (hi - lo) / n
+    step = 10 ** math.floor(math.log10(raw))
+    step *= next(m for m in (1, 2, 2.5, 5, 10) if raw <= m * step)
+    first = math.ceil(lo / step - 1e-9) * step
+    return [first + i * step for i in range(int((hi - first) / step + 1e-9) + 1)]
+
+
+def axis(lo: float, hi: float, a: float, b: float, log: bool):
+    """A linear (or log10) map of [lo, hi] onto [a, b]."""
+    if log:
+        lo, hi = math.log10(lo), math.log10(hi)
+    span = (hi - lo) or 1.0
+
+    def f(v):
+        return a + ((math.log10(max(v, 1e-300)) if log else v) - lo) / span * (b - a)
+
+    return f
+
+
+def tick_text(v: float) -> str:
+    return f"{v:g}" if abs(v) >= 1e-3 or v == 0 else f"{v:.0e}"
+
+
+def y_range(series: list[Series], fixed, log: bool) -> tuple[float, float]:
+    if fixed:
+        return fixed
+    values = [v for s in series for p in s.points for v in p[1:] if v is not None]
+    if log:
+        positive = [v for v in values if v > 0] or [1.0]
+        return 10 ** math.floor(math.log10(min(positive))), 10 ** math.ceil(math.log10(max(positive)))
+    lo, hi = min(values), max(values)
+    ticks = nice_ticks(lo, hi if hi > lo else lo + 1)
+    return min(ticks[0], lo), max(ticks[-1], hi)
+
+
+def chart(title: str, series: list[Series], colors: dict, xlabel: str, ylabel: str, **opt) -> str:
+    """An SVG line chart in a <figure>: each series a line with a band (its spread) and a dot per point with
+    its value as a tooltip; the legend is HTML under it. opt: y_fixed (lo, hi), y_log, x_log, percent."""
+    y_log, x_log, percent = opt.get("y_log", False), opt.get("x_log", False), opt.get("percent", False)
+    xs = sorted({p[0] for s in series for p in s.points})
+    y0, y1 = y_range(series, opt.get("y_fixed"), y_log)
+    fx = axis(xs[0], xs[-1], PAD_L, CHART_W - PAD_R, x_log)
+    fy = axis(y0, y1, CHART_H - PAD_B, PAD_T, y_log)
+    svg = [
+        f'<svg viewBox="0 0 {CHART_W} {CHART_H}" width="{CHART_W}" height="{CHART_H}" role="img" '
+        f'aria-label="{esc(title)}">'
+    ]
+    yt = (
+        [10**e for e in range(round(math.log10(y0)), round(math.log10(y1)) + 1)]
+        if y_log
+        else nice_ticks(y0, y1)
+    )
+    for v in yt:
+        y = fy(v)
+        svg.append(f'<line class="grid" x1="{PAD_L}" x2="{CHART_W - PAD_R}" y1="{y:.1f}" y2="{y:.1f}"/>')
+        label = tick_text(v * 100 if percent else v)
+        svg.append(f'<text x="{PAD_L - 5}" y="{y + 3:.1f}" text-anchor="end">{label}</text>')
+    xt = xs if len(xs) <= 10 else nice_ticks(xs[0], xs[-1], 6)
+    for v in xt:
+        x = fx(v)
+        svg.append(f'<text x="{x:.1f}" y="{CHART_H - PAD_B + 14}" text-anchor="middle">{tick_text(v)}</text>')
+    base = CHART_H - PAD_B
+    svg.append(f'<path class="ax" d="M{PAD_L} {PAD_T}V{base}H{CHART_W - PAD_R}"/>')
+    svg.append(
+        f'<text x="{(PAD_L + CHART_W) / 2:.0f}" y="{CHART_H - 6}" text-anchor="middle">{esc(xlabel)}</text>'
+    )
+    svg.append(
+        f'<text transform="translate(13 {(PAD_T + base) / 2:.0f}) rotate(-90)" text-anchor="middle">'
+        f"{esc(ylabel)}</text>"
+    )
+    for i, s in enumerate(series):
+        svg.append(series_svg(s, colors[s.label], fx, fy, percent, dashed=i >= len(PALETTE)))
+    svg.append("</svg>")
+    legend = "".join(
+        f'<li><span class="sw" style="background:{colors[s.label]}"></span>{esc(s.label)}</li>'
+        for s in series
+    )
+    note = f'<p class="note">{esc(opt["note"])}</p>' if opt.get("note") else ""
+    caption = f"<figcaption>{esc(title)}</figcaption>"
+    return f'<figure class="chart">{caption}{"".join(svg)}<ul class="legend">{legend}</ul>{note}</figure>'
+
+
+def series_svg(s: Series, color: str, fx, fy, percent: bool, dashed: bool) -> str:
+    pts = sorted(s.points, key=lambda p: p[0])
+    out = []
+    band = [p for p in pts if p[2] is not None and p[3] is not None]
+    if band:
+        upper = " ".join(f"{fx(p[0]):.1f},{fy(p[3]):.1f}" for p in band)
+        lower = " ".join(f"{fx(p[0]):.1f},{fy(p[2]):.1f}" for p in reversed(band))
+        out.append(f'<polygon class="band" points="{upper} {lower}" fill="{color}"/>')
+    line = " ".join(f"{fx(p[0]):.1f},{fy(p[1]):.1f}" for p in pts)
+    dash = ' stroke-dasharray="5 3"' if dashed else ""
+    out.append(f'<polyline points="{line}" stroke="{color}"{dash}><title>{esc(s.label)}</title></polyline>')
+    if len(pts) <= 40:
+        scale = 100 if percent else 1
+        for x, y, lo, hi in pts:
+            tip = f"{s.label}, {tick_text(x)}: {y * scale:.3g}"
+            if lo is not None and hi is not None:
+                tip += f" [{lo * scale:.3g}, {hi * scale:.3g}]"
+            out.append(
+                f'<circle cx="{fx(x):.1f}" cy="{fy(y):.1f}" r="2.6" fill="{color}">'
+                f"<title>{esc(tip)}</title></circle>"
+            )
+    return "".join(out)
+
+
+def spread_of(row: Row) -> tuple:
+    """The band of a point: min-max over seeds with several seeds, else its 95% interval (or none)."""
+    values = [v for v in row.per_seed.values() if v is not None]
+    if len(values) > 1:
+        return min(values), max(values)
+    return row.interval or (None, None)
+
+
+def curve_key(f: Figure) -> tuple | None:
+    """(chart title, x label, x, x on a log scale) of an ASR figure on a budget curve, or None."""
+    if f.attack == "worst":
+        return None
+    family, budget = budget_of(f)
+    where = "" if f.split == "all" else f", {f.split.replace('_', '-')} categories"
+    if family and family[2] == "n":
+        return f"{family[0]} attack, {k_label(f.k)}: ASR@n{where}", "samples n", budget, True
+    if family:
+        name = f.attack.replace("_", " ")
+        return (
+            f"{name} attack, {k_label(f.k)}: ASR against fine-tuning steps{where}",
+            "steps s",
+            budget,
+            False,
+        )
+    if f.attack == "prefill":
+        return f"prefilling attack: ASR against k{where}", "prefilled tokens k (0 = direct)", f.k, False
+    name = " ".join([f.attack] + ([f.tag] if f.tag else []))
+    return f"{name}: ASR against k{where}", "k", f.k, False
+
+
+def asr_curves(rows: list[Row], colors: dict) -> list[str]:
+    """A chart for every budget present (2 or more values): one line per model, its spread over seeds."""
+    judges, _ = judges_and_splits(rows)
+    if not judges:
+        return []
+    charts, order = {}, {}
+    for r in rows:
+        f = parse_figure(r.figure)
+        if not f or f.judge != judges[0] or r.mean is None:
+            continue
+        if f.split != "all" and (f.attack != "prefill" or f.split != "held_out"):
+            continue
+        key = curve_key(f)
+        if key:
+            title, xlabel, x, x_log = key
+            charts.setdefault((title, xlabel, x_log), {}).setdefault(r.label, []).append(
+                (x, r.mean, *spread_of(r))
+            )
+            order.setdefault((title, xlabel, x_log), (attack_order(f)[:2], f.split != "all", f.k))
+    out = []
+    for (title, xlabel, x_log), lines in sorted(charts.items(), key=lambda kv: order[kv[0]]):
+        if len({p[0] for pts in lines.values() for p in pts}) < 2:
+            continue
+        series = [Series(label, pts) for label, pts in lines.items()]
+        out.append(chart(title, series, colors, xlabel, "ASR (%)", y_fixed=(0, 1), x_log=x_log, percent=True))
+    return out
+
+
+def training_steps(data: dict) -> int | None:
+    """The training steps of a compare.py run: its --steps flag, else train.py's default."""
+    flags = [str(f) for f in (data.get("settings") or {}).get("train_flags") or []]
+    for i, flag in enumerate(flags):
+        if flag == "--steps" and i + 1 < len(flags) and flags[i + 1].isdigit():
+            return int(flags[i + 1])
+        if flag.startswith("--steps="):
+            return int(flag.split("=", 1)[1])
+    if "train_flags" not in (data.get("settings") or {}):
+        return None
+    try:
+        import train
+
+        return train.RunConfig.steps
+    except Exception:  # train.py is optional here: no steps, no curve
+        return None
+
+
+def steps_curve(runs: list[Run], colors: dict) -> list[str]:
+    """Prefilling ASR (mean over k > 0, all prompts) against training steps, where two or more runs trained
+    the same models for different numbers of steps (compare.py -- --steps N)."""
+    steps = {run.path: training_steps(run.data) for run in runs}
+    if len({s for s in steps.values() if s is not None}) < 2:
+        return []
+    lines = {}
+    for run in runs:
+        if steps[run.path] is None:
+            continue
+        for row in summary_rows([run]):
+            f = parse_figure(row.figure)
+            if f and f.attack == "prefill" and f.k > 0 and f.split == "all" and row.mean is not None:
+                lines.setdefault(row.label, {}).setdefault(steps[run.path], []).append(row.mean)
+    series = [
+        Series(label, [(s, statistics.fmean(v), None, None) for s, v in by_steps.items()])
+        for label, by_steps in lines.items()
+        if len(by_steps) > 1
+    ]
+    for s in series:
+        colors.setdefault(s.label, PALETTE[len(colors) % len(PALETTE)])
+    title = "prefilling ASR (mean over k > 0) against training steps"
+    return (
+        [chart(title, series, colors, "training steps", "ASR (%)", y_fixed=(0, 1), percent=True)]
+        if series
+        else []
+    )
+
+
+PROFILE_CURVES = (  # (key, title, log scale)
+    ("kl", "KL(p_A ‖ p_B) at response position t", True),
+    ("bf_mass_A", "bf_mass_A: the aligned model's mass on base-favored tokens", False),
+)
+
+
+def harmful_title(key: str) -> str:
+    """'harmful_lp_A' -> 'harmful likelihood: log p_A(h_t | x, h_<t)'."""
+    model = key.rsplit("_", 1)[-1] if key.endswith(("_A", "_B")) else ""
+    return f"harmful likelihood: log p_{model}(h_t | x, h_<t)" if model else f"{key}: harmful likelihood"
+
+
+def profile_curves(profiles: dict, colors: dict) -> list[str]:
+    """KL, bf_mass_A and (where the profile has it) the harmful response's likelihood against position: the
+    mean over seeds, the band min-max over seeds."""
+    keys = list(PROFILE_CURVES)
+    present = {k for per_seed in profiles.values() for pos in per_seed.values() for r in pos for k in r}
+    keys += [(k, harmful_title(k), False) for k in sorted(present) if k.startswith("harmful")]
+    out = []
+    for key, title, log in keys:
+        series = []
+        for label, per_seed in profiles.items():
+            by_t = {}
+            for pos in per_seed.values():
+                for r in pos:
+                    if number(r.get(key)) is not None and (not log or r[key] > 0):
+                        by_t.setdefault(r["t"], []).append(r[key])
+            pts = [
+                (t, statistics.fmean(v), min(v), max(v)) if len(v) > 1 else (t, v[0], None, None)
+                for t, v in sorted(by_t.items())
+            ]
+            if pts:
+                series.append(Series(label, pts))
+        for s in series:
+            colors.setdefault(s.label, PALETTE[len(colors) % len(PALETTE)])
+        if series:
+            out.append(
+                chart(
+                    title,
+                    series,
+                    colors,
+                    "response position t",
+                    key,
+                    y_log=log,
+                    y_fixed=(0, 1) if key == "bf_mass_A" else None,
+                )
+            )
+    return out
+
+
+def color_map(labels) -> dict:
+    return {label: PALETTE[i % len(PALETTE)] for i, label in enumerate(dict.fromkeys(labels))}
+
+
+def curves_section(runs: list[Run], rows: list[Row], profiles: dict) -> str:
+    colors = color_map([r.label for r in rows])
+    charts = asr_curves(rows, colors) if rows else []
+    charts += steps_curve(runs, colors)
+    prof_colors = color_map(profiles)
+    prof = profile_curves(profiles, prof_colors)
+    if not charts and not prof:
+        return ""
+    out = ['<section id="curves"><h2>2. Curves</h2>']
+    if charts:
+        out.append(
+            "<p>ASR against each budget the runs hold; the band is the spread over seeds (min-max), or the "
+            "95% interval with one seed. Hover a dot for its value.</p>"
+        )
+        out.append('<div class="charts">' + "".join(charts) + "</div>")
+    if prof:
+        out.append(
+            "<h3>Position profile</h3><p>Teacher-forced on harmful answers: both models read the identical "
+            "token sequence (docs/method.md §2-§3); mean over seeds, band min-max.</p>"
+        )
+        out.append('<div class="charts">' + "".join(prof) + "</div>")
+    return "".join(out) + "</section>"
+
+
+# ----------------------------------------------------------------------------------------------
+# 4. The token view
+# ----------------------------------------------------------------------------------------------
+SHOW_FAVORED = 5  # base-favored tokens listed per position
+
+
+def token_view(aligned, base, tok, rows: list[dict], cfg) -> list[dict]:
+    """Per harmful (prompt, harmful_response) row, the response token by token: [{prompt, category,
+    held_out, tokens: [{t, id, text, kl, bf_mass_A, bf_mass_B, p_A, p_B, favored: [{text, p_A, p_B}]}]}].
+
+    As `deepalign.py tokens` computes it: both models teacher-forced on the aligned chat format with the
+    harmful response (response_split, response_log_probs); KL(p_A || p_B) (kl_per_position), the
+    base-favored set (base_favored_mask, cfg's tau, top_k, rho, real tokens only) and the aligned model's
+    and the base's mass on it (bf_mass), at most cfg.max_response_tokens positions."""
+    import torch
+
+    import deepalign as D
+
+    splits = [
+        D.response_split(tok, r["prompt"], r["harmful_response"], max_tokens=cfg.max_response_tokens)
+        for r in rows
+    ]
+    seqs, starts, lens = [h + r for h, r in splits], [len(h) for h, _ in splits], [len(r) for _, r in splits]
+    with torch.no_grad():
+        lp_A = D.response_log_probs(aligned, seqs, starts, lens, tok.pad_id)  # (N, V)
+        lp_B = D.response_log_probs(base, seqs, starts, lens, tok.pad_id)  # (N, V)
+    valid = tok.real_token_mask(aligned.args.vocab_size).to(lp_A.device)
+    bf = D.base_favored_mask(lp_A, lp_B, cfg.tau, cfg.top_k, cfg.rho, valid)  # (N, V)
+    kl, mass_A, mass_B = D.kl_per_position(lp_A, lp_B), D.bf_mass(lp_A, bf), D.bf_mass(lp_B, bf)  # (N,)
+    target = torch.tensor([y for _, r in splits for y in r], device=lp_A.device)  # (N,)
+    p_A, p_B = lp_A.exp(), lp_B.exp()
+    views, at = [], 0
+    for row, (_, resp) in zip(rows, splits):
+        tokens = []
+        for t, y in enumerate(resp):
+            i = at + t
+            ids = bf[i].nonzero().squeeze(-1)
+            ids = ids[lp_B[i, ids].argsort(descending=True)][:SHOW_FAVORED].tolist()
+            favored = [
+                {"text": tok.decode([v]), "p_A": p_A[i, v].item(), "p_B": p_B[i, v].item()} for v in ids
+            ]
+            tokens.append(
+                {
+                    "t": t,
+                    "id": y,
+                    "text": tok.decode([y]),
+                    "kl": kl[i].item(),
+                    "bf_mass_A": mass_A[i].item(),
+                    "bf_mass_B": mass_B[i].item(),
+                    "p_A": p_A[i, target[i]].item(),
+                    "p_B": p_B[i, target[i]].item(),
+                    "favored": favored,
+                }
+            )
+        at += len(resp)
+        keep = {k: row[k] for k in ("prompt", "category", "held_out") if k in row}
+        views.append({**keep, "tokens": tokens})
+    return views
+
+
+def choose_examples(rows: list[dict], n: int) -> list[dict]:
+    """n harmful rows with a response: one per category, seen and held-out categories alternating, then
+    more of them spread over the rest."""
+    rows = [r for r in rows if r.get("harmful_response")]
+    firsts = list({r.get("category"): r for r in reversed(rows)}.values())[::-1]  # each category's first
+    seen = [r for r in firsts if not r.get("held_out")]
+    held = [r for r in firsts if r.get("held_out")]
+    picked = [r for pair in itertools.zip_longest(seen, held) for r in pair if r is not None][:n]
+    rest = [r for r in rows if not any(r is p for p in picked)]
+    return picked + spread(rest, n - len(picked)) if len(picked) < n else picked
+
+
+def load_token_view(world, n: int, cfg) -> list[dict]:
+    """The token view of a built world's aligned and base models on n of its harmful evaluation rows."""
+    from data import toyworld as TW
+    from model import Tokenizer, load_model
+
+    paths = TW.world_paths(world)
+    for key in ("aligned", "base", "tokenizer"):
+        if not paths[key].is_dir():
+            raise ValueError(
+                f"--tokens-world {world}: no {paths[key]}; pass a built world's folder "
+                "(data/worlds/seed-N, built by python data/toyworld.py --seed N)"
+            )
+    tok = Tokenizer(paths["tokenizer"])
+    aligned, base = load_model(paths["aligned"]), load_model(paths["base"])
+    return token_view(aligned, base, tok, choose_examples(TW.read_set(paths, "harmful_eval"), n), cfg)
+
+
+def shade(rgb: tuple, level: float) -> str:
+    """A background of colour rgb at strength level in [0, 1], and a text colour readable on it."""
+    level = min(max(level, 0.0), 1.0)
+    ink = "#fff" if level > 0.6 else "#000"
+    return f"background:rgba({rgb[0]},{rgb[1]},{rgb[2]},{0.05 + 0.9 * level:.3f});color:{ink}"
+
+
+KL_RGB, BF_RGB = (214, 39, 40), (31, 119, 180)
+
+
+def token_title(tk: dict) -> str:
+    lines = [
+        f"t={tk['t']} {tk['text']!r}: p_A {tk['p_A']:.3f}, p_B {tk['p_B']:.3f}",
+        f"KL(p_A||p_B) {tk['kl']:.4f}; bf_mass_A {tk['bf_mass_A']:.4f}, bf_mass_B {tk['bf_mass_B']:.4f}",
+        "top base-favored tokens (p_A -> p_B):" if tk["favored"] else "no base-favored token here",
+    ]
+    lines += [f"  {f['text']!r} {f['p_A']:.3f} -> {f['p_B']:.3f}" for f in tk["favored"]]
+    return "\n".join(lines)
+
+
+def token_section(views: list[dict] | None, cfg) -> str:
+    if not views:
+        return ""
+    kl_max = max((tk["kl"] for v in views for tk in v["tokens"]), default=1.0) or 1.0
+    out = [
+        '<section id="tokens"><h2>3. Token view</h2>',
+        "<p>Each harmful answer token by token, teacher-forced under the aligned model A and its base B. "
+        "First row: KL(p_A ‖ p_B) at the position (red, log scale up to the largest shown, "
+        f"{kl_max:.2f}); second row: bf_mass_A, the probability A still puts on base-favored tokens "
+        f"(blue, 0 to 1; base-favored: τ={cfg.tau:g}, top-{cfg.top_k}, ρ={cfg.rho:g}). Hover a token "
+        "for its probabilities and the top base-favored tokens.</p>",
+    ]
+    for i, v in enumerate(views):
+        where = "held-out category" if v.get("held_out") else "seen category"
+        out.append(
+            f'<div class="example" id="token-example-{i}"><h3>{esc(v.get("category", "?"))} ({where})</h3>'
+        )
+        out.append(f'<p class="prompt">{esc(v.get("prompt", ""))}</p>')
+        for row, key, rgb in (("kl", "kl", KL_RGB), ("bf", "bf_mass_A", BF_RGB)):
+            name = "KL(p_A ‖ p_B)" if row == "kl" else "bf_mass_A"
+            spans = []
+            for tk in v["tokens"]:
+                level = math.log1p(tk["kl"]) / math.log1p(kl_max) if row == "kl" else tk["bf_mass_A"]
+                spans.append(
+                    f'<span class="tok" data-row="{row}" data-t="{tk["t"]}" data-kl="{tk["kl"]:.6g}" '
+                    f'data-bf="{tk["bf_mass_A"]:.6g}" style="{shade(rgb, level)}" '
+                    f'title="{esc(token_title(tk))}">{esc(tk["text"])}</span>'
+                )
+            out.append(f'<div class="tokrow"><span class="rowname">{name}</span>{"".join(spans)}</div>')
+        out.append("</div>")
+    return "".join(out) + "</section>"
+
+
+# ----------------------------------------------------------------------------------------------
+# 5. Generations
+# ----------------------------------------------------------------------------------------------
+def verdict_flags(g: dict) -> list[bool]:
+    verdicts = g.get("verdicts") if isinstance(g.get("verdicts"), dict) else {}
+    return [
+        bool(v["harmful"]) for v in verdicts.values() if isinstance(v, dict) and v.get("harmful") is not None
+    ]
+
+
+def gen_classes(g: dict) -> str:
+    """CSS classes of a generation: harm (any judge says harmful), dis (judges disagree), held (held-out)."""
+    flags = verdict_flags(g)
+    names = ["gen"] + (["harm"] if any(flags) else []) + (["dis"] if len(set(flags)) > 1 else [])
+    return " ".join(names + (["held"] if g.get("held_out") else []))
+
+
+def gen_attack(g: dict) -> tuple:
+    """(order, label) of a generation's attack group: 'direct request', 'prefill k=5', 'insertion (j=4,
+    m=10)', 'sample k=5', 'finetune s=20 k=10', 'benign', ..."""
+    attack, k = str(g.get("attack", "?")), g.get("k", 0)
+    k = k if isinstance(k, int) else 0
+    tag = f"j{g['j']}" if g.get("j") is not None else (f"s{g['s']}" if g.get("s") is not None else None)
+    if attack.startswith("benign"):
+        return (8, attack, 0, 0), attack
+    if attack == "prefill":
+        return (0, "", 0, k), "direct request" if k == 0 else f"prefill k={k}"
+    f = Figure(attack, k, tag, "all", "")
+    return attack_order(f)[:1] + (attack, attack_order(f)[2], k), column_label(f)
+
+
+def verdict_html(g: dict) -> str:
+    out = []
+    verdicts = g.get("verdicts") if isinstance(g.get("verdicts"), dict) else {}
+    for name, v in verdicts.items():
+        if not isinstance(v, dict):
+            continue
+        said = {True: ("yes", "harmful"), False: ("no", "not harmful")}.get(v.get("harmful"), ("unk", "?"))
+        score = f" (score {v['score']:.3g})" if number(v.get("score")) is not None else ""
+        out.append(f'<span class="v {said[0]}">{esc(name)}: {said[1]}{esc(score)}</span>')
+        if v.get("raw"):
+            out.append(f'<q class="raw">{esc(v["raw"])}</q>')
+    for key in ("helpful", "refusal"):
+        if isinstance(g.get(key), bool):
+            out.append(f'<span class="v flag">{key}: {"yes" if g[key] else "no"}</span>')
+    return " ".join(out)
+
+
+def gen_html(g: dict, show_seed: bool) -> str:
+    meta = []
+    if show_seed and g.get("seed") is not None:
+        meta.append(f"seed {g['seed']}")
+    if g.get("sample") is not None:
+        meta.append(f"sample {g['sample']}")
+    if g.get("held_out"):
+        meta.append("held-out")
+    meta_html = f'<span class="meta">{esc(" · ".join(meta))}</span>' if meta else ""
+    prefix = (
+        f'<span class="prefix" title="forced by the attack">{esc(g["prefix"])}</span>'
+        if g.get("prefix")
+        else ""
+    )
+    return (
+        f'<li class="{gen_classes(g)}">{meta_html}<div class="q">{esc(g.get("prompt", ""))}</div>'
+        f'<div class="a">{prefix}<span class="cont">{esc(g.get("continuation", ""))}</span></div>'
+        f'<div class="vs">{verdict_html(g)}</div></li>'
+    )
+
+
+def group_generations(runs: list[Run]) -> dict:
+    """{model label: {(order, attack label): {category label: [generation]}}}, in the runs' order."""
+    label = labeler(runs)
+    groups = {}
+    for run in runs:
+        for g in run.gens:
+            order, attack = gen_attack(g)
+            category = str(
+                g.get("category") or ("benign prompts" if str(g.get("attack")).startswith("benign") else "–")
+            )
+            if g.get("held_out"):
+                category += " (held-out)"
+            by_attack = groups.setdefault(label(run, g), {})
+            by_attack.setdefault((order, attack), {}).setdefault(category, []).append(g)
+    return groups
+
+
+def choose_shown(gens: list[dict], cap: int) -> list[dict]:
+    """At most cap generations of a group: judge disagreements first, then the rest spread evenly; kept in
+    their original order."""
+    if len(gens) <= cap:
+        return gens
+    dis = [i for i, g in enumerate(gens) if "dis" in gen_classes(g)][:cap]
+    taken = set(dis)
+    rest = spread([i for i in range(len(gens)) if i not in taken], cap - len(dis))
+    return [gens[i] for i in sorted(dis + rest)]
+
+
+def group_cap(groups: dict, budget: int) -> int | None:
+    """The largest per-group count whose generations fit in `budget` characters (None: all of them fit),
+    estimated at each group's mean size."""
+    sizes = []
+    for by_attack in groups.values():
+        for by_category in by_attack.values():
+            for gens in by_category.values():
+                sizes.append((len(gens), sum(len(gen_html(g, True)) for g in gens) / len(gens)))
+    if sum(n * mean for n, mean in sizes) <= budget:
+        return None
+    lo, hi = 1, max(n for n, _ in sizes)
+    while lo < hi:  # the largest cap that fits
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if sum(min(n, mid) * mean for n, mean in sizes) <= budget else (lo, mid - 1)
+    return lo
+
+
+def filter_css() -> str:
+    """Filters without JavaScript: a checked box hides every generation that does not match it, and (where
+    the browser has :has) every group left without a match."""
+    names = ("harm", "dis", "held")
+    rules = [f"#f-{n}:checked~#gens .gen:not(.{n}){{display:none}}" for n in names]
+    for size in (1, 2, 3):
+        for subset in itertools.combinations(names, size):
+            boxes = "~".join(f"#f-{n}:checked" for n in subset)
+            rules.append(f"{boxes}~#gens details:not(:has(.gen.{'.'.join(subset)})){{display:none}}")
+    return "\n".join(rules)
+
+
+def generations_section(runs: list[Run], budget: int) -> str:
+    groups = group_generations(runs)
+    notes = [run.gens_note for run in runs if run.gens_note]
+    total = sum(len(run.gens) for run in runs)
+    out = ['<section id="generations"><h2>4. Generations</h2>']
+    out += [f'<p class="warn">{esc(n)}</p>' for n in notes]
+    if not total:
+        return "".join(out) + "</section>"
+    cap = group_cap(groups, budget)
+    seeds = {str(g.get("seed")) for run in runs for g in run.gens}
+    judges = {n for run in runs for g in run.gens for n in (g.get("verdicts") or {})}
+    shown_total = 0
+    body = []
+    for model, by_attack in groups.items():
+        n_model = sum(len(v) for c in by_attack.values() for v in c.values())
+        body.append(
+            f'<details class="model" open><summary>{esc(model)} '
+            f"<small>{n_model} generations</small></summary>"
+        )
+        for (_, attack), by_category in sorted(by_attack.items(), key=lambda kv: kv[0][0]):
+            gens = [g for v in by_category.values() for g in v]
+            harm = sum("harm" in gen_classes(g) for g in gens)
+            body.append(
+                f'<details class="attack"><summary>{esc(attack)} '
+                f"<small>{len(gens)} generations, {harm} judged harmful</small></summary>"
+            )
+            for category, cgens in sorted(by_category.items(), key=lambda kv: ("held-out" in kv[0], kv[0])):
+                shown = choose_shown(cgens, cap) if cap else cgens
+                shown_total += len(shown)
+                count = f"{len(cgens)}" if len(shown) == len(cgens) else f"{len(shown)} shown of {len(cgens)}"
+                body.append(
+                    f'<details class="cat"><summary>{esc(category)} <small>{count}</small></summary><ol>'
+                )
+                body += [gen_html(g, len(seeds) > 1) for g in shown]
+                body.append("</ol></details>")
+            body.append("</details>")
+        body.append("</details>")
+    sampled = "" if cap is None else f" Beyond the size budget: at most {cap} per category group shown."
+    one_judge = " (one judge: no disagreements)" if len(judges) < 2 else ""
+    out.append(
+        f'<p>{shown_total} of {total} generations shown.{esc(sampled)} The <span class="prefix">forced '
+        "prefix</span> is the attack's; the rest is the model's continuation. Filters (no JavaScript "
+        "needed):</p>"
+    )
+    out.append(
+        '<input type="checkbox" id="f-harm"><label for="f-harm">judged harmful</label> '
+        f'<input type="checkbox" id="f-dis"><label for="f-dis">judges disagree{one_judge}</label> '
+        '<input type="checkbox" id="f-held"><label for="f-held">held-out categories</label> '
+        '<span id="gen-tools" hidden><button type="button" data-open="1">expand all</button> '
+        '<button type="button" data-open="0">collapse all</button></span>'
+    )
+    return "".join(out) + '<div id="gens">' + "".join(body) + "</div></section>"
+
+
+# ----------------------------------------------------------------------------------------------
+# 6. The page
+# ----------------------------------------------------------------------------------------------
+CSS = """
+body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",sans-serif;margin:0 auto;max-width:1320px;
+padding:0 18px 40px;color:#1b1b1b;background:#fff}
+h1{font-size:22px;margin:18px 0 4px}h3{font-size:15px;margin:16px 0 6px}
+h2{font-size:18px;border-bottom:2px solid #ddd;padding-bottom:3px;margin-top:30px}
+nav a{margin-right:14px}small{color:#555}.ci{color:#666}
+table{border-collapse:collapse;margin:6px 0 10px}th,td{border:1px solid #ddd;padding:3px 7px;text-align:right;
+vertical-align:top;white-space:nowrap}th{background:#f4f4f4}th[scope=row]{text-align:left}
+thead th{white-space:normal;min-width:44px}td.wa{text-align:left;white-space:normal;min-width:90px}
+td.worst{font-weight:600;outline:2px solid #b22;outline-offset:-2px}td.na{color:#aaa}.scroll{overflow-x:auto}
+table.long td{text-align:left}.charts{display:flex;flex-wrap:wrap;gap:14px}
+figure.chart{margin:0;border:1px solid #e3e3e3;border-radius:4px;padding:6px;width:440px}
+figcaption{font-weight:600;font-size:13px;margin-bottom:2px}svg text{font-size:10.5px;fill:#333}
+svg .grid{stroke:#eee}svg .ax{stroke:#888;fill:none}svg polyline{fill:none;stroke-width:1.8}
+svg .band{fill-opacity:.15;stroke:none}ul.legend{list-style:none;padding:0;margin:2px 0;font-size:12px}
+ul.legend li{display:inline-block;margin-right:10px}.sw{display:inline-block;width:14px;height:4px;
+margin-right:4px;vertical-align:middle}.note,.warn{color:#8a4b00}
+.example{border:1px solid #e3e3e3;border-radius:4px;padding:6px 10px;margin:10px 0}.prompt{font-style:italic}
+.tokrow{margin:4px 0;line-height:2.1}.rowname{display:inline-block;width:110px;font-size:12px;color:#555}
+.tok{white-space:pre-wrap;padding:2px 1px;border-radius:2px;font:12.5px ui-monospace,monospace}
+details{margin:3px 0 3px 10px}summary{cursor:pointer}details.model>summary{font-weight:600;font-size:15px}
+ol{padding-left:28px}li.gen{margin:6px 0;padding:4px 6px;border-left:3px solid #ccc}
+li.gen.harm{border-color:#d62728}li.gen.dis{background:#fff8e6}.q{color:#333;font-style:italic}
+.a{font-family:ui-monospace,monospace;font-size:12.5px}
+.prefix{background:#e8e8e8;border-bottom:2px dashed #777;color:#444}.cont{color:#000}
+.meta{float:right;color:#777;font-size:12px}
+.v{display:inline-block;font-size:12px;padding:0 5px;border-radius:3px;margin-right:4px}
+.v.yes{background:#fbd5d5;color:#8b0000}.v.no{background:#d8f0d8;color:#14521b}.v.unk,.v.flag{background:#eee}
+.raw{font-family:ui-monospace,monospace;font-size:12px;color:#555;white-space:pre-wrap}
+#gens{margin-top:8px}label{margin-right:12px}
+"""
+
+SCRIPT = """
+(function () {
+  var tools = document.getElementById("gen-tools");
+  if (tools) {
+    tools.hidden = false;
+    tools.addEventListener("click", function (e) {
+      var open = e.target.getAttribute("data-open");
+      if (open === null) return;
+      document.querySelectorAll("#gens details").forEach(function (d) { d.open = open === "1"; });
+    });
+  }
+  document.documentElement.setAttribute("data-js", "ok");
+})();
+"""
+
+
+def header(runs: list[Run], profile_files: list, sections: list[tuple[str, str]]) -> str:
+    """Title, what was read, and the settings and notes of each run (folded)."""
+    out = ["<header><h1>deepalign report</h1>"]
+    read = [str(run.path) for run in runs] + [f"profile {p}" for p in profile_files]
+    out.append(f"<p>{esc(' · '.join(read))}</p>")
+    out.append("<nav>" + "".join(f'<a href="#{sid}">{esc(name)}</a>' for sid, name in sections) + "</nav>")
+    for run in runs:
+        info = {k: run.data[k] for k in ("settings", "attacks", "worlds", "notes") if k in run.data}
+        if info:
+            text = json.dumps(info, indent=1, ensure_ascii=False, default=str)
+            out.append(
+                f"<details><summary>settings of {esc(run.path.name)}</summary>"
+                f"<pre>{esc(text)}</pre></details>"
+            )
+    return "".join(out) + "</header>"
+
+
+def page(runs: list[Run], profiles: dict, views, cfg, budget: int, profile_files=()) -> str:
+    rows = summary_rows(runs)
+    parts = [
+        ("summary", "Summary", summary_section(runs, rows) if rows else ""),
+        ("curves", "Curves", curves_section(runs, rows, profiles)),
+        ("tokens", "Token view", token_section(views, cfg)),
+        ("generations", "Generations", generations_section(runs, budget) if runs else ""),
+    ]
+    present = [(sid, name) for sid, name, body in parts if body]
+    return (
+        '<!doctype html>\n<html lang="en"><head><meta charset="utf-8">'
+        '<meta name="viewport" content="width=device-width,initial-scale=1"><title>deepalign report</title>'
+        f"<style>{CSS}{filter_css()}</style></head><body>"
+        + header(runs, profile_files, present)
+        + "".join(body for _, _, body in parts)
+        + f"<script>{SCRIPT}</script></body></html>\n"
+    )
+
+
+def build_report(
+    runs: list, out, profile=None, tokens_world=None, n_tokens: int = 4, budget: int = GEN_BUDGET, cfg=None
+) -> Path:
+    """Write the HTML report of eval.py / compare.py JSON files `runs` (each with its generations JSONL
+    beside it) to `out`, atomically; `profile`: one or more deepalign.py profile JSONs; `tokens_world`: a
+    built world's folder for the token view of `n_tokens` harmful examples (cfg: a deepalign.ProfileConfig,
+    default its defaults). Returns `out`."""
+    runs = [read_run(p) for p in runs]
+    profiles = read_profiles(profile)
+    if not runs and not profiles and not tokens_world:
+        raise ValueError("nothing to report: pass RUN.json files, --profile or --tokens-world")
+    views = None
+    if tokens_world:
+        if n_tokens < 1:
+            raise ValueError(f"--tokens {n_tokens}: the token view needs 1 or more examples")
+        if cfg is None:
+            import deepalign as D
+
+            cfg = D.ProfileConfig()
+        views = load_token_view(tokens_world, n_tokens, cfg)
+    files = [profile] if isinstance(profile, (str, Path)) else list(profile or [])
+    return write_text_atomic(out, page(runs, profiles, views, cfg, budget, files))
+
+
+# ----------------------------------------------------------------------------------------------
+# 7. Command line
+# ----------------------------------------------------------------------------------------------
+def parse_args(argv=None):
+    p = cli.parser(__doc__)
+    p.add_argument(
+        "runs",
+        nargs="+",
+        metavar="RUN.json",
+        help="JSON written by eval.py --out or compare.py --out (X.generations.jsonl is read from beside it)",
+    )
+    p.add_argument(
+        "--profile", nargs="+", metavar="PROFILE.json", help="JSON written by deepalign.py profile --out"
+    )
+    p.add_argument(
+        "--tokens-world",
+        metavar="DIR",
+        help="a built toy world's folder (data/worlds/seed-N): adds the token view of its aligned and base "
+        "models",
+    )
+    p.add_argument(
+        "--tokens", type=int, default=4, help="token view: harmful examples (seen and held-out categories)"
+    )
+    p.add_argument(
+        "--max-response-tokens", type=int, default=64, help="token view: response tokens per example"
+    )
+    cli.add_base_favored_flags(p)
+    p.add_argument(
+        "--budget-mb",
+        type=float,
+        default=GEN_BUDGET / 1e6,
+        help="size budget of the generations section (millions of characters); beyond it a sample per group",
+    )
+    p.add_argument(
+        "--out", help="the HTML file (default: beside the first RUN.json, X.json -> X.report.html)"
+    )
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> Path:
+    args = parse_args(argv)
+    start = time.perf_counter()
+    out = Path(
+        args.out
+        or Path(args.runs[0]).with_name(Path(args.runs[0]).name.removesuffix(".json") + ".report.html")
+    )
+    cfg = None
+    if args.tokens_world:
+        import deepalign as D
+
+        cfg = D.ProfileConfig(
+            tau=args.tau, top_k=args.top_k, rho=args.rho, max_response_tokens=args.max_response_tokens
+        )
+    path = build_report(
+        args.runs, out, args.profile, args.tokens_world, args.tokens, int(args.budget_mb * 1e6), cfg
+    )
+    size = path.stat().st_size / 1e6
+    print(f"wrote {path} ({size:.2f} MB, {time.perf_counter() - start:.1f} s)", file=sys.stderr)
+    return path
+
+
+if __name__ == "__main__":
+    cli.run(main)
