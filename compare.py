@@ -12,6 +12,7 @@ targeted completion (§5) and its ablations.
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from pathlib import Path
@@ -22,6 +23,7 @@ import eval as E
 import stats
 import train
 from data import toyworld as TW
+from data.files import read_jsonl
 from model import log
 
 ROWS = {  # row name -> train.py flags ("aligned" rows are not trained)
@@ -312,6 +314,13 @@ def parse_args(argv):
         "each; every budget is evaluated under greedy prefilling and insertion (the budget curve)",
     )
     p.add_argument("--report", action="store_true", help="write an HTML report beside --out (report.py)")
+    p.add_argument(
+        "--merge",
+        nargs="+",
+        metavar="JSON",
+        help="instead of running: merge the --out JSONs of earlier runs on other worlds (e.g. one process "
+        "per seed, run side by side) into one comparison, as if run together",
+    )
     p.add_argument("--runs", default="runs", help="where the trained models live (runs/seed-N/<row>)")
     p.add_argument("--retrain", action="store_true", help="train every row again even if it is finished")
     p.add_argument(
@@ -345,9 +354,55 @@ def evaluate(eval_args: list, seed: int, paths: dict, ft_prefill=None) -> tuple[
     return r, u, g
 
 
+def read_run(path) -> tuple[dict, list, list, list]:
+    """(record, results, utility, generations) of a compare.py --out JSON and the generations beside it."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"--merge {path}: no such file (a compare.py --out JSON)")
+    record = json.loads(path.read_text())
+    if "results" not in record:
+        raise ValueError(f"--merge {path}: not a compare.py/eval.py --out JSON (no 'results')")
+    gens = read_jsonl(E.generations_path(path))
+    return record, record["results"], record["utility"], gens
+
+
+def merge(args) -> list[dict]:
+    """One comparison from several runs' JSON (disjoint worlds): their rows, generations, worlds and times."""
+    records, results, utility, gens = [], [], [], []
+    for path in args.merge:
+        record, r, u, g = read_run(path)
+        records.append(record)
+        results, utility, gens = results + r, utility + u, gens + g
+    seeds = [w["seed"] for rec in records for w in rec["worlds"]]
+    if len(set(seeds)) < len(seeds):
+        raise ValueError(f"--merge: the runs share worlds {sorted(seeds)}; merge runs on different seeds")
+    settings = {**records[0]["settings"], "seeds": seeds, "merged": [str(p) for p in args.merge]}
+    settings["seconds"] = sum(rec["settings"].get("seconds", 0) for rec in records)
+    worlds = [w for rec in records for w in rec["worlds"]]
+    return finish(args, settings, worlds, results, utility, gens)
+
+
+def finish(args, settings: dict, worlds: list, results: list, utility: list, gens: list) -> list[dict]:
+    """Summary, tables, targets and paired tests of a comparison; its JSON (and report) when --out is set."""
+    summary = E.summarize(results, utility)
+    E.print_tables(summary, results)
+    print("\ntargets (means over the worlds):\n" + targets_table(summary))
+    tests = paired_tests(summary, gens, settings["rows"])
+    if tests:
+        print("\npaired tests against targeted (all prompts):\n" + tests_table(tests))
+    if args.out:
+        record = {"settings": settings, "worlds": worlds, "paired_tests": tests}
+        E.write_results(args.out, record, summary, results, utility, gens)
+        if args.report:
+            E.write_report(args.out)
+    return summary
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
+    if args.merge:
+        return merge(args)
     start = time.perf_counter()
     results, utility, gens, worlds = [], [], [], []
     limit = ["--limit", str(args.limit)] if args.limit else []
@@ -372,29 +427,18 @@ def main(argv=None):
         for eval_args, ft_prefill in runs:
             r, u, g = evaluate(eval_args, seed, paths, ft_prefill)
             results, utility, gens = results + r, utility + u, gens + g
-    summary = E.summarize(results, utility)
-    E.print_tables(summary, results)
-    print("\ntargets (means over the worlds):\n" + targets_table(summary))
-    tests = paired_tests(summary, gens, args.rows)
-    if tests:
-        print("\npaired tests against targeted (all prompts):\n" + tests_table(tests))
     log(f"{len(args.seeds)} worlds, {time.perf_counter() - start:.0f} s")
-    if args.out:
-        settings = {
-            "seeds": args.seeds,
-            "rows": args.rows,
-            "train_flags": args.train_flags,
-            "samples": args.samples,
-            "finetune_attack": args.finetune_attack,
-            "finetune_prefill": args.finetune_prefill,
-            "steps": args.steps,
-            "seconds": round(time.perf_counter() - start),
-        }
-        record = {"settings": settings, "worlds": worlds, "paired_tests": tests}
-        E.write_results(args.out, record, summary, results, utility, gens)
-        if args.report:
-            E.write_report(args.out)
-    return summary
+    settings = {
+        "seeds": args.seeds,
+        "rows": args.rows,
+        "train_flags": args.train_flags,
+        "samples": args.samples,
+        "finetune_attack": args.finetune_attack,
+        "finetune_prefill": args.finetune_prefill,
+        "steps": args.steps,
+        "seconds": round(time.perf_counter() - start),
+    }
+    return finish(args, settings, worlds, results, utility, gens)
 
 
 if __name__ == "__main__":
