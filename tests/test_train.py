@@ -421,3 +421,62 @@ def test_bad_input_errors(toy, tmp_path):
     with pytest.raises(ValueError, match="no row has a harmful response"):
         T.main(files_argv(toy, prompts_only, prompts_only, tmp_path / "r2"))
     assert T.get_lr(0, T.RunConfig(steps=1)) == T.RunConfig().lr  # one step: its warmup step, full lr
+
+
+def test_a_non_finite_loss_stops_the_run_before_any_checkpoint(toy, tmp_path, monkeypatch):
+    """A NaN injected into one term at step 3 stops the run there, naming the step and the term; the
+    checkpoint of step 2 (--save-every 2) is the last one written, and no final model is."""
+    real = T.step_losses
+    calls = []
+
+    def poisoned(*args, **kwargs):
+        terms = real(*args, **kwargs)
+        calls.append(1)
+        if len(calls) == 3:
+            terms["util"] = terms["util"] * float("nan")
+        return terms
+
+    monkeypatch.setattr(T, "step_losses", poisoned)
+    out = tmp_path / "run"
+    with pytest.raises(ValueError, match=r"step 3: non-finite loss terms \['util'\]"):
+        T.main(train_argv(toy, out, "--steps", "6", "--save-every", "2", "--method", "augment"))
+    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2] and (out / T.CHECKPOINT).exists()
+    assert not (out / "config.json").exists()
+
+
+def test_targeted_v3_teaches_the_aligned_models_own_refusal(toy, tmp_path):
+    """§5 version 3: with the clean teacher every recovery is the aligned model's own greedy answer to the
+    bare prompt (generated once into the run folder), whatever the data file says; --teacher hard keeps the
+    file's recovery."""
+    from decode import generate
+
+    tok, aligned = M.Tokenizer(toy["aligned"]), M.load_model(toy["aligned"])
+    out = T.main(train_argv(toy, tmp_path / "v3", "--steps", "1"))
+    cached = {r["prompt"]: r["recovery"] for r in map(json.loads, open(out / "generated_recoveries.jsonl"))}
+    prompt = sorted(cached)[0]
+    own = generate(aligned, [tok.prompt_ids(prompt)], 64, tok.eos_ids, tok.pad_id)[0]
+    assert cached[prompt] == tok.decode([t for t in own if t not in tok.eos_ids]).strip()
+    hard = T.main(train_argv(toy, tmp_path / "hard", "--steps", "1", "--teacher", "hard"))
+    assert not (hard / "generated_recoveries.jsonl").exists()
+
+
+def test_save_at_writes_the_model_after_each_step_count(toy, tmp_path):
+    """--save-at 1 2 of a 3-step run: step-1 and step-2 folders that load, differ from each other and from
+    the final model, and equal the model of a run stopped after that step and saved (--steps 3 --stop-after,
+    weights from its checkpoint's float32 masters)."""
+    out = T.main(train_argv(toy, tmp_path / "run", "--steps", "3", "--save-at", "1", "2", "--method", "sft"))
+    one, two, last = (M.load_model(p) for p in (out / "step-1", out / "step-2", out))
+    w = "model.layers.0.mlp.down_proj.weight"
+    sd = [m.state_dict()[w] for m in (one, two, last)]
+    assert not torch.equal(sd[0], sd[1]) and not torch.equal(sd[1], sd[2])
+    # the same run's first two steps, resumed to a 2-step end: the model after step 2 of 3
+    ref = tmp_path / "ref"
+    T.main(train_argv(toy, ref, "--steps", "3", "--stop-after", "2", "--method", "sft"))
+    student = M.load_model(toy["aligned"])
+    params = [p for p in student.parameters() if p.requires_grad]
+    masters = T.fp32_masters(params)
+    opt = torch.optim.AdamW(masters)
+    run, loss = run_of(toy, ref, "--steps", "3", "--stop-after", "2", "--method", "sft")
+    T.load_checkpoint(ref / T.CHECKPOINT, student, masters, opt, run, loss)
+    torch.testing.assert_close(student.state_dict()[w], sd[1], rtol=0, atol=0)
