@@ -558,25 +558,25 @@ def asr_rows(gens: list[dict], judge_names) -> list[dict]:
 
 def worst_case_rows(results: list[dict]) -> list[dict]:
     """The worst case over the suite (docs/method.md §7): per model, decoding, seed, split and judge, the
-    largest ASR over every attack run (sampling counts at its largest n), as attack "worst"."""
+    largest ASR over every attack run (sampling counts at its largest n), as attack "worst"; and over the
+    inference-time attacks only (the fine-tuning attacks left out: they change the weights), as
+    "worst_inference". Each row names the attack it came from ("of")."""
+    largest = max_sample(results)
     worst = {}
     for r in results:
-        if r["attack"] == "worst" or (
-            r["attack"].startswith("sample@") and r["attack"] != max_sample(results)
-        ):
+        if r["attack"].startswith("worst") or (r["attack"].startswith("sample@") and r["attack"] != largest):
             continue
-        key = (r["model"], r["decode"], r.get("alpha"), r.get("beta"), r["seed"], r["split"], r["judge"])
-        if key not in worst or r["asr"] > worst[key]["asr"]:
-            worst[key] = r
-    return [
-        {
-            **{k: v for k, v in r.items() if k not in ("j", "s")},
-            "attack": "worst",
-            "k": 0,
-            "of": asr_figure(r),
-        }
-        for r in worst.values()
-    ]
+        kinds = ["worst"] + ([] if r["attack"].startswith("finetune") else ["worst_inference"])
+        for kind in kinds:
+            key = (kind, r["model"], r["decode"], r.get("alpha"), r.get("beta"), r["seed"], r["split"])
+            key += (r["judge"],)
+            if key not in worst or r["asr"] > worst[key][1]["asr"]:
+                worst[key] = (kind, r)
+    rows = []
+    for kind, r in worst.values():
+        row = {k: v for k, v in r.items() if k not in ("j", "s")}
+        rows.append({**row, "attack": kind, "k": 0, "of": asr_figure(r)})
+    return rows
 
 
 def max_sample(results: list[dict]) -> str:
@@ -737,6 +737,43 @@ def markdown_table(
         if len(seeds) > 1:
             values = ["-" if f is None else format_mean(f, pct) for f, (_, pct) in zip(found, figures)]
             lines.append("| " + " | ".join([model, decode, "mean ± sd"] + values) + " |")
+    return "\n".join(lines)
+
+
+def format_cell(row: dict | None, percent: bool, interval: bool) -> str:
+    """mean ± sd over seeds, and for a rate the 95% Wilson interval over all seeds' prompts pooled."""
+    if row is None:
+        return "-"
+    cell = format_mean(row, percent)
+    if interval and row.get("pooled"):
+        lo, hi = row["pooled"]
+        cell += f" [{100 * lo:.1f}, {100 * hi:.1f}]" if percent else ""
+    return cell
+
+
+def compact_table(
+    summary: list[dict], columns: list[tuple[str, str]], models=None, interval: bool = True
+) -> str:
+    """A README table: one row per (model, decoding), the mean ± sd over seeds of each column and, with
+    `interval`, the pooled 95% Wilson interval over prompts. columns: [(label, figure name)]; an NLL figure is
+    printed in nats, every other in %."""
+    rows = list(dict.fromkeys((s["model"], decode_label(s)) for s in summary))
+    if models is not None:
+        rows = [r for r in rows if r[0] in models or f"{r[0]} ({r[1]})" in models]
+    by_key = {(s["model"], decode_label(s), s["figure"]): s for s in summary}
+    lines = [
+        "| model | " + " | ".join(label for label, _ in columns) + " |",
+        "|" + " --- |" * (len(columns) + 1),
+    ]
+    for model, decode in rows:
+        name = model if decode == "greedy" else f"{model} ({decode})"
+        cells = [
+            format_cell(by_key.get((model, decode, figure)), figure not in ("nll",), interval)
+            for _, figure in columns
+        ]
+        if all(c == "-" for c in cells):
+            continue
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

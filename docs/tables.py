@@ -10,9 +10,10 @@ and is exactly what that JSON renders to, by the same functions that print the t
     python docs/tables.py            # rewrite every marked table in README.md and docs/*.md from its JSON
     python docs/tables.py --check    # exit 1 if a table differs from its JSON (as tests/test_readme.py)
 
-Views: all | seen | held_out (eval.py and compare.py JSON: ASR on that split of the harmful prompts, with
-utility), targets (compare.py: each target of docs/method.md §4-§5, met or not), profile (deepalign.py
-profile --seeds), bench (bench.py).
+Views: all | seen | held_out (eval.py and compare.py JSON: every seed's row, ASR on that split of the
+harmful prompts, with utility), the compact views of COMPACT (one row per model, mean ± sd [pooled 95%
+interval]), tests_all | tests_held_out (compare.py: the paired tests against targeted), targets (compare.py:
+each target of docs/method.md §4-§5, met or not), profile (deepalign.py profile --seeds), bench (bench.py).
 """
 
 from __future__ import annotations
@@ -36,6 +37,53 @@ MARKER = re.compile(r"^<!-- table: (docs/\S+\.json) (\w+) -->\n", re.M)
 TABLE = re.compile(r"(?:^\|.*\|\n)*", re.M)  # the Markdown table right after a marker (possibly none yet)
 
 
+def asr(figure: str, split: str) -> str:
+    return f"{figure} {split} toy"
+
+
+def suite(split: str) -> list[tuple[str, str]]:
+    """The attack suite in one row per model: greedy prefilling, insertion, sampling (N = 16), harmful
+    fine-tuning, and the worst case over everything that was run."""
+    return [
+        ("direct", asr("prefill 0", split)),
+        ("prefill k=10", asr("prefill 10", split)),
+        ("prefill k=40", asr("prefill 40", split)),
+        ("insertion", asr("insertion 10 j4", split)),
+        ("sampled k=10, ASR@16", asr("sample@16 10", split)),
+        ("sampled k=40, ASR@16", asr("sample@16 40", split)),
+        ("fine-tuned 20 steps, direct", asr("finetune 0 s20", split)),
+        ("worst case, inference-time", asr("worst_inference 0", split)),
+        ("worst case", asr("worst 0", split)),
+    ]
+
+
+COMPACT = {  # view -> the columns of a compact table (eval.compact_table): means ± sd [pooled interval]
+    "suite": suite("all"),
+    "suite_held_out": suite("held_out"),
+    "utility": [
+        ("refuses (direct)", "refusal_rate"),
+        ("recovers (k=10)", "recovery_rate"),
+        ("helpful", "helpful_rate"),
+        ("over-refusal", "over_refusal"),
+        ("helpful, sampled", "helpful_rate sampled"),
+        ("benign NLL", "nll"),
+    ],
+    "sampling": [(f"ASR@{n} k={k}", asr(f"sample@{n} {k}", "all")) for k in (0, 10, 40) for n in (1, 16)],
+    "finetune": [(f"s={s}", asr(f"finetune 0 s{s}", "all")) for s in (0, 5, 10, 20, 40)]
+    + [("benign s=40", asr("finetune_benign 0 s40", "all"))],
+    "finetune_k10": [(f"s={s}", asr(f"finetune 10 s{s}", "all")) for s in (0, 5, 10, 20, 40)]
+    + [("benign s=40", asr("finetune_benign 10 s40", "all"))],
+    "calibration": [
+        ("direct", "prefill 0 all toy"),
+        *[(f"k={k}", f"prefill {k} all toy") for k in (5, 10, 20, 40)],
+        ("insertion", "insertion 10 j4 all toy"),
+        ("refuses (direct)", "refusal_rate"),
+        ("recovers (k=10)", "recovery_rate"),
+        ("helpful", "helpful_rate"),
+    ],
+}
+
+
 def render(path: str, view: str) -> str:
     """The Markdown table of one view of one docs JSON (path relative to the repository root)."""
     if not (ROOT / path).exists():
@@ -47,6 +95,10 @@ def render(path: str, view: str) -> str:
         return D.profile_summary_table(data["summary"])
     if view == "targets":
         return compare.targets_table(data["summary"])
+    if view in COMPACT:
+        return E.compact_table(data["summary"], COMPACT[view])
+    if view.startswith("tests_"):  # paired tests against targeted on one split
+        return compare.tests_table(data.get("paired_tests", []), split=view.removeprefix("tests_"))
     if view in E.SPLITS:
         return E.markdown_table(data["summary"], split=view)
     raise ValueError(

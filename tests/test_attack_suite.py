@@ -66,12 +66,15 @@ def test_worst_case_is_the_largest_asr_over_the_suite():
         {**base, "attack": "insertion", "k": 10, "j": 4, "asr": 0.1},
         {**base, "attack": "sample@1", "k": 10, "asr": 0.9},  # not the curve's end: ignored
         {**base, "attack": "sample@16", "k": 10, "asr": 0.5},
-        {**base, "attack": "finetune", "k": 0, "s": 40, "asr": 0.4},
+        {**base, "attack": "finetune", "k": 0, "s": 40, "asr": 0.6},  # weights changed: not inference-time
         {**base, "seed": 1, "attack": "prefill", "k": 10, "asr": 0.05},
     ]
-    worst = {r["seed"]: r for r in E.worst_case_rows(results)}
-    assert worst[0]["asr"] == 0.5 and worst[0]["of"] == "sample@16 10 all toy"
-    assert worst[1]["asr"] == 0.05 and worst[0]["attack"] == "worst"
+    rows = E.worst_case_rows(results)
+    worst = {r["seed"]: r for r in rows if r["attack"] == "worst"}
+    inference = {r["seed"]: r for r in rows if r["attack"] == "worst_inference"}
+    assert worst[0]["asr"] == 0.6 and worst[0]["of"] == "finetune 0 s40 all toy"
+    assert inference[0]["asr"] == 0.5 and inference[0]["of"] == "sample@16 10 all toy"
+    assert worst[1]["asr"] == inference[1]["asr"] == 0.05
 
 
 @pytest.mark.parametrize(
