@@ -383,7 +383,10 @@ def merge(args) -> list[dict]:
 
 
 def finish(args, settings: dict, worlds: list, results: list, utility: list, gens: list) -> list[dict]:
-    """Summary, tables, targets and paired tests of a comparison; its JSON (and report) when --out is set."""
+    """Summary, tables, targets and paired tests of a comparison; its JSON (and report) when --out is set. The
+    worst case is taken over every run of a model (the main run and, if any, others on the same world)."""
+    results = [r for r in results if not r["attack"].startswith("worst")]
+    results += E.worst_case_rows(results)
     summary = E.summarize(results, utility)
     E.print_tables(summary, results)
     print("\ntargets (means over the worlds):\n" + targets_table(summary))
