@@ -66,6 +66,9 @@ class AttackConfig:
     finetune_lr: float = 3e-4  # Qi et al.'s 2e-5 scaled as the defences' lr is (train.py: 3e-4 here)
     finetune_batch: int = 16
     finetune_kinds: tuple = ("harmful", "benign")
+    gcg: object = None  # attacks.GCGConfig: GCG suffixes on direct requests (None: off)
+    ablate: object = None  # attacks.RefusalConfig: refusal-direction ablation (None: off)
+    ablate_prefill: tuple = (0, 10)  # k answered by the ablated model (0: the direct request)
 
 
 @dataclass(frozen=True)
@@ -668,10 +671,19 @@ def column_label(figure_key: tuple) -> str:
         return f"{'benign ' if attack.endswith('benign') else ''}ft s={tag[1:]} {prefill}"
     if attack == "worst":
         return "worst case"
+    if attack == "worst_inference":
+        return "worst case, inference-time"
     return f"{attack} K={k}" if attack == "rap" else f"{attack} {prefill}"
 
 
-CLASSIC = ("prefill", "insertion", "rap", "gcg", "ablate", "worst")  # the main table's attacks
+CLASSIC = (
+    "prefill",
+    "insertion",
+    "rap",
+    "gcg",
+    "ablate",
+    "worst",
+)  # "worst" covers worst_inference  # the main table's attacks
 
 
 def format_value(value: float, percent: bool) -> str:
@@ -877,6 +889,21 @@ def parse_args(argv=None):
         default=["harmful", "benign"],
         help="harmful and/or benign fine-tuning",
     )
+    w = p.add_argument_group("white-box attacks (attacks.py; docs/method.md §7)")
+    w.add_argument("--gcg", action="store_true", help="GCG adversarial suffixes on direct requests")
+    w.add_argument("--gcg-prompts", type=int, default=8, help="GCG: attacked prompts, spread over the set")
+    w.add_argument("--gcg-steps", type=int, default=25, help="GCG: steps per suffix (at most)")
+    w.add_argument("--gcg-batch", type=int, default=128, help="GCG: B, candidate swaps scored per step")
+    w.add_argument("--gcg-top-k", type=int, default=256, help="GCG: k, candidate tokens per position")
+    w.add_argument("--gcg-suffix-len", type=int, default=20, help="GCG: L, suffix tokens")
+    w.add_argument("--gcg-universal", action="store_true", help="GCG: one suffix for all attacked prompts")
+    w.add_argument("--ablate", action="store_true", help="refusal-direction ablation, then prefilling")
+    w.add_argument(
+        "--ablate-prefill", type=int, nargs="+", default=[0, 10], help="ablation: the prefill k answered"
+    )
+    w.add_argument("--ablate-layer", type=int, help="ablation: this layer (1..N) instead of choosing one")
+    w.add_argument("--direction-harmful", help="ablation, real models: harmful TRAINING prompts")
+    w.add_argument("--direction-benign", help="ablation, real models: benign TRAINING prompts")
     a.add_argument(
         "--truncate-left",
         action="store_true",
@@ -937,7 +964,29 @@ def attack_config(args) -> AttackConfig:
         finetune_n=args.finetune_n,
         finetune_lr=args.finetune_lr,
         finetune_kinds=tuple(args.finetune_kinds),
+        gcg=gcg_config(args) if args.gcg else None,
+        ablate=refusal_config(args) if args.ablate else None,
+        ablate_prefill=tuple(args.ablate_prefill),
     )
+
+
+def gcg_config(args):
+    import attacks as A
+
+    return A.GCGConfig(
+        suffix_len=args.gcg_suffix_len,
+        top_k=args.gcg_top_k,
+        batch=args.gcg_batch,
+        steps=args.gcg_steps,
+        n_prompts=args.gcg_prompts,
+        universal=args.gcg_universal,
+    )
+
+
+def refusal_config(args):
+    import attacks as A
+
+    return A.RefusalConfig(layer=args.ablate_layer, batch_size=args.batch_size)
 
 
 def check_args(args):
@@ -1039,6 +1088,10 @@ def evaluate_world(args, seed, paths, attacks: AttackConfig, judges: dict) -> tu
             model_gens = attack_generations(model, tok, harmful, decoder, dec, attacks, phrases)
             if attacks.finetune:
                 model_gens += finetune_attack_generations(folder, paths, harmful, dec, attacks, args, base)
+            if attacks.gcg is not None:
+                model_gens += gcg_generations(model, tok, harmful, decoder, dec, attacks.gcg)
+            if attacks.ablate is not None:
+                model_gens += ablation_generations(model, tok, harmful, paths, dec, attacks, args, base)
             judge_generations(model_gens, judges)
             results += [{**label, **r} for r in asr_rows(model_gens, list(judges))]
             util, benign_gens = benign_utility(tok, benign, decoder, dec, toy)
@@ -1146,6 +1199,60 @@ def finetune_attack_generations(folder, paths, harmful, dec: DecodeConfig, attac
                 for g in attack_generations(model, tok, harmful, decoder, dec, only_prefill, ()):
                     gens.append({**g, "attack": attack, "s": s})
     return gens
+
+
+# ----------------------------------------------------------------------------------------------
+# 4c. The white-box attacks (attacks.py): GCG suffixes, refusal-direction ablation
+# ----------------------------------------------------------------------------------------------
+def gcg_generations(model, tok, harmful: list, decoder, dec: DecodeConfig, cfg) -> list[dict]:
+    """GCG (docs/method.md §7): a suffix optimised per prompt (or one universal suffix) on cfg.n_prompts
+    harmful rows, then the decoding under test continues from request + suffix. Attack "gcg", k 0, with the
+    suffix, its target loss, its steps and whether greedy decoding began with the target."""
+    import attacks as A
+
+    records = A.gcg_attack_inputs(model, tok, harmful, cfg)
+    outs = J.in_batches(decoder, [r["prompt_ids"] for r in records], dec.batch_size, "gcg")
+    keep = ("suffix", "target", "loss", "steps", "success", "category", "held_out", "severity")
+    return [
+        {"attack": "gcg", "k": 0, "prompt": r["prompt"], "prefix": "", "continuation": tok.decode(out)}
+        | {f"gcg_{k}" if k in ("loss", "steps", "success", "target") else k: r[k] for k in keep if k in r}
+        for r, out in zip(records, outs)
+    ]
+
+
+def direction_rows(paths, args) -> tuple[list, list]:
+    """The training prompts the refusal direction is found on: the toy world's safety_train and
+    benign_train, or the user's --direction-harmful / --direction-benign files."""
+    if paths is not None:
+        return TW.read_set(paths, "safety_train"), TW.read_set(paths, "benign_train")
+    if not (args.direction_harmful and args.direction_benign):
+        raise ValueError(
+            "--ablate on real models needs --direction-harmful FILE and --direction-benign FILE (training "
+            "prompts, disjoint from --harmful/--benign)"
+        )
+    harmful = formats.read_prompts(args.direction_harmful, "harmful")
+    return harmful, formats.read_prompts(args.direction_benign, "benign")
+
+
+def ablation_generations(model, tok, harmful, paths, dec: DecodeConfig, attacks: AttackConfig, args, base):
+    """Refusal-direction ablation (docs/method.md §7): the direction found on training prompts, its layer
+    chosen on a validation split, projected out of every weight that writes the residual stream; the ablated
+    model then answers the direct request and each prefill k of attacks.ablate_prefill (ablation and
+    prefilling combined). Attack "ablate", with the chosen layer."""
+    import attacks as A
+
+    toy = paths is not None
+    judge = W.toy_judge if toy else J.refusal_phrase_judge  # True: harmful (no refusal phrase)
+    helpful = W.is_helpful if toy else None
+    harmful_train, benign_train = direction_rows(paths, args)
+    ablated, info = A.ablated_model(model, tok, harmful_train, benign_train, attacks.ablate, judge, helpful)
+    log(f"ablation: layer {info['layer']} chosen ({info['rule']})")
+    only_prefill = dataclasses.replace(
+        attacks, prefill=attacks.ablate_prefill, insertion_len=(0,), rap=(), samples=0, finetune=()
+    )
+    decoder = make_decoder(ablated, tok, dec, only_prefill, base)
+    gens = attack_generations(ablated, tok, harmful, decoder, dec, only_prefill, ())
+    return [{**g, "attack": "ablate", "layer": info["layer"]} for g in gens]
 
 
 def model_mmlu(model, tok, args) -> float | None:
