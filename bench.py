@@ -15,7 +15,7 @@ CPU rows (ours / reference, target):
   train step         seconds of one `targeted` step (default lam 0.5) vs a cross-entropy step          <= 1.6x
   train step, lam 1  the same with the soft teacher part off (no clean-context forward)                report
   toy generate       toy-shaped model, eval.py's batch (32 x 64 new tokens) vs transformers' generate >= 3.0x
-  toy generate sampled x16  the sampling attack's shape: 16 samples per prompt from one prompt cache    >= 3.0x
+  toy generate sampled x16  the sampling attack's shape, 16 samples per prompt, one prompt cache  >= 3.0x
   gcg step           one GCG step (one-hot gradient + 128 candidates) vs the same step in transformers report
   train memory ...   bf16 `targeted` steps: measured peak bytes per parameter vs the README's table    report
 GPU rows (random weights made on the GPU in the real shapes of Llama-3.1-8B, Qwen3-8B and Llama-3.2-1B):
