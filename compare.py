@@ -367,18 +367,18 @@ def read_run(path) -> tuple[dict, list, list, list]:
 
 
 def merge(args) -> list[dict]:
-    """One comparison from several runs' JSON (disjoint worlds): their rows, generations, worlds and times."""
+    """One comparison from several runs' JSON: one process per world run side by side, or other attacks on
+    the same models (eval.py --ablate --gcg): their rows, generations, worlds and times; the worst case is
+    then over every attack any of them ran."""
     records, results, utility, gens = [], [], [], []
     for path in args.merge:
         record, r, u, g = read_run(path)
         records.append(record)
         results, utility, gens = results + r, utility + u, gens + g
-    seeds = [w["seed"] for rec in records for w in rec["worlds"]]
-    if len(set(seeds)) < len(seeds):
-        raise ValueError(f"--merge: the runs share worlds {sorted(seeds)}; merge runs on different seeds")
+    worlds = list({w["seed"]: w for rec in records for w in rec["worlds"]}.values())
+    seeds = [w["seed"] for w in worlds]
     settings = {**records[0]["settings"], "seeds": seeds, "merged": [str(p) for p in args.merge]}
     settings["seconds"] = sum(rec["settings"].get("seconds", 0) for rec in records)
-    worlds = [w for rec in records for w in rec["worlds"]]
     return finish(args, settings, worlds, results, utility, gens)
 
 
