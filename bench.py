@@ -820,8 +820,6 @@ def row_summary(row: dict) -> str:
 
 UNITS = {
     "gcg step": "steps/s",
-    "train step": "s",
-    "train step, lam 1": "s",
     "train memory full": "B/param",
     "train memory lora16": "B/param",
 }
@@ -833,7 +831,7 @@ def markdown_rows(rows: list[dict]) -> str:
         "| --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
-        unit = UNITS.get(r["name"], "tok/s")
+        unit = "s" if r["name"].startswith("train step") else UNITS.get(r["name"], "tok/s")
         lines.append(
             f"| {r['name']} | {r['ours']:.2f} {unit} | {r['reference']:.2f} {unit} | "
             f"{r['ratio']:.2f}x | "
