@@ -247,6 +247,84 @@ def tests_table(tests: list[dict], split: str = "all") -> str:
     return "\n".join(lines)
 
 
+# ----------------------------------------------------------------------------------------------
+# Curves: ASR against each budget, one line per method, its spread over worlds
+# ----------------------------------------------------------------------------------------------
+def curve(summary: list[dict], model: str, figures: list[tuple[float, str]]) -> list[tuple]:
+    """[(x, mean, sd)] of one model's figures [(x, figure name)] that it has (greedy decoding)."""
+    by = {s["figure"]: s for s in summary if s["model"] == model and s["decode"] == "greedy"}
+    return [(x, by[f]["mean"], by[f]["sd"]) for x, f in figures if f in by]
+
+
+def curve_panels(summary: list[dict], split: str = "all") -> list[tuple[str, str, list]]:
+    """(title, x label, [(x, figure)]) of every curve the comparison has: ASR against prefill k, against the
+    sampling attack's n (at k = 10), against fine-tuning steps (direct requests) and the per-model budget
+    figures against training steps (prefill k = 10)."""
+    figures = {s["figure"] for s in summary}
+    ns = sorted({int(f.split()[0][7:]) for f in figures if f.startswith("sample@")})
+    steps = sorted({int(f.split()[2][1:]) for f in figures if f.startswith("finetune 0 s")})
+    return [
+        (
+            "greedy prefilling",
+            "prefilled tokens k",
+            [(k, f"prefill {k} {split} toy") for k in (0, 5, 10, 20, 40)],
+        ),
+        ("sampling, k = 10 (T = 1)", "samples n (ASR@n)", [(n, f"sample@{n} 10 {split} toy") for n in ns]),
+        (
+            "harmful fine-tuning, direct",
+            "attacker's steps s",
+            [(s, f"finetune 0 s{s} {split} toy") for s in steps],
+        ),
+    ]
+
+
+def plot_curves(summary: list[dict], models: list[str], path, budgets=()) -> bool:
+    """One panel per curve of curve_panels (and the training-budget curve when `budgets`), one line per
+    model with a band of ± sd over worlds; False when matplotlib (optional) is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log("matplotlib is not installed: no curves plotted (pip install matplotlib)")
+        return False
+    panels = [p for p in curve_panels(summary) if any(curve(summary, m, p[2]) for m in models)]
+    lines = {m: [(title, curve(summary, m, figs)) for title, _, figs in panels] for m in models}
+    if budgets:
+        panels.append(("training budget, prefill k = 10", "training steps", []))
+        for m in models:
+            at = {s["model"]: s for s in summary if s["figure"] == "prefill 10 all toy"}
+            points = [
+                (b, at[f"{m} @{b}"]["mean"], at[f"{m} @{b}"]["sd"]) for b in budgets if f"{m} @{b}" in at
+            ]
+            lines[m].append(("budget", points))
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False)
+    for i, (title, xlabel, _) in enumerate(panels):
+        ax = axes[0][i]
+        for m in models:
+            points = lines[m][i][1]
+            if points:
+                x, mean, sd = (list(v) for v in zip(*points))
+                ax.plot(x, [100 * v for v in mean], marker=".", label=m)
+                lo = [100 * (a - b) for a, b in zip(mean, sd)]
+                hi = [100 * (a + b) for a, b in zip(mean, sd)]
+                ax.fill_between(x, lo, hi, alpha=0.15)
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("ASR (%)")
+        ax.grid(alpha=0.3)
+    axes[0][-1].legend(fontsize=7)
+    fig.tight_layout()
+    path = Path(path)
+    tmp = path.with_name(f"{path.stem}.tmp{path.suffix}")
+    fig.savefig(tmp, dpi=100)
+    tmp.replace(path)
+    plt.close(fig)
+    log(f"wrote {path}")
+    return True
+
+
 def run_folder(runs: Path, seed: int, row: str) -> Path:
     return runs / f"seed-{seed}" / row.replace(", ", "-").replace(" ", "-")
 
@@ -398,6 +476,8 @@ def finish(args, settings: dict, worlds: list, results: list, utility: list, gen
         E.write_results(args.out, record, summary, results, utility, gens)
         if args.report:
             E.write_report(args.out)
+        models = ["aligned", *settings["rows"]]
+        plot_curves(summary, models, Path(args.out).with_suffix(".png"), settings.get("steps") or ())
     return summary
 
 
