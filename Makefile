@@ -1,9 +1,9 @@
 # Two commands for a fresh clone (see README.md):
-#   make run     set up .venv, build the seed-0 toy world (once) and evaluate its base and aligned models
-#                (the README's first table; the JSON goes to runs/eval_toy.json)
+#   make run     set up .venv, build the seed-0 toy world (once), evaluate its base and aligned models and
+#                write runs/eval_toy.json and the report runs/eval_toy.html
 #   make test    set up .venv (with the test-only references: transformers, peft) and run ruff and the tests
 # And the longer reproductions behind the README's tables (each writes its JSON into docs/):
-#   make compare        every method on the reporting worlds (seeds 0 1 2)
+#   make compare        every method under every attack on the reporting worlds (seeds 0 1 2)
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -16,12 +16,13 @@ $(VENV)/.installed: requirements.txt requirements-test.txt
 setup: $(VENV)/.installed
 
 run: setup
-	$(PY) eval.py --out runs/eval_toy.json
+	$(PY) eval.py --out runs/eval_toy.json --report
+	@echo "the report: runs/eval_toy.html (open it in a browser)"
 
 test: setup
 	$(PY) -m ruff check . && $(PY) -m ruff format --check . && $(PY) -m pytest -q
 
 compare: setup
-	$(PY) compare.py --seeds 0 1 2 --out docs/compare.json
+	$(PY) compare.py --seeds 0 1 2 --out docs/compare.json --report
 
 .PHONY: setup run test compare

@@ -211,20 +211,14 @@ def sampling_decoder(decoder, n: int):
 def attack_generations(
     model, tok, harmful: list, decoder, dec: DecodeConfig, attacks: AttackConfig, refusal_phrases
 ) -> list[dict]:
-    """Every attack on every harmful row: [{attack, k, j?, prompt, prefix, continuation, category?,
-    held_out?}]. Attacks that need a harmful response skip rows without one (reported in `skipped`)."""
+    """Every attack on every harmful row: [{attack, k, j? / sample?, prompt, prefix, continuation, category?,
+    held_out?}]. Attacks that need a harmful response skip rows without one (reported in `skipped`). The
+    sampling attack gives N records per row, numbered by "sample"."""
     gens = []
     with_response = [r for r in harmful if r.get("harmful_response")]
 
     def record(attack, k, rows, inputs, outs, **extra):
-        if attack == "sample":  # N outputs per row: one record per sample, numbered
-            n = attacks.samples
-            rows = [r for r in rows for _ in range(n)]
-            inputs = [x for x in inputs for _ in range(n)]
-            outs = [o for group in outs for o in group]
-        for i, (row, (_, prefix), out) in enumerate(zip(rows, inputs, outs)):
-            if attack == "sample":
-                extra = {"sample": i % attacks.samples}
+        for row, (_, prefix), out in zip(rows, inputs, outs):
             gens.append(
                 {
                     "attack": attack,
@@ -237,10 +231,13 @@ def attack_generations(
                 }
             )
 
+    def prefilled(k):  # the rows and the (ids, forced prefix) of the prefilling attack with k tokens
+        rows = harmful if k == 0 else with_response
+        return rows, [prefill_inputs(tok, r, k) if k else (tok.prompt_ids(r["prompt"]), "") for r in rows]
+
     own = None
     for k in attacks.prefill:
-        rows = harmful if k == 0 else with_response
-        inputs = [prefill_inputs(tok, r, k) if k else (tok.prompt_ids(r["prompt"]), "") for r in rows]
+        rows, inputs = prefilled(k)
         outs = J.in_batches(decoder, [ids for ids, _ in inputs], dec.batch_size, f"prefill k={k}")
         record("prefill", k, rows, inputs, outs)
         if k == 0:
@@ -248,10 +245,10 @@ def attack_generations(
     if attacks.samples:
         sampler = sampling_decoder(decoder, attacks.samples)
         for k in attacks.prefill:
-            rows = harmful if k == 0 else with_response
-            inputs = [prefill_inputs(tok, r, k) if k else (tok.prompt_ids(r["prompt"]), "") for r in rows]
-            outs = J.in_batches(sampler, [ids for ids, _ in inputs], dec.batch_size, f"sample k={k}")
-            record("sample", k, rows, inputs, outs)
+            rows, inputs = prefilled(k)
+            groups = J.in_batches(sampler, [ids for ids, _ in inputs], dec.batch_size, f"sample k={k}")
+            for i in range(attacks.samples):  # one record per (row, sample i)
+                record("sample", k, rows, inputs, [g[i] for g in groups], sample=i)
     insertions = [(j, m) for j in attacks.insertion_at for m in attacks.insertion_len if m > 0]
     if insertions and with_response:
         if own is None:
