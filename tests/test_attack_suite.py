@@ -161,3 +161,25 @@ def test_cli_imports_no_project_module_and_names_every_dtype():
     project = {p.stem for p in ROOT.glob("*.py")} | {"data"}
     assert not modules & project, modules & project
     assert sorted(cli.DTYPE_NAMES) == sorted(M.DTYPES)
+
+
+def test_prompts_past_the_context_are_reported_once_and_cut_from_the_left_on_request(toy, capsys):
+    """A prompt of ~1,800 tokens on a model of 1,024 positions: one warning naming how many prompts and by how
+    much; with --truncate-left the decoder continues from the prompt's last (context - new tokens) tokens,
+    exactly as decoding that cut prompt does."""
+    from decode import generate
+
+    tok, model = M.Tokenizer(toy["aligned"]), M.load_model(toy["aligned"])
+    rows = [{"prompt": "how do i bake bread ? " * 300}, {"prompt": "how do i bake bread ?"}]
+    attacks = E.AttackConfig(max_new_tokens=8)
+    note = E.too_long(tok, model, rows, attacks, truncate=False)
+    context = model.args.max_position_embeddings
+    over = len(tok.prompt_ids(rows[0]["prompt"])) + 40 + 8 - context
+    assert note == {"count": 1, "by_at_most": over} and over > 500
+    err = capsys.readouterr().err
+    assert err.count("warning:") == 1 and "1 of 2 prompts" in err and "--truncate-left" in err
+    ids = tok.prompt_ids(rows[0]["prompt"])
+    decoder = E.make_decoder(model, tok, E.DecodeConfig(truncate_left=True), attacks)
+    limit = context - attacks.max_new_tokens
+    expected = generate(model, [ids[-limit:]], 8, tok.eos_ids, tok.pad_id)
+    assert decoder([ids]) == expected
