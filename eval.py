@@ -889,7 +889,13 @@ def parse_args(argv=None):
     w = p.add_argument_group("white-box attacks (attacks.py; docs/method.md §7)")
     w.add_argument("--gcg", action="store_true", help="GCG adversarial suffixes on direct requests")
     w.add_argument("--gcg-prompts", type=int, default=8, help="GCG: attacked prompts, spread over the set")
-    w.add_argument("--gcg-steps", type=int, default=25, help="GCG: steps per suffix (at most)")
+    w.add_argument("--gcg-steps", type=int, default=60, help="GCG: steps per suffix (at most)")
+    w.add_argument(
+        "--gcg-target-tokens",
+        type=int,
+        default=10,
+        help="GCG: the target is this many harmful-response tokens",
+    )
     w.add_argument("--gcg-batch", type=int, default=128, help="GCG: B, candidate swaps scored per step")
     w.add_argument("--gcg-top-k", type=int, default=256, help="GCG: k, candidate tokens per position")
     w.add_argument("--gcg-suffix-len", type=int, default=20, help="GCG: L, suffix tokens")
@@ -975,6 +981,7 @@ def gcg_config(args):
         top_k=args.gcg_top_k,
         batch=args.gcg_batch,
         steps=args.gcg_steps,
+        target_tokens=args.gcg_target_tokens,
         n_prompts=args.gcg_prompts,
         universal=args.gcg_universal,
     )
