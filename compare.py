@@ -225,13 +225,14 @@ def paired_tests(
     return out
 
 
-def tests_table(tests: list[dict], split: str = "all") -> str:
-    """Markdown: one line per (figure, row): both rates (%), the difference, p and the verdict."""
+def tests_table(tests: list[dict], split: str = "all", figures=None) -> str:
+    """Markdown: one line per (figure, row): both rates (%), p and the verdict; `figures`: only these (names
+    without split and judge, e.g. "sample@16 40")."""
     lines = ["| attack | row | targeted | row's | p | verdict |", "| --- | --- | --- | --- | --- | --- |"]
     for t in tests:
-        if t["figure"].split()[-2] != split:
-            continue
         label = " ".join(t["figure"].split()[:-2])
+        if t["figure"].split()[-2] != split or (figures is not None and label not in figures):
+            continue
         lines.append(
             f"| {label} | {t['b']} | {100 * t['a_rate']:.1f} | {100 * t['b_rate']:.1f} | "
             f"{stats.format_p(t['p'])} | {t['verdict']} |"

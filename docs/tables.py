@@ -57,6 +57,8 @@ def suite(split: str) -> list[tuple[str, str]]:
     ]
 
 
+KEY_TESTS = ("prefill 40", "sample@16 40", "sample@1 40", "finetune 0 s20")  # the README's paired tests
+
 COMPACT = {  # view -> the columns of a compact table (eval.compact_table): means ± sd [pooled interval]
     "suite": suite("all"),
     "suite_held_out": suite("held_out"),
@@ -97,6 +99,8 @@ def render(path: str, view: str) -> str:
         return compare.targets_table(data["summary"])
     if view in COMPACT:
         return E.compact_table(data["summary"], COMPACT[view])
+    if view == "tests_key":  # the README's: the attacks that do not saturate, all prompts
+        return compare.tests_table(data.get("paired_tests", []), "all", KEY_TESTS)
     if view.startswith("tests_"):  # paired tests against targeted on one split
         return compare.tests_table(data.get("paired_tests", []), split=view.removeprefix("tests_"))
     if view in E.SPLITS:
