@@ -254,6 +254,8 @@ def test_profile_and_tokens_commands_on_a_small_toy_world(toy, tmp_path, capsys)
         "bf_mass_B",
         "bf_count",
         "bf_hit",
+        "harmful_lp_A",
+        "harmful_lp_B",
         "grad",
     }
     assert prof["settings"]["same_token_sequence"] is True and prof["positions"][0]["n"] == 5
