@@ -75,6 +75,21 @@ COMPACT = {  # view -> the columns of a compact table (eval.compact_table): mean
     + [("benign s=40", asr("finetune_benign 0 s40", "all"))],
     "finetune_k10": [(f"s={s}", asr(f"finetune 10 s{s}", "all")) for s in (0, 5, 10, 20, 40)]
     + [("benign s=40", asr("finetune_benign 10 s40", "all"))],
+    "whitebox": [
+        ("direct", asr("prefill 0", "all")),
+        ("GCG suffix", asr("gcg 0", "all")),
+        ("ablated, direct", asr("ablate 0", "all")),
+        ("prefill k=10", asr("prefill 10", "all")),
+        ("ablated + prefill k=10", asr("ablate 10", "all")),
+    ],
+    "dev": [
+        ("refuses (direct)", "refusal_rate"),
+        ("recovers (k=10)", "recovery_rate"),
+        ("helpful", "helpful_rate"),
+        ("sampled k=40, ASR@16", asr("sample@16 40", "all")),
+        ("fine-tuned 20 steps", asr("finetune 0 s20", "all")),
+        ("worst case, inference-time", asr("worst_inference 0", "all")),
+    ],
     "calibration": [
         ("direct", "prefill 0 all toy"),
         *[(f"k={k}", f"prefill {k} all toy") for k in (5, 10, 20, 40)],
