@@ -180,7 +180,15 @@ def test_eval_end_to_end_writes_auditable_json(toy, tmp_path):
         for attack, k in (("prefill", 0), ("prefill", 10), ("insertion", 10), ("rap", 3)):
             for judge in ("toy", "refusal_phrase"):
                 assert (model, attack, k, "all", judge) in keys
-    for r in res["results"]:  # every number is recomputable from the generations behind it
+    worst = [r for r in res["results"] if r["attack"].startswith("worst")]
+    for w in worst:  # the worst case is the largest ASR of that model, split and judge, over the attacks
+        same = [
+            r["asr"]
+            for r in res["results"]
+            if (r["model"], r["split"], r["judge"]) == (w["model"], w["split"], w["judge"]) and r not in worst
+        ]
+        assert w["asr"] == max(same) and w["of"]
+    for r in [r for r in res["results"] if r not in worst]:  # every number recomputable from its generations
         gens = [
             g
             for g in res["generations"]
@@ -378,6 +386,10 @@ def test_prompt_only_data_reports_skipped_attacks(toy, tmp_path, capsys):
         ]
     )
     res = json.loads((tmp_path / "r.json").read_text())
-    assert {(r["attack"], r["k"]) for r in res["results"]} == {("prefill", 0)}
+    assert {(r["attack"], r["k"]) for r in res["results"]} == {
+        ("prefill", 0),
+        ("worst", 0),
+        ("worst_inference", 0),
+    }
     assert "skipped prefill k > 0 and insertion" in capsys.readouterr().err
     assert res["notes"][toy["aligned"].name]["skipped"]
