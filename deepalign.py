@@ -668,9 +668,9 @@ def profile_summary(positions: list[dict]) -> dict:
     return summary
 
 
-def profile_summary_table(per_model: dict) -> str:
-    """Markdown: one row per (model, seed) and, with several seeds, a mean ± sd row per model.
-    per_model {name: {seed: summary}}."""
+def profile_summary_table(per_model: dict, means_only: bool = False) -> str:
+    """Markdown: one row per (model, seed) and, with several seeds, a mean ± sd row per model (with
+    means_only, that row alone). per_model {name: {seed: summary}}."""
     import statistics
 
     columns = [c for c, *_ in PROFILE_SUMMARY] + ["KL ratio"]
@@ -680,6 +680,8 @@ def profile_summary_table(per_model: dict) -> str:
     lines = ["| model | seed | " + " | ".join(columns) + " |", "|" + " --- |" * (len(columns) + 2)]
     for name, per_seed in per_model.items():
         for seed, summary in per_seed.items():
+            if means_only and len(per_seed) > 1:
+                break
             lines.append(f"| {name} | {seed} | " + " | ".join(f"{summary[c]:.3f}" for c in columns) + " |")
         if len(per_seed) > 1:
             cells = []

@@ -57,7 +57,7 @@ def suite(split: str) -> list[tuple[str, str]]:
     ]
 
 
-KEY_TESTS = ("prefill 40", "sample@16 40", "sample@1 40", "finetune 0 s20")  # the README's paired tests
+KEY_TESTS = ("sample@16 40", "sample@1 40", "finetune 0 s20")  # the README's paired tests
 
 COMPACT = {  # view -> the columns of a compact table (eval.compact_table): means ± sd [pooled interval]
     "suite": suite("all"),
@@ -110,12 +110,15 @@ def render(path: str, view: str) -> str:
         return bench.markdown_rows(data["rows"])
     if view == "profile":
         return D.profile_summary_table(data["summary"])
+    if view == "profile_means":
+        return D.profile_summary_table(data["summary"], means_only=True)
     if view == "targets":
         return compare.targets_table(data["summary"])
     if view in COMPACT:
         return E.compact_table(data["summary"], COMPACT[view])
     if view == "tests_key":  # the README's: the attacks that do not saturate, all prompts
-        return compare.tests_table(data.get("paired_tests", []), "all", KEY_TESTS)
+        tests = [t for t in data.get("paired_tests", []) if t["b"] != "aligned"]
+        return compare.tests_table(tests, "all", KEY_TESTS)
     if view.startswith("tests_"):  # paired tests against targeted on one split
         return compare.tests_table(data.get("paired_tests", []), split=view.removeprefix("tests_"))
     if view in E.SPLITS:
