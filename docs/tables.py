@@ -57,7 +57,7 @@ def suite(split: str) -> list[tuple[str, str]]:
     ]
 
 
-KEY_TESTS = ("sample@16 40", "sample@1 40", "finetune 0 s20")  # the README's paired tests
+KEY_TESTS = ("sample@16 40", "finetune 0 s20")  # the README's paired tests
 
 COMPACT = {  # view -> the columns of a compact table (eval.compact_table): means ± sd [pooled interval]
     "suite": suite("all"),
