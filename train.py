@@ -1126,8 +1126,8 @@ def parse_args(argv=None):
         "--teacher",
         choices=["clean", "contrast", "hard"],
         default=loss.teacher,
-        help="hybrid teacher: the aligned model in the clean context (version 2), in the attacked "
-        "context amplified away from the base (version 1), or hard labels only",
+        help="hybrid teacher: the aligned model's own refusal in the clean context (version 3), in the "
+        "attacked context amplified away from the base (version 1), or the data set's recovery, hard labels",
     )
     m.add_argument(
         "--max-prefix",
