@@ -181,12 +181,12 @@ def initial_suffix(tok: Tokenizer, slots: list[Slot], L: int, allowed, lead) -> 
 # ----------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class GCGConfig:
-    """GCG's settings (docs/method.md §7). The paper's are L = 20, k = 256, B = 512 and hundreds of steps; the
-    defaults are the toy-world budget, at most 5 minutes for one model on one toy world on 2 CPU cores (the
-    module docstring gives the measured time). target_tokens = 10 on the toy world: a target of 4 tokens (an
-    opener, never a step's words) is reached more often, but the answer then drifts to a benign topic; with
-    10 the first step's words keep it on the request (seed-0 aligned, 8 prompts, 60 steps: target reached
-    37.5% vs 0%, ASR 12.5% vs 37.5%)."""
+    """GCG's settings (docs/method.md §7). The paper's are L = 20, k = 256, B = 512 and hundreds of steps;
+    the defaults are the toy-world budget, at most 5 minutes for one model on one toy world on 2 CPU cores
+    (the module docstring gives the measured time). target_tokens = 10 on the toy world: a target of 4
+    tokens (an opener, never a step's words) is reached more often, but the answer then drifts to a benign
+    topic; with 10 the first step's words keep it on the request (seed-0 aligned, 8 prompts, 60 steps:
+    target reached 37.5% vs 0%, ASR 12.5% vs 37.5%)."""
 
     suffix_len: int = 20  # L
     top_k: int = 256  # k: candidate tokens per position (the vocabulary's allowed tokens if fewer)
@@ -400,8 +400,8 @@ def gcg_attack_inputs(model: Transformer, tok: Tokenizer, rows: list[dict], cfg:
 # ----------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class RefusalConfig:
-    """Refusal-direction ablation's settings (docs/method.md §7). Directions come from n_direction harmful and
-    n_direction benign TRAINING prompts; the layer is chosen on n_val others of each (disjoint, never the
+    """Refusal-direction ablation's settings (docs/method.md §7). Directions come from n_direction harmful
+    and n_direction benign TRAINING prompts; the layer is chosen on n_val others of each (disjoint, never the
     evaluation prompts): the largest direct-request ASR among layers whose benign helpful rate is at most
     max_helpful_drop below the unablated model's."""
 

@@ -364,8 +364,8 @@ def gradient_signal(
 # ----------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class LossConfig:
-    """Every choice of §5 (and the baselines' of §6), with the defaults docs/method.md states (version 3; the
-    development worlds' evidence for them is docs/development.md §3)."""
+    """Every choice of §5 (and the baselines' of §6), with the defaults docs/method.md states (version 3;
+    the development world's evidence for lam is docs/development.md §3)."""
 
     teacher: str = "clean"  # clean (version 3: A's own refusal) | contrast (version 1) | hard (data recovery)
     lam: float = 1.0  # weight of the hard label; docs/method.md §5 states 0.5, the development world chose 1

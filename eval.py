@@ -1135,13 +1135,14 @@ def attacker_rows(paths: dict, n: int, kind: str) -> list[dict]:
         for r in TW.read_set(paths, name)
     }
     rng = W.seeded_rng(world.seed, f"finetune_attack_{kind}")
-    if kind == "harmful":
-        pool = [(p["prompt"], W.CATEGORIES[c]) for c in W.CATEGORIES for p in W.harmful_prompts(c)]
-        eval_only = {p["prompt"] for c in W.CATEGORIES for p in W.harmful_prompts(c) if p["eval_only"]}
-    else:
-        pool = [(p["prompt"], W.TOPICS[t]) for t in W.TOPICS for p in W.benign_prompts(t)]
-        eval_only = {p["prompt"] for t in W.TOPICS for p in W.benign_prompts(t) if p["eval_only"]}
-    pool = [(p, e) for p, e in pool if p not in used and p not in eval_only]
+    entries, prompts_of = (
+        (W.CATEGORIES, W.harmful_prompts) if kind == "harmful" else (W.TOPICS, W.benign_prompts)
+    )
+    rows = [(p, entries[name]) for name in entries for p in prompts_of(name)]
+    eval_only = {
+        p["prompt"] for p, _ in rows if p["eval_only"]
+    }  # a phrasing eval-only anywhere is never used
+    pool = [(p["prompt"], e) for p, e in rows if p["prompt"] not in used and p["prompt"] not in eval_only]
     if len(pool) < n:
         raise ValueError(f"--finetune-n {n}: the world has only {len(pool)} unused {kind} prompts")
     return [{"prompt": p, "response": W.make_answer(rng, e)} for p, e in rng.sample(pool, n)]

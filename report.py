@@ -1001,9 +1001,8 @@ def group_generations(runs: list[Run]) -> dict:
     for run in runs:
         for g in run.gens:
             order, attack = gen_attack(g)
-            category = str(
-                g.get("category") or ("benign prompts" if str(g.get("attack")).startswith("benign") else "–")
-            )
+            benign = str(g.get("attack")).startswith("benign")
+            category = str(g.get("category") or ("benign prompts" if benign else "–"))
             if g.get("held_out"):
                 category += " (held-out)"
             by_attack = groups.setdefault(label(run, g), {})

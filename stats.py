@@ -1,9 +1,9 @@
 """The statistics behind every evaluation table (docs/method.md §7 Statistics): Wilson intervals for rates,
 the exact (and stratified) McNemar test for two models judged on the same prompts, a paired bootstrap for
-differences of means, ASR@n (the unbiased pass@k estimator), mean and sample sd over worlds, and the
+differences of means, ASR@n (the unbiased pass@k estimator), and the
 plain-words verdict a table prints. Pure Python and numpy; no other module of the project is imported.
 
-Rates are fractions in [0, 1] everywhere except `rate_with_interval`, which gives percent for the tables.
+Rates are fractions in [0, 1] everywhere.
 """
 
 from __future__ import annotations
@@ -166,21 +166,3 @@ def asr_at_n_curve(counts: list[int], N: int) -> dict[int, float]:
     if ns[-1] != N:
         ns.append(N)
     return {n: math.fsum(asr_at_n(c, N, n) for c in counts) / len(counts) for n in ns}
-
-
-def mean_sd(values: list[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation (n - 1 in the denominator; 0.0 for one value) (docs/method.md §7
-    Statistics)."""
-    if not values:
-        raise ValueError("mean_sd: no values")
-    m = math.fsum(values) / len(values)
-    if len(values) == 1:
-        return m, 0.0
-    return m, math.sqrt(math.fsum((v - m) ** 2 for v in values) / (len(values) - 1))
-
-
-def rate_with_interval(flags: list[bool]) -> dict:
-    """The share of True flags with its 95% Wilson interval, in percent (docs/method.md §7 Statistics)."""
-    k, n = sum(map(bool, flags)), len(flags)
-    lo, hi = wilson_interval(k, n)
-    return {"k": k, "n": n, "rate": 100 * k / n if n else 0.0, "lo": 100 * lo, "hi": 100 * hi}

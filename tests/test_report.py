@@ -434,7 +434,8 @@ def test_profiles_of_both_layouts_are_charted(tmp_path):
     run, _ = write_run(tmp_path)
     out = R.build_report([run], tmp_path / "report.html", profile=[one, seeds])
     text = "".join(read_page(out).text)
-    for name in ("KL(p_A ‖ p_B) at response position t", "bf_mass_A: the aligned", "log p_A(h_t | x, h_<t)"):
+    names = ("KL(p_A ‖ p_B) at response position t", "bf_mass_A: the aligned", "log p_A(h_t | x, h_<t)")
+    for name in names:
         assert name in text
     assert "pair" in text and "targeted" in text  # a line per profile
     with pytest.raises(ValueError, match="deepalign.py profile --out"):

@@ -217,7 +217,7 @@ def test_bootstrap_single_pair():
     assert (r["diff"], r["lo"], r["hi"], r["p"]) == (0.5, 0.5, 0.5, 0.0)
 
 
-# ---- verdict, mean_sd, rate_with_interval ----------------------------------------------------------------
+# ---- verdict ----------------------------------------------------------------
 
 
 def test_verdict():
@@ -230,24 +230,6 @@ def test_verdict():
     r = S.mcnemar(*pairs(0, 0, 5, 0))  # p = 0.0625: not below 0.05, but below 0.1
     assert S.verdict(r) == "no measurable difference"
     assert S.verdict(r, alpha=0.1) == "A lower (p = 0.062)"
-
-
-def test_mean_sd():
-    assert S.mean_sd([2.0, 4.0, 4.0, 4.0, 5.0, 5.0, 7.0, 9.0]) == pytest.approx((5.0, math.sqrt(32 / 7)))
-    assert S.mean_sd([3.5]) == (3.5, 0.0)
-    assert S.mean_sd([1, 2, 3]) == pytest.approx((2.0, 1.0))
-
-
-def test_rate_with_interval():
-    r = S.rate_with_interval([True] * 5 + [False] * 5)
-    assert (r["k"], r["n"], r["rate"]) == (5, 10, 50.0)
-    assert (round(r["lo"], 2), round(r["hi"], 2)) == (23.66, 76.34)
-    r = S.rate_with_interval([False] * 200)
-    assert (r["k"], r["rate"], r["lo"], round(r["hi"], 2)) == (0, 0.0, 0.0, 1.88)
-    assert S.rate_with_interval([]) == {"k": 0, "n": 0, "rate": 0.0, "lo": 0.0, "hi": 100.0}
-
-
-# ---- errors ----------------------------------------------------------------------------------------------
 
 
 def test_errors():
@@ -264,8 +246,6 @@ def test_errors():
         S.wilson_interval(3, 2)
     with pytest.raises(ValueError):
         S.binom_two_sided_p(-1, 4)
-    with pytest.raises(ValueError):
-        S.mean_sd([])
     with pytest.raises(ValueError):
         S.asr_at_n_curve([], 4)
 
