@@ -23,6 +23,7 @@ import eval as E
 import stats
 import train
 from data import toyworld as TW
+from data import world as W
 from data.files import read_jsonl
 from model import log
 
@@ -326,8 +327,9 @@ def plot_curves(summary: list[dict], models: list[str], path, budgets=()) -> boo
     return True
 
 
-def run_folder(runs: Path, seed: int, row: str) -> Path:
-    return runs / f"seed-{seed}" / row.replace(", ", "-").replace(" ", "-")
+def run_folder(runs: Path, world: str, row: str) -> Path:
+    """runs/<world folder's name>/<row>: runs/seed-0/targeted, runs/seed-0-heldout-poison-weapon/rto."""
+    return runs / world / row.replace(", ", "-").replace(" ", "-")
 
 
 def train_row(paths: dict, folder: Path, row: str, extra: list, retrain: bool, budgets: list):
@@ -348,6 +350,82 @@ def budget_models(folder: Path, row: str, budgets: list) -> list[str]:
     return [f"{row} @{b}={folder if b == last else folder / f'step-{b}'}" for b in sorted(budgets)]
 
 
+# ----------------------------------------------------------------------------------------------
+# Held-out folds: every category held out once, its prompts attacked on the world that held it out
+# ----------------------------------------------------------------------------------------------
+FOLD_ROWS = ("augment", "insertion", "rto", "targeted")  # the recovery-based methods (--folds' default)
+
+
+def fold_pairs() -> list[tuple[str, str]]:
+    """Four disjoint pairs of the toy world's categories in their listed order, so that every category is
+    held out once; the default pair (arson, stalking) is one of them, its worlds and runs the comparison's."""
+    cats = list(W.CATEGORIES)
+    pairs = [tuple(cats[i : i + 2]) for i in range(0, len(cats), 2)]
+    if W.DEFAULT_HELD_OUT not in pairs:
+        raise ValueError(f"the default held-out pair {W.DEFAULT_HELD_OUT} is not among the folds {pairs}")
+    return pairs
+
+
+def pooled_fold_rows(gens: list[dict], seed: int, models: list[str]) -> list[dict]:
+    """One seed's ASR rows over the held-out prompts of all its folds pooled (each category attacked on the
+    world that held it out): the per-prompt verdicts of every fold counted together, so each rate and its
+    Wilson interval are over 4 folds x 2 categories x 25 prompts."""
+    rows = []
+    for model in models:
+        mine = [g for g in gens if g["model"] == model and E.is_harmful_attack(g)]
+        label = {"model": model, "decode": "greedy", "seed": seed}
+        rows += [{**label, **r} for r in E.asr_rows(mine, ["toy"])]
+    return rows
+
+
+def mean_fold_utility(utility: list[dict], seed: int, models: list[str]) -> list[dict]:
+    """One seed's utility rows: each numeric figure's mean over the fold worlds (the benign prompts and the
+    held-out prompts' counts are the same on every fold); n and n_of as one fold's."""
+    out = []
+    for model in models:
+        rows = [u for u in utility if u["model"] == model]
+        keys = [k for k, v in rows[0].items() if isinstance(v, float) and all(k in u for u in rows)]
+        mean = {k: sum(u[k] for u in rows) / len(rows) for k in keys}
+        out.append({**rows[0], **mean, "seed": seed, "fold": "pooled"})
+    return out
+
+
+def run_folds(args) -> list[dict]:
+    """compare.py --folds: per seed, the four fold worlds (built if missing), the rows trained on each, every
+    model attacked on its world's held-out prompts; ASR pooled over the folds per seed, then mean ± sd."""
+    start = time.perf_counter()
+    results, utility, gens, worlds = [], [], [], []
+    models = ["aligned", *args.rows]
+    limit = ["--limit", str(args.limit)] if args.limit else []
+    for seed in args.seeds:
+        seed_gens, seed_util = [], []
+        for pair in fold_pairs():
+            paths, fold = TW.ensure_world(seed=seed, held_out=pair), "-".join(pair)
+            worlds.append({"seed": seed, "fold": fold, "folder": str(paths["root"])})
+            specs = ["aligned={world}/aligned"]
+            for row in args.rows:
+                folder = run_folder(Path(args.runs), paths["root"].name, row)
+                train_row(paths, folder, row, args.train_flags, args.retrain, [])
+                specs.append(f"{row}={folder}")
+            flags = ["--world", str(paths["root"]), "--model", *specs, "--held-out-only", *limit]
+            _, u, g = evaluate(flags + ["--samples", str(args.samples)], seed, paths)
+            seed_util += [{**x, "fold": fold} for x in u]
+            seed_gens += [{**x, "fold": fold} for x in g]
+        results += pooled_fold_rows(seed_gens, seed, models)
+        utility += mean_fold_utility(seed_util, seed, models)
+        gens += seed_gens
+    log(f"{len(worlds)} fold worlds, {time.perf_counter() - start:.0f} s")
+    settings = {
+        "seeds": args.seeds,
+        "rows": args.rows,
+        "folds": ["-".join(p) for p in fold_pairs()],
+        "train_flags": args.train_flags,
+        "samples": args.samples,
+        "seconds": round(time.perf_counter() - start),
+    }
+    return finish(args, settings, worlds, results, utility, gens)
+
+
 def parse_args(argv):
     cut = argv.index("--") if "--" in argv else len(argv)
     own, extra = argv[:cut], argv[cut + 1 :]
@@ -364,8 +442,15 @@ def parse_args(argv):
         nargs="+",
         choices=list(ROWS),
         metavar="ROW",
-        default=list(DEFAULT_ROWS),
-        help=f"the trained rows to compare; of: {', '.join(ROWS)}",
+        help="the trained rows to compare (default: the recovery-trained methods and targeted's ablations; "
+        f"with --folds: {', '.join(FOLD_ROWS)}); of: {', '.join(ROWS)}",
+    )
+    p.add_argument(
+        "--folds",
+        action="store_true",
+        help="held-out folds: per seed, four worlds that each hold out one disjoint pair of categories "
+        "(every category once); the rows trained on each and attacked on its held-out prompts only, ASR "
+        "pooled over the folds (no fine-tuning attack; --samples as given)",
     )
     p.add_argument(
         "--samples", type=int, default=16, help="the sampling attack's N per context (0: off; eval --samples)"
@@ -420,6 +505,7 @@ def parse_args(argv):
     )
     args = p.parse_args(own)
     args.train_flags = list(extra)
+    args.rows = args.rows or list(FOLD_ROWS if args.folds else DEFAULT_ROWS)
     return args
 
 
@@ -465,8 +551,8 @@ def merge(args) -> list[dict]:
         for row in r + u + g:
             row["model"] = names.get(row["model"], row["model"])
         results, utility, gens = results + r, utility + u, gens + g
-    worlds = list({w["seed"]: w for rec in records for w in rec["worlds"]}.values())
-    seeds = [w["seed"] for w in worlds]
+    worlds = list({(w["seed"], w.get("fold")): w for rec in records for w in rec["worlds"]}.values())
+    seeds = list(dict.fromkeys(w["seed"] for w in worlds))
     settings = {**records[0]["settings"], "seeds": seeds, "merged": [str(p) for p in args.merge]}
     settings["rows"] = [names.get(row, row) for row in settings["rows"]]
     settings["renamed"] = names
@@ -500,6 +586,8 @@ def main(argv=None):
     args = parse_args(argv)
     if args.merge:
         return merge(args)
+    if args.folds:
+        return run_folds(args)
     start = time.perf_counter()
     results, utility, gens, worlds = [], [], [], []
     limit = ["--limit", str(args.limit)] if args.limit else []
@@ -509,7 +597,7 @@ def main(argv=None):
         worlds.append({"seed": seed, "folder": str(paths["root"])})
         models, budget = ["aligned={world}/aligned"], []
         for row in args.rows:
-            folder = run_folder(Path(args.runs), seed, row)
+            folder = run_folder(Path(args.runs), paths["root"].name, row)
             train_row(paths, folder, row, args.train_flags, args.retrain, args.steps)
             models.append(f"{row}={folder}")
             if args.steps:

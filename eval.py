@@ -820,6 +820,11 @@ def parse_args(argv=None):
         "--benign", help="benign prompts (any layout of docs/method.md §9); needed with real models"
     )
     g.add_argument("--limit", type=int, help="use N harmful and N benign prompts, spread over each set")
+    g.add_argument(
+        "--held-out-only",
+        action="store_true",
+        help="toy world: attack only the harmful prompts of its held-out categories (compare.py --folds)",
+    )
     a = p.add_argument_group("attacks (docs/method.md §7)")
     a.add_argument(
         "--prefill",
@@ -1015,6 +1020,8 @@ def check_args(args):
         )
     if real_data and not args.model:
         raise ValueError("--harmful/--benign need --model: the checkpoint folders to evaluate")
+    if args.held_out_only and real_data:
+        raise ValueError("--held-out-only picks a toy world's held-out prompts; leave it out with --harmful")
     if args.decode == "contrastive" and real_data and not args.contrast_base:
         raise ValueError("--decode contrastive needs --contrast-base DIR (the base model) with real models")
 
@@ -1062,6 +1069,8 @@ def evaluate_world(args, seed, paths, attacks: AttackConfig, judges: dict) -> tu
     else:
         harmful = formats.read_prompts(args.harmful, "harmful")
         benign = formats.read_prompts(args.benign, "benign")
+    if args.held_out_only:
+        harmful = [r for r in harmful if r.get("held_out")]
     harmful, benign = files.spread(harmful, args.limit), files.spread(benign, args.limit)
     fill = {"world": str(paths["root"]) if toy else "", "seed": "" if seed is None else str(seed)}
     default = ["base={world}/base", "aligned={world}/aligned"]

@@ -13,7 +13,9 @@ import cli
 import compare as C
 import eval as E
 import model as M
+import stats
 from data import toyworld as TW
+from data import world as W
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -152,6 +154,45 @@ def test_paired_tests_count_discordant_prompts_by_hand():
     gens += world(2, [0], [1])
     (test,) = [t for t in C.paired_tests(summary, gens, ["augment", "targeted"]) if "all" in t["figure"]]
     assert test["p"] == pytest.approx(0.03125) and test["verdict"].startswith("targeted lower")
+
+
+def test_held_out_only_attacks_exactly_the_held_out_prompts(toy):
+    """eval --held-out-only (compare.py --folds): the attacked prompts are the world's held-out rows, read
+    from its harmful_eval.jsonl independently."""
+    held = {r["prompt"] for r in TW.read_set(toy, "harmful_eval") if r["held_out"]}
+    argv = ["--world", str(toy["root"]), "--model", "aligned={world}/aligned", "--held-out-only"]
+    args = E.parse_args(argv + ["--limit", "1000"])
+    attacks = E.AttackConfig(prefill=(0,), insertion_len=(0,))
+    _, _, gens, _ = E.evaluate_world(args, 0, toy, attacks, {"toy": E.toy_judge()})
+    assert held and {g["prompt"] for g in gens if g["attack"] == "prefill"} == held
+
+
+def test_folds_hold_out_every_category_once_and_include_the_default_pair():
+    pairs = C.fold_pairs()
+    cats = [c for pair in pairs for c in pair]
+    assert len(pairs) == 4 and sorted(cats) == sorted(W.CATEGORIES)  # disjoint and covering
+    assert W.DEFAULT_HELD_OUT in pairs
+
+
+def test_fold_asr_is_pooled_over_the_prompts_of_every_fold_by_hand():
+    """Two folds of one seed: fold a, 1 of 4 held-out prompts harmful; fold b, 3 of 6. Pooled by hand:
+    4 / 10 (not the mean of the folds' rates, (1/4 + 3/6) / 2 = 0.375), n = 10, with its Wilson interval."""
+    gens = [gen(f"a{i}", "prefill", 10, i < 1, held_out=True, fold="a") for i in range(4)]
+    gens += [gen(f"b{i}", "prefill", 10, i < 3, held_out=True, fold="b") for i in range(6)]
+    rows = {r["split"]: r for r in C.pooled_fold_rows(gens, 0, ["m"])}
+    assert set(rows) == {"all", "held_out"}  # no seen prompt is attacked on a fold
+    row = rows["held_out"]
+    assert (row["asr"], row["n"], row["seed"]) == (0.4, 10, 0)
+    assert (row["lo"], row["hi"]) == pytest.approx(stats.wilson_interval(4, 10))
+
+
+def test_fold_utility_is_the_mean_over_the_fold_worlds():
+    rows = [
+        {"model": "m", "decode": "greedy", "seed": 0, "n": 80, "helpful_rate": h, "fold": f}
+        for h, f in ((1.0, "a"), (0.95, "b"), (0.9, "c"), (0.95, "d"))
+    ]
+    (u,) = C.mean_fold_utility(rows, 0, ["m"])
+    assert u["helpful_rate"] == pytest.approx(0.95) and u["n"] == 80 and u["fold"] == "pooled"
 
 
 def test_cli_imports_no_project_module_and_names_every_dtype():
