@@ -460,6 +460,7 @@ def targeted_loss(
     shares=(1.0, 1.0),
     bf_mean=None,
     T=None,
+    bf=None,
 ) -> dict[str, torch.Tensor]:
     """The whole objective of targeted completion (§5):
 
@@ -472,8 +473,10 @@ def targeted_loss(
     ones, positions (N,) their response positions; lp_S_util, lp_A_util (M, V) at benign positions. Returns
     every term (kd, kd_dense, kd_recovery, pen, util, bf_mass_S) and "loss". Under several processes, `shares`
     (this process's token share of the safety and the utility batch) weighs the local means so that their
-    gradients average to the global batch's, and `bf_mean`, `T` are the global batch's."""
-    bf = base_favored_mask(lp_A, lp_B, cfg.tau, cfg.top_k, cfg.rho, valid)  # (N, V)
+    gradients average to the global batch's, and `bf_mean`, `T` are the global batch's. `bf` (N, V): the
+    base-favored mask of lp_A and lp_B if the caller has it already (train.py does), else computed here."""
+    if bf is None:
+        bf = base_favored_mask(lp_A, lp_B, cfg.tau, cfg.top_k, cfg.rho, valid)  # (N, V)
     w = penalty_weights(bf_mass(lp_A, bf), positions.float(), cfg, bf_mean, T)  # (N,)
     kl = kd_loss(q, lp_S)  # (N,)
     mass_S = bf_mass(lp_S, bf)  # (N,)

@@ -20,6 +20,7 @@ hd head dim, I MLP width, V vocabulary.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -758,11 +759,12 @@ class Tokenizer:
             named = {t["name"]: t["template"] for t in tcfg["chat_template"]}
             self.chat_template = named.get("default")
 
-    @property
+    @functools.cached_property
     def end_of_turn_id(self) -> int:
         """The token that closes an assistant turn in this checkpoint's chat format: the first special token
         the template renders after an assistant message (Llama 3: <|eot_id|>, ChatML: <|im_end|>), else the
-        tokenizer's eos token. Not eos_ids[0]: Llama-3.1's generation_config lists <|end_of_text|> first."""
+        tokenizer's eos token. Not eos_ids[0]: Llama-3.1's generation_config lists <|end_of_text|> first.
+        Rendered once per tokenizer (training asks for it for every example)."""
         if self.chat_template is not None:
             mark = "deepalign-end-of-turn-probe"
             turn = [{"role": "user", "content": "x"}, {"role": "assistant", "content": mark}]

@@ -43,6 +43,7 @@ Read top to bottom:
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -207,11 +208,10 @@ def train(run: RunConfig, loss_cfg: D.LossConfig, resume: bool = False, overwrit
             check_finite(terms, step + 1)
             (terms["loss"] / run.grad_accum).backward()
             grads_to_masters(params, masters)
-            for k, v in terms.items():  # the global batch's value of each term (shares undone)
-                share = batches.shares.get(k, 1.0)
-                logged[k] = (
-                    logged.get(k, 0.0) + all_reduce(v.detach() * share).item() / world / run.grad_accum
-                )
+            names = list(terms)  # the global batch's value of each term (shares undone), in one all-reduce
+            local = torch.stack([terms[k].detach().float() * batches.shares.get(k, 1.0) for k in names])
+            for k, v in zip(names, all_reduce(local).tolist()):
+                logged[k] = logged.get(k, 0.0) + v / world / run.grad_accum
         grad_norm = optimizer_step(params, masters, opt, run.clip)
         record = {
             "step": step + 1,
@@ -355,6 +355,7 @@ def step_losses(method: str, student, frozen: Frozen, batches: Batches, cfg: D.L
             (shares["kd"], shares["util"]),
             bf_mean,
             T,
+            bf,
         )
     terms = {}
     if method == "constrained":  # Qi et al.'s objective, on the safety and the utility batch alike
@@ -404,18 +405,37 @@ class Example(NamedTuple):
     dense: bool
 
 
+@functools.lru_cache(maxsize=1 << 16)
+def split_ids(tok, prompt: str, response: str) -> tuple[list, list]:
+    """D.response_split, memoised: a run draws the same rows step after step, and tokenizing them anew was
+    about 40% of a toy `targeted` step. Returns fresh lists (callers may extend them)."""
+    head, resp = _split_ids(tok, prompt, response)
+    return list(head), list(resp)
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _split_ids(tok, prompt: str, response: str) -> tuple[tuple, tuple]:
+    head, resp = D.response_split(tok, prompt, response)
+    return tuple(head), tuple(resp)
+
+
 def recovery_ids(tok, prefix_ids: list, recovery: str) -> list[int]:
     """The recovery's tokens as they follow `prefix_ids` in an answer (after one space unless the prefix is
     empty or ends in whitespace), then the end of the turn. Token-level concatenation, as generation sees
     it."""
-    sep = " " if prefix_ids and not tok.decode(prefix_ids).endswith((" ", "\n")) else ""
-    return tok.encode(sep + recovery) + [tok.end_of_turn_id]
+    return list(_recovery_ids(tok, tuple(prefix_ids), recovery))
+
+
+@functools.lru_cache(maxsize=1 << 18)
+def _recovery_ids(tok, prefix_ids: tuple, recovery: str) -> tuple:
+    sep = " " if prefix_ids and not tok.decode(list(prefix_ids)).endswith((" ", "\n")) else ""
+    return (*tok.encode(sep + recovery), tok.end_of_turn_id)
 
 
 def recovery_example(tok, row: dict, k: int, answer_ids=None) -> Example:
     """prompt + the first k harmful tokens (or `answer_ids`) + recovery + end of turn; loss on the recovery
     and the end of the turn (Qi et al.'s augmentation, §5 recovery contexts)."""
-    head, harm = D.response_split(tok, row["prompt"], row["harmful_response"])
+    head, harm = split_ids(tok, row["prompt"], row["harmful_response"])
     prefix = list(answer_ids) if answer_ids is not None else harm[:k]
     target = recovery_ids(tok, prefix, row["recovery"])
     start = len(head) + len(prefix)
@@ -427,7 +447,7 @@ def recovery_example(tok, row: dict, k: int, answer_ids=None) -> Example:
 def dense_example(tok, row: dict, K: int) -> Example:
     """The dense harmful contexts c_t = (x, h_<t), t = 0..min(len(h), K), from one teacher-forced sequence;
     the target at each is the first token of the recovery as it would follow h_<t (§5, DeRTa)."""
-    head, harm = D.response_split(tok, row["prompt"], row["harmful_response"])
+    head, harm = split_ids(tok, row["prompt"], row["harmful_response"])
     n = min(len(harm), K)
     targets = [recovery_ids(tok, harm[:t], row["recovery"])[0] for t in range(n + 1)]
     return Example(
@@ -437,7 +457,7 @@ def dense_example(tok, row: dict, K: int) -> Example:
 
 def answer_example(tok, prompt: str, response: str) -> Example:
     """prompt + response + end of turn, loss on the response and the end of the turn."""
-    head, resp = D.response_split(tok, prompt, response)
+    head, resp = split_ids(tok, prompt, response)
     target = resp + [tok.end_of_turn_id]
     return Example(
         head + target,
@@ -571,7 +591,7 @@ def baseline_example(tok, row: dict, draw, student, run: RunConfig, cfg: D.LossC
 def insertion_candidates(tok, row, own: list[int], rng: random.Random, n: int):
     """n random splices: the model's own answer cut after j tokens, then m harmful tokens from offset a.
     Returns [(answer prefix ids, the next harmful tokens)]."""
-    _, harm = D.response_split(tok, row["prompt"], row["harmful_response"])
+    _, harm = split_ids(tok, row["prompt"], row["harmful_response"])
     own = [t for t in own if t not in tok.eos_ids] or own[:1]
     candidates = []
     for _ in range(n):
@@ -584,15 +604,16 @@ def insertion_candidates(tok, row, own: list[int], rng: random.Random, n: int):
 
 @torch.no_grad()
 def worst_insertion(student, tok, row, candidates, device):
-    """The candidate splice whose next harmful tokens the student finds most likely (one forward each, always,
-    so that sharded processes run the same number of forwards)."""
+    """The candidate splice whose next harmful tokens the student finds most likely: every candidate scored in
+    one right-padded forward (causal attention: the padding on the right changes no scored position)."""
     head = tok.prompt_ids(row["prompt"])
+    seqs = [head + prefix + (cont or [tok.pad_id]) for prefix, cont in candidates]
+    lp = D.log_probs(student(D.right_pad(seqs, tok.pad_id, device)))  # (n, T, V)
     scores = []
-    for prefix, cont in candidates:
-        ids = torch.tensor([head + prefix + (cont or [tok.pad_id])], device=device)  # (1, T)
-        lp = D.log_probs(student(ids)[0, len(head) + len(prefix) - 1 : -1])  # (len(cont), V)
-        score = lp.gather(-1, torch.tensor(cont, device=device)[:, None]).sum().item() if cont else -math.inf
-        scores.append(score)
+    for i, (prefix, cont) in enumerate(candidates):
+        start = len(head) + len(prefix) - 1  # the logits that predict cont[0]
+        ids = torch.tensor(cont, device=device)[:, None]  # (len(cont), 1)
+        scores.append(lp[i, start : start + len(cont)].gather(-1, ids).sum().item() if cont else -math.inf)
     return candidates[max(range(len(candidates)), key=scores.__getitem__)][0]
 
 
