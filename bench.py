@@ -64,7 +64,7 @@ SIZES = {  # Llama-shaped random models
         num_hidden_layers=4,
         num_attention_heads=4,
         num_key_value_heads=2,
-        vocab_size=1664,
+        vocab_size=1792,  # the toy worlds' (1.7k words, padded to a multiple of 64)
     ),
 }
 
@@ -329,11 +329,30 @@ def m_train(folder, args, lam: float | None = None):
     paths = TW.ensure_world()
     tok = Tokenizer(paths["aligned"])
     safety, benign = TW.read_set(paths, "safety_train"), TW.read_set(paths, "benign_train")
-    student, step = targeted_training(lambda seed: load_model(folder, args.dtype, args.device), 0, tok, lam)
+    student, step, frozen = targeted_training(
+        lambda seed: load_model(folder, args.dtype, args.device), 0, tok, lam
+    )
     run = T.RunConfig(batch_size=8, utility_batch_size=8)
     loss = D.LossConfig() if lam is None else D.LossConfig(lam=lam)
     batches = T.make_batches(0, tok, safety, benign, {}, student, run, loss, args.device)
-    return (*timed_pair(lambda: step("targeted", batches), lambda: step("rto", batches)), {})
+    t_tgt, t_ce = timed_pair(lambda: step("targeted", batches), lambda: step("rto", batches))
+    # Where the difference goes: the frozen models' forwards the targeted step adds (A and B on the harmful
+    # batch, A on the utility batch, and at lam < 1 A on the clean contexts), timed alone; the rest is the
+    # teacher, the base-favored mask, the penalty and the KL terms.
+    A, B = frozen.aligned, frozen.base
+    reads = [(A, batches.safety), (B, batches.safety), (A, batches.utility)]
+    if D.uses_clean_teacher(loss):
+        reads.append((A, batches.teacher.clean))
+
+    @torch.no_grad()
+    def frozen_forwards():
+        for model, batch in reads:
+            model.log_probs(batch) if isinstance(model, T.FrozenAligned) else T.loss_log_probs(model, batch)
+
+    t_frozen = timed(frozen_forwards)
+    parts = {"cross_entropy_step_s": t_ce, "frozen_forwards_s": t_frozen, "frozen_forwards": len(reads)}
+    parts["teacher_mask_losses_s"] = max(0.0, t_tgt - t_ce - t_frozen)
+    return t_tgt, t_ce, {"parts": parts}
 
 
 def m_build(folder, args):
@@ -630,7 +649,7 @@ def targeted_training(make_model, lora_rank: int, tok=None, lam: float | None = 
         terms["loss"].backward()
         T.optimizer_step(params, masters, opt, 1.0)
 
-    return student, step
+    return student, step, frozen
 
 
 def synthetic_batches(batch: int, seq: int, vocab: int, device, seed: int, K: int = 40):
@@ -667,7 +686,7 @@ def g_train(args, shape, lora_rank: int):
     two up to --max-batch) that fits, its tokens/s (student tokens, safety + utility) and peak memory;
     reference: a plain cross-entropy step (`augment`) at the same batch."""
     margs = shape_args(shape, args)
-    student, step = targeted_training(
+    student, step, _ = targeted_training(
         lambda seed: random_model(margs, DTYPES[args.dtype], args.device, seed), lora_rank
     )
     student.checkpointing = True
@@ -728,7 +747,7 @@ def m_train_memory(folder, args, lora_rank: int):
     from model import load_model
 
     baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    student, step = targeted_training(lambda seed: load_model(folder, "bfloat16", "cpu"), lora_rank)
+    student, step, _ = targeted_training(lambda seed: load_model(folder, "bfloat16", "cpu"), lora_rank)
     n = sum(p.numel() for n, p in student.named_parameters() if "lora_" not in n)
     batches = synthetic_batches(1, 32, student.args.vocab_size, "cpu", 0)
     for _ in range(2):
@@ -810,6 +829,13 @@ def row_summary(row: dict) -> str:
     )
     if "fraction_of_bandwidth_limit" in row:
         text += f"  {100 * row['fraction_of_bandwidth_limit']:.0f}% of limit"
+    if "parts" in row:
+        p = row["parts"]
+        text += (
+            f"  = cross-entropy step {p['cross_entropy_step_s']:.2f} s + {p['frozen_forwards']} frozen "
+            f"forwards {p['frozen_forwards_s']:.2f} s + teacher, mask, losses "
+            f"{p['teacher_mask_losses_s']:.2f} s"
+        )
     if "fraction_of_matvec_limit" in row:
         text += (
             f", {100 * row['fraction_of_matvec_limit']:.0f}% of mat-vecs alone "

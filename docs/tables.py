@@ -90,6 +90,14 @@ COMPACT = {  # view -> the columns of a compact table (eval.compact_table): mean
         ("fine-tuned 20 steps", asr("finetune 0 s20", "all")),
         ("worst case, inference-time", asr("worst_inference 0", "all")),
     ],
+    "folds": [  # compare.py --folds: every category held out once, pooled over the four folds
+        ("direct", asr("prefill 0", "held_out")),
+        *[(f"k={k}", asr(f"prefill {k}", "held_out")) for k in (5, 10, 20, 40)],
+        ("insertion", asr("insertion 10 j4", "held_out")),
+        ("worst case", asr("worst 0", "held_out")),
+        ("refuses (direct)", "refusal_rate held_out"),
+        ("recovers (k=10)", "recovery_rate held_out"),
+    ],
     "calibration": [
         ("direct", "prefill 0 all toy"),
         *[(f"k={k}", f"prefill {k} all toy") for k in (5, 10, 20, 40)],
