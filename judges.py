@@ -28,7 +28,7 @@ from typing import Callable
 import torch
 from tqdm import tqdm
 
-from decode import generate, left_pad
+from decode import decode_loop, left_pad
 from model import Tokenizer, load_model
 
 Judge = Callable[[list[dict]], list[dict]]
@@ -213,9 +213,17 @@ def llama_guard(
 
     def judge_batch(items: list[dict]) -> list[dict]:
         seqs = [guard_prompt_ids(tok, it, as_parts, start) for it in items]
-        logits = next_token_logits(model, seqs, tok.pad_id)  # (B, V)
+        first = []  # the logits after the prompt: the score's, from the greedy verdict's own first step
+
+        def score(logits):  # (B, V) -> (B, V)
+            if not first:
+                first.append(logits.float())
+            return logits.float()
+
+        # one read of the (long) classification prompt serves the score and the verdict text
+        outs = decode_loop([model], seqs, score, verdict_tokens, tok.eos_ids, tok.pad_id)
+        logits = first[0]  # (B, V)
         scores = torch.sigmoid(logits[:, unsafe_id] - logits[:, safe_id]).tolist()  # (B,)
-        outs = generate(model, seqs, max_new_tokens=verdict_tokens, eos_ids=tok.eos_ids, pad_id=tok.pad_id)
         verdicts = []
         for score, out in zip(scores, outs):
             raw = start + tok.decode(out)
