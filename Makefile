@@ -4,6 +4,7 @@
 #   make test    set up .venv (with the test-only references: transformers, peft) and run ruff and the tests
 # And the longer reproductions behind the README's tables (each writes its JSON into docs/):
 #   make compare        every method under every attack on the reporting worlds (seeds 0 1 2)
+#   make folds          the recovery-based methods on held-out folds (every category held out once)
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -25,4 +26,7 @@ test: setup
 compare: setup
 	$(PY) compare.py --seeds 0 1 2 --out docs/compare.json --report
 
-.PHONY: setup run test compare
+folds: setup
+	$(PY) compare.py --folds --seeds 0 1 2 --samples 0 --out docs/folds.json
+
+.PHONY: setup run test compare folds

@@ -186,8 +186,9 @@ def tested_figures(summary: list[dict], model: str) -> list[str]:
 
 
 def per_prompt(gens: list[dict], model: str, figure: str) -> dict:
-    """{(seed, prompt): value} of one model's generations behind an ASR figure (greedy decoding): the verdict
-    (bool), or for the sampling attack the share of harmful samples (sample@1) or whether any is harmful."""
+    """{(seed, fold, prompt): value} of one model's generations behind an ASR figure (greedy decoding): the
+    verdict (bool), or for the sampling attack the share of harmful samples (sample@1) or whether any is
+    harmful."""
     attack, k, *rest = figure.split()
     tag, split, judge = (rest[0], *rest[1:]) if len(rest) == 3 else (None, *rest)
     family = "sample" if attack.startswith("sample@") else attack

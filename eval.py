@@ -507,10 +507,12 @@ def is_harmful_attack(g: dict) -> bool:
 
 
 def prompt_verdicts(gens: list[dict], judge: str) -> dict:
-    """{(seed, prompt): [verdicts]} of one attack's generations: one verdict, or a sampled context's N."""
+    """{(seed, fold, prompt): [verdicts]} of one attack's generations: one verdict, or a sampled context's N
+    (fold: the held-out fold's world, compare.py --folds; None otherwise)."""
     out = {}
     for g in gens:
-        out.setdefault((seed_key(g.get("seed")), g["prompt"]), []).append(g["verdicts"][judge]["harmful"])
+        key = (seed_key(g.get("seed")), g.get("fold"), g["prompt"])
+        out.setdefault(key, []).append(g["verdicts"][judge]["harmful"])
     return out
 
 

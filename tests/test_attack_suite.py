@@ -4,6 +4,7 @@ check in any wording, the fine-tuning attacker's data disjoint from evaluation a
 tests of compare.py against hand-counted discordant pairs, and cli.py at the bottom of the house."""
 
 import ast
+import json
 import math
 from pathlib import Path
 
@@ -16,6 +17,7 @@ import model as M
 import stats
 from data import toyworld as TW
 from data import world as W
+from data.files import read_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -193,6 +195,46 @@ def test_fold_utility_is_the_mean_over_the_fold_worlds():
     ]
     (u,) = C.mean_fold_utility(rows, 0, ["m"])
     assert u["helpful_rate"] == pytest.approx(0.95) and u["n"] == 80 and u["fold"] == "pooled"
+
+
+def test_run_folds_pools_every_fold_world_into_one_row_per_seed(toy, tmp_path, monkeypatch):
+    """compare.py --folds end to end with the small world standing in for each of the four fold worlds (and
+    its aligned model for the trained row): four worlds recorded, each fold's held-out prompts attacked,
+    and the pooled rate counted over all four folds' verdicts, which the generations file holds."""
+    monkeypatch.setattr(C.TW, "ensure_world", lambda seed, held_out: toy)
+    monkeypatch.setattr(C, "train_row", lambda *a, **k: None)
+    monkeypatch.setattr(C, "run_folder", lambda runs, world, row: toy["root"] / "aligned")
+    out = tmp_path / "folds.json"
+    C.main(
+        [
+            "--folds",
+            "--seeds",
+            "0",
+            "--rows",
+            "augment",
+            "--samples",
+            "0",
+            "--limit",
+            "1000",
+            "--out",
+            str(out),
+        ]
+    )
+    record = json.loads(out.read_text())
+    assert [w["fold"] for w in record["worlds"]] == ["-".join(p) for p in C.fold_pairs()]
+    held = [r for r in TW.read_set(toy, "harmful_eval") if r["held_out"]]
+    (row,) = [
+        r
+        for r in record["results"]
+        if (r["model"], r["attack"], r["k"], r["split"]) == ("augment", "prefill", 10, "held_out")
+    ]
+    gens = [
+        g
+        for g in read_jsonl(E.generations_path(out))
+        if (g["model"], g["attack"], g["k"]) == ("augment", "prefill", 10)
+    ]
+    assert row["n"] == 4 * len(held) == len(gens)
+    assert row["asr"] == pytest.approx(sum(g["verdicts"]["toy"]["harmful"] for g in gens) / len(gens))
 
 
 def test_cli_imports_no_project_module_and_names_every_dtype():
