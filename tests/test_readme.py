@@ -51,3 +51,59 @@ def test_readme_gives_the_two_commands():
     commands = [line for line in first.splitlines() if line and not line.startswith("#")]
     assert commands == ["make run", "make test"]
     assert "make test" in (ROOT / ".ci" / "run").read_text()
+
+
+def readme_commands() -> list[tuple[str, list[str], str]]:
+    """(script, its arguments, the docs JSON it writes) of every command in the README's code blocks."""
+    import shlex
+
+    out = []
+    for block in re.findall(r"^```bash\n(.*?)^```", README, flags=re.S | re.M):
+        for line in block.splitlines():
+            written = re.search(r"--out (docs/\S+\.json)", line)
+            if line.startswith("python ") and written:
+                words = shlex.split(line)
+                out.append((words[1], words[2:], written[1]))
+    return out
+
+
+def test_every_readme_command_is_the_one_its_json_records():
+    """The command printed above a table is the one that wrote its JSON: each setting the JSON records equals
+    what that command line parses to (a stale command, e.g. a renamed run folder or another attack budget,
+    fails here)."""
+    import json
+
+    import compare
+    import deepalign
+    import eval as E
+
+    checked, stale = 0, []
+    for script, argv, path in readme_commands():
+        settings = json.loads((ROOT / path).read_text())["settings"]
+        if script == "eval.py":
+            parsed = vars(E.parse_args(argv))
+        elif script == "compare.py":
+            parsed = vars(compare.parse_args(argv))
+            parsed = {k: parsed[k] for k in ("seeds", "samples", "finetune_attack", "steps")} | {
+                "rows": sorted(parsed["rows"])
+            }
+            settings = {**settings, "rows": sorted(settings["rows"])}  # the order of rows is the table's
+        elif script == "deepalign.py":
+            parsed = {k: v for k, v in vars(deepalign.parse_args(argv)).items() if k in ("seeds", "models")}
+        else:
+            continue
+        skip = {"out", "report", "compile", "seconds"}
+        run = {
+            "gcg": parsed.get("gcg", 1),
+            "ablate": parsed.get("ablate", 1),
+            "finetune": parsed.get("finetune_attack", 1),
+        }
+        off = [f"{attack}_" for attack, on in run.items() if not on]
+        skip |= {k for k in parsed if k.startswith(tuple(off))}  # the budget of an attack not run
+        differ = {k: (v, settings[k]) for k, v in parsed.items() if k in settings and k not in skip}
+        differ = {k: pair for k, pair in differ.items() if pair[0] != pair[1]}
+        if differ:
+            stale.append(f"the command writing {path} differs from its recorded settings: {differ}")
+        checked += 1
+    assert not stale, "README.md: " + "; ".join(stale)
+    assert checked >= 5
