@@ -40,6 +40,7 @@ ROWS = {  # row name -> train.py flags ("aligned" rows are not trained)
     "targeted, teacher contrast": ["--method", "targeted", "--teacher", "contrast", "--lam", "0.5"],
     "targeted, no penalty": ["--method", "targeted", "--lambda-pen", "0"],
     "targeted, position weights": ["--method", "targeted", "--penalty-weight", "position"],
+    "targeted, lambda_util 2": ["--method", "targeted", "--lambda-util", "2"],  # a heavier utility anchor
 }
 # The rows `make compare` runs: the recovery-trained methods, targeted completion at its chosen default
 # (lam 1) and at the paper's stated lam 0.5 with and without its penalty (the parts the development world
