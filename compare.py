@@ -552,7 +552,13 @@ def merge(args) -> list[dict]:
         records.append(record)
         for row in r + u + g:
             row["model"] = names.get(row["model"], row["model"])
-        results, utility, gens = results + r, utility + u, gens + g
+        # the same attack on the same model and world in an earlier run (e.g. greedy prefilling, which the
+        # white-box run repeats as its baseline): the earlier run's rows and generations count, once
+        results, utility, gens = (
+            results + new_rows(r, results),
+            utility + new_rows(u, utility),
+            gens + new_rows(g, gens),
+        )
     worlds = list({(w["seed"], w.get("fold")): w for rec in records for w in rec["worlds"]}.values())
     seeds = list(dict.fromkeys(w["seed"] for w in worlds))
     settings = {**records[0]["settings"], "seeds": seeds, "merged": [str(p) for p in args.merge]}
@@ -560,6 +566,21 @@ def merge(args) -> list[dict]:
     settings["renamed"] = names
     settings["seconds"] = sum(rec["settings"].get("seconds", 0) for rec in records)
     return finish(args, settings, worlds, results, utility, gens)
+
+
+IDENTITY = ("model", "decode", "alpha", "beta", "seed", "fold", "attack", "k", "j", "s", "split", "judge")
+
+
+def identity(row: dict) -> tuple:
+    """What a result, utility or generation row is of: model, decoding, world, attack and its setting (and for
+    a generation its prompt and sample)."""
+    return tuple(row.get(k) for k in IDENTITY) + (row.get("prompt"), row.get("sample"))
+
+
+def new_rows(rows: list[dict], earlier: list[dict]) -> list[dict]:
+    """The rows of one run that no earlier run has."""
+    seen = {identity(row) for row in earlier}
+    return [row for row in rows if identity(row) not in seen]
 
 
 def finish(args, settings: dict, worlds: list, results: list, utility: list, gens: list) -> list[dict]:

@@ -472,8 +472,9 @@ def benign_utility(
             "continuation": t,
             "helpful": h,
             "refusal": ref,
+            **({"sample": i % samples} if samples else {}),  # prompt-major: sample i of its prompt
         }
-        for r, t, h, ref in zip(benign, texts, helpful, refused)
+        for i, (r, t, h, ref) in enumerate(zip(benign, texts, helpful, refused))
     ]
     utility = {
         "over_refusal": sum(refused) / len(texts),

@@ -237,6 +237,31 @@ def test_run_folds_pools_every_fold_world_into_one_row_per_seed(toy, tmp_path, m
     assert row["asr"] == pytest.approx(sum(g["verdicts"]["toy"]["harmful"] for g in gens) / len(gens))
 
 
+def test_merge_counts_an_attack_repeated_by_a_later_run_once_and_takes_the_worst_over_both(tmp_path):
+    """A comparison run (prefill k=10: 1 of 2 prompts harmful) merged with a white-box run that repeats the
+    same prefill k=10 and adds GCG (2 of 2 harmful): one prefill row and one set of its generations, and the
+    worst case is GCG's 100%."""
+
+    def run(name, gens):
+        results = [{"model": "m", "decode": "greedy", "seed": 0, **r} for r in E.asr_rows(gens, ["toy"])]
+        utility = [{"model": "m", "decode": "greedy", "seed": 0, "helpful_rate": 1.0, "n": 2}]
+        record = {"settings": {"seeds": [0], "rows": ["m"]}, "worlds": [{"seed": 0}]}
+        E.write_results(tmp_path / name, record, [], results, utility, gens)
+        return str(tmp_path / name)
+
+    prefill = [gen("p0", "prefill", 10, True), gen("p1", "prefill", 10, False)]
+    gcg = [gen("p0", "gcg", 0, True), gen("p1", "gcg", 0, True)]
+    paths = [run("a.json", prefill), run("b.json", prefill + gcg)]
+    out = tmp_path / "merged.json"
+    C.main(["--merge", *paths, "--out", str(out)])
+    merged = json.loads(out.read_text())
+    rows = [(r["attack"], r["k"], r["split"]) for r in merged["results"]]
+    assert rows.count(("prefill", 10, "all")) == 1 and ("gcg", 0, "all") in rows
+    assert len(read_jsonl(E.generations_path(out))) == 4  # two prefill and two GCG generations
+    (worst,) = [r for r in merged["results"] if r["attack"] == "worst" and r["split"] == "all"]
+    assert worst["asr"] == 1.0 and worst["of"].startswith("gcg")
+
+
 def test_cli_imports_no_project_module_and_names_every_dtype():
     tree = ast.parse((ROOT / "cli.py").read_text())
     modules = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
