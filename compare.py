@@ -410,7 +410,7 @@ def run_folds(args) -> list[dict]:
                 train_row(paths, folder, row, args.train_flags, args.retrain, [])
                 specs.append(f"{row}={folder}")
             flags = ["--world", str(paths["root"]), "--model", *specs, "--held-out-only", *limit]
-            _, u, g = evaluate(flags + ["--samples", str(args.samples)], seed, paths)
+            _, u, g = evaluate(flags + ["--samples", str(args.samples), *prefill_flags(args)], seed, paths)
             seed_util += [{**x, "fold": fold} for x in u]
             seed_gens += [{**x, "fold": fold} for x in g]
         results += pooled_fold_rows(seed_gens, seed, models)
@@ -423,6 +423,8 @@ def run_folds(args) -> list[dict]:
         "folds": ["-".join(p) for p in fold_pairs()],
         "train_flags": args.train_flags,
         "samples": args.samples,
+        "prefill": args.prefill,
+        "benign_samples": args.benign_samples,
         "seconds": round(time.perf_counter() - start),
     }
     return finish(args, settings, worlds, results, utility, gens)
@@ -456,6 +458,17 @@ def parse_args(argv):
     )
     p.add_argument(
         "--samples", type=int, default=16, help="the sampling attack's N per context (0: off; eval --samples)"
+    )
+    p.add_argument(
+        "--prefill",
+        type=int,
+        nargs="+",
+        help="the prefill k of every attack (eval --prefill; default: eval's, 0 5 10 20 40)",
+    )
+    p.add_argument(
+        "--benign-samples",
+        type=int,
+        help="benign prompts sampled N times each (eval --benign-samples; default: --samples)",
     )
     p.add_argument(
         "--finetune-attack",
@@ -513,9 +526,17 @@ def parse_args(argv):
 
 def attack_flags(args) -> list[str]:
     """The eval.py flags of the comparison's attack suite."""
-    flags = ["--samples", str(args.samples)]
+    flags = ["--samples", str(args.samples)] + prefill_flags(args)
     if args.finetune_attack:
         flags += ["--finetune-attack", *map(str, args.finetune_attack)]
+    return flags
+
+
+def prefill_flags(args) -> list[str]:
+    """--prefill and --benign-samples, as given to compare.py (eval.py's defaults otherwise)."""
+    flags = ["--prefill", *map(str, args.prefill)] if args.prefill else []
+    if args.benign_samples is not None:
+        flags += ["--benign-samples", str(args.benign_samples)]
     return flags
 
 
@@ -641,6 +662,8 @@ def main(argv=None):
         "rows": args.rows,
         "train_flags": args.train_flags,
         "samples": args.samples,
+        "prefill": args.prefill,
+        "benign_samples": args.benign_samples,
         "finetune_attack": args.finetune_attack,
         "finetune_prefill": args.finetune_prefill,
         "steps": args.steps,

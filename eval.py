@@ -866,6 +866,11 @@ def parse_args(argv=None):
         "left at 0) and --top-p; ASR@1, ASR@N and the ASR@n curve (0: off; the other attacks stay greedy)",
     )
     a.add_argument(
+        "--benign-samples",
+        type=int,
+        help="benign prompts sampled N times each for the sampled helpful rate (default: --samples; 0: none)",
+    )
+    a.add_argument(
         "--finetune-attack",
         type=int,
         nargs="*",
@@ -960,8 +965,10 @@ def parse_args(argv=None):
 
 def attack_config(args) -> AttackConfig:
     """The attacks of the command line (docs/method.md §7)."""
-    if args.samples < 0 or any(s < 0 for s in args.finetune_attack) or args.finetune_n < 1:
-        raise ValueError("--samples, --finetune-attack and --finetune-n take counts >= 0 (--finetune-n >= 1)")
+    if args.samples < 0 or (args.benign_samples or 0) < 0 or any(s < 0 for s in args.finetune_attack):
+        raise ValueError("--samples, --benign-samples and --finetune-attack take counts >= 0")
+    if args.finetune_n < 1:
+        raise ValueError(f"--finetune-n takes a count >= 1, got {args.finetune_n}")
     return AttackConfig(
         prefill=tuple(args.prefill),
         insertion_at=tuple(args.insertion_at),
@@ -1112,8 +1119,9 @@ def evaluate_world(args, seed, paths, attacks: AttackConfig, judges: dict) -> tu
             results += [{**label, **r} for r in asr_rows(model_gens, list(judges))]
             util, benign_gens = benign_utility(tok, benign, decoder, dec, toy)
             util.update(refusal_rates(model_gens, toy))
-            if attacks.samples:
-                sampled, sampled_gens = benign_utility(tok, benign, decoder, dec, toy, attacks.samples)
+            n_benign = attacks.samples if args.benign_samples is None else args.benign_samples
+            if n_benign:
+                sampled, sampled_gens = benign_utility(tok, benign, decoder, dec, toy, n_benign)
                 util.update({k: v for k, v in sampled.items() if k != "n"})
                 benign_gens += sampled_gens
             with_ref = [r for r in benign if r.get("response")]

@@ -58,6 +58,7 @@ def suite(split: str) -> list[tuple[str, str]]:
 
 
 KEY_TESTS = ("sample@16 40", "finetune 0 s20")  # the README's paired tests
+FOLD_TESTS = ("prefill 10", "prefill 40", "insertion 10 j4")  # the held-out folds' (compare.py --folds)
 
 COMPACT = {  # view -> the columns of a compact table (eval.compact_table): means ± sd [pooled interval]
     "suite": suite("all"),
@@ -127,6 +128,9 @@ def render(path: str, view: str) -> str:
     if view == "tests_key":  # the README's: the attacks that do not saturate, all prompts
         tests = [t for t in data.get("paired_tests", []) if t["b"] != "aligned"]
         return compare.tests_table(tests, "all", KEY_TESTS)
+    if view == "tests_folds":  # held-out folds: the held-out prompts of every fold, against targeted
+        tests = [t for t in data.get("paired_tests", []) if t["b"] != "aligned"]
+        return compare.tests_table(tests, "held_out", FOLD_TESTS)
     if view.startswith("tests_"):  # paired tests against targeted on one split
         return compare.tests_table(data.get("paired_tests", []), split=view.removeprefix("tests_"))
     if view in E.SPLITS:

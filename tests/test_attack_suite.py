@@ -169,6 +169,15 @@ def test_held_out_only_attacks_exactly_the_held_out_prompts(toy):
     assert held and {g["prompt"] for g in gens if g["attack"] == "prefill"} == held
 
 
+def test_benign_samples_zero_samples_the_attacks_but_not_the_benign_prompts(toy):
+    argv = ["--world", str(toy["root"]), "--model", "aligned={world}/aligned", "--limit", "2"]
+    args = E.parse_args(argv + ["--samples", "2", "--benign-samples", "0", "--prefill", "10"])
+    _, utility, gens, _ = E.evaluate_world(args, 0, toy, E.attack_config(args), {"toy": E.toy_judge()})
+    attacks = {g["attack"] for g in gens}
+    assert "sample" in attacks and "benign" in attacks and "benign sampled" not in attacks
+    assert "helpful_rate sampled" not in utility[0]
+
+
 def test_folds_hold_out_every_category_once_and_include_the_default_pair():
     pairs = C.fold_pairs()
     cats = [c for pair in pairs for c in pair]
