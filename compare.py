@@ -381,14 +381,16 @@ def pooled_fold_rows(gens: list[dict], seed: int, models: list[str]) -> list[dic
 
 
 def mean_fold_utility(utility: list[dict], seed: int, models: list[str]) -> list[dict]:
-    """One seed's utility rows: each numeric figure's mean over the fold worlds (the benign prompts and the
-    held-out prompts' counts are the same on every fold); n and n_of as one fold's."""
+    """One seed's utility rows: each numeric figure's mean over the fold worlds. The rates over harmful
+    prompts (refusal_rate, recovery_rate: n_of) are over each fold's own held-out prompts, so their counts add
+    up; the benign figures are over the same benign prompts on every fold, so n stays one fold's."""
     out = []
     for model in models:
         rows = [u for u in utility if u["model"] == model]
         keys = [k for k, v in rows[0].items() if isinstance(v, float) and all(k in u for u in rows)]
         mean = {k: sum(u[k] for u in rows) / len(rows) for k in keys}
-        out.append({**rows[0], **mean, "seed": seed, "fold": "pooled"})
+        n_of = {k: sum(u["n_of"][k] for u in rows) for k in rows[0].get("n_of", {})}
+        out.append({**rows[0], **mean, "n_of": n_of, "seed": seed, "fold": "pooled"})
     return out
 
 

@@ -58,7 +58,7 @@ def suite(split: str) -> list[tuple[str, str]]:
 
 
 KEY_TESTS = ("sample@16 40", "finetune 0 s20")  # the README's paired tests
-FOLD_TESTS = ("prefill 10", "prefill 40", "insertion 10 j4")  # the held-out folds' (compare.py --folds)
+FOLD_TESTS = ("prefill 40", "sample@16 40", "worst 0")  # the held-out folds' (compare.py --folds)
 
 COMPACT = {  # view -> the columns of a compact table (eval.compact_table): means ± sd [pooled interval]
     "suite": suite("all"),
@@ -92,12 +92,13 @@ COMPACT = {  # view -> the columns of a compact table (eval.compact_table): mean
         ("worst case, inference-time", asr("worst_inference 0", "all")),
     ],
     "folds": [  # compare.py --folds: every category held out once, pooled over the four folds
-        ("direct", asr("prefill 0", "held_out")),
-        *[(f"k={k}", asr(f"prefill {k}", "held_out")) for k in (5, 10, 20, 40)],
+        *[(f"k={k}", asr(f"prefill {k}", "held_out")) for k in (10, 40)],
         ("insertion", asr("insertion 10 j4", "held_out")),
+        *[(f"sampled k={k}, ASR@16", asr(f"sample@16 {k}", "held_out")) for k in (10, 40)],
         ("worst case", asr("worst 0", "held_out")),
-        ("refuses (direct)", "refusal_rate held_out"),
         ("recovers (k=10)", "recovery_rate held_out"),
+        ("helpful", "helpful_rate"),
+        ("over-refusal", "over_refusal"),
     ],
     "calibration": [
         ("direct", "prefill 0 all toy"),

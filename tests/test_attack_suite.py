@@ -200,10 +200,13 @@ def test_fold_asr_is_pooled_over_the_prompts_of_every_fold_by_hand():
 def test_fold_utility_is_the_mean_over_the_fold_worlds():
     rows = [
         {"model": "m", "decode": "greedy", "seed": 0, "n": 80, "helpful_rate": h, "fold": f}
-        for h, f in ((1.0, "a"), (0.95, "b"), (0.9, "c"), (0.95, "d"))
+        | {"recovery_rate": r, "n_of": {"recovery_rate": 50}}
+        for h, r, f in ((1.0, 1.0, "a"), (0.95, 0.9, "b"), (0.9, 1.0, "c"), (0.95, 0.9, "d"))
     ]
     (u,) = C.mean_fold_utility(rows, 0, ["m"])
     assert u["helpful_rate"] == pytest.approx(0.95) and u["n"] == 80 and u["fold"] == "pooled"
+    # the recoveries are over each fold's own held-out prompts: 190 of 4 x 50
+    assert u["recovery_rate"] == pytest.approx(190 / 200) and u["n_of"] == {"recovery_rate": 200}
 
 
 def test_run_folds_pools_every_fold_world_into_one_row_per_seed(toy, tmp_path, monkeypatch):
