@@ -380,17 +380,26 @@ def pooled_fold_rows(gens: list[dict], seed: int, models: list[str]) -> list[dic
     return rows
 
 
-def mean_fold_utility(utility: list[dict], seed: int, models: list[str]) -> list[dict]:
-    """One seed's utility rows: each numeric figure's mean over the fold worlds. The rates over harmful
-    prompts (refusal_rate, recovery_rate: n_of) are over each fold's own held-out prompts, so their counts add
-    up; the benign figures are over the same benign prompts on every fold, so n stays one fold's."""
+def mean_fold_utility(utility: list[dict], gens: list[dict], seed: int, models: list[str]) -> list[dict]:
+    """One seed's utility rows: the benign figures' mean over the fold worlds (the same benign prompts on
+    every fold, so n stays one fold's), and the refusal and recovery rates counted over the held-out prompts
+    of all folds pooled (each fold's own prompts: pooled_fold_refusals)."""
     out = []
     for model in models:
         rows = [u for u in utility if u["model"] == model]
         keys = [k for k, v in rows[0].items() if isinstance(v, float) and all(k in u for u in rows)]
         mean = {k: sum(u[k] for u in rows) / len(rows) for k in keys}
-        n_of = {k: sum(u["n_of"][k] for u in rows) for k in rows[0].get("n_of", {})}
-        out.append({**rows[0], **mean, "n_of": n_of, "seed": seed, "fold": "pooled"})
+        out.append({**rows[0], **mean, "seed": seed, "fold": "pooled"})
+    return pooled_fold_refusals(out, gens)
+
+
+def pooled_fold_refusals(utility: list[dict], gens: list[dict]) -> list[dict]:
+    """Each utility row with its refusal and recovery rates (and their counts, n_of) recounted over every
+    fold's generations of its model and seed (eval.refusal_rates on the pooled held-out prompts)."""
+    out = []
+    for u in utility:
+        mine = [g for g in gens if (g["model"], g.get("seed")) == (u["model"], u["seed"])]
+        out.append({**u, **E.refusal_rates(mine, True)})
     return out
 
 
@@ -416,7 +425,7 @@ def run_folds(args) -> list[dict]:
             seed_util += [{**x, "fold": fold} for x in u]
             seed_gens += [{**x, "fold": fold} for x in g]
         results += pooled_fold_rows(seed_gens, seed, models)
-        utility += mean_fold_utility(seed_util, seed, models)
+        utility += mean_fold_utility(seed_util, seed_gens, seed, models)
         gens += seed_gens
     log(f"{len(worlds)} fold worlds, {time.perf_counter() - start:.0f} s")
     settings = {
