@@ -28,5 +28,7 @@ compare: setup
 
 folds: setup
 	$(PY) compare.py --folds --seeds 0 1 2 --samples 0 --out docs/folds.json
+	$(PY) compare.py --folds --seeds 0 1 2 --samples 16 --prefill 10 40 --benign-samples 0 --out docs/folds_sampled.json
+	$(PY) compare.py --merge docs/folds.json docs/folds_sampled.json --out docs/folds.json
 
 .PHONY: setup run test compare folds
