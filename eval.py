@@ -627,11 +627,14 @@ def summarize(results: list[dict], utility: list[dict]) -> list[dict]:
 
 def intervals(per_seed: dict, sizes: dict) -> dict:
     """The 95% Wilson interval over prompts of a rate in each seed ("ci": {seed: [lo, hi]}) and over the
-    prompts of every seed pooled ("pooled": [lo, hi]); nothing for a figure that is not a rate over prompts
+    prompts of every seed pooled ("pooled": [lo, hi], only where every seed has as many prompts, so that the
+    pooled rate is the mean's); nothing for a figure that is not a rate over prompts
     (docs/method.md §7 Statistics)."""
     if not sizes or any(sizes.get(seed) is None for seed in per_seed):
         return {}
     ci = {seed: list(stats.wilson_interval(v * sizes[seed], sizes[seed])) for seed, v in per_seed.items()}
+    if len({sizes[seed] for seed in per_seed}) > 1:  # e.g. a worst case that is GCG (8 prompts) on one world
+        return {"ci": ci}  # and sampling (200) on another: the pooled rate would not be the mean's
     k = sum(v * sizes[seed] for seed, v in per_seed.items())
     return {"ci": ci, "pooled": list(stats.wilson_interval(k, sum(sizes.values())))}
 

@@ -63,6 +63,15 @@ def test_greedy_rows_carry_the_wilson_interval_over_prompts():
     assert row["hi"] == pytest.approx((centre + half) / (1 + z * z / n))
 
 
+def test_pooled_interval_only_where_every_world_has_as_many_prompts():
+    """Pooled over worlds, 3 of 10 and 5 of 10 is 8 of 20 (the mean's 0.4); a worst case that is 1 of 8
+    (GCG) on one world and 0 of 200 on another has no pooled rate equal to its mean, so no pooled interval."""
+    same = E.intervals({"0": 0.3, "1": 0.5}, {"0": 10, "1": 10})
+    assert same["pooled"] == pytest.approx(list(stats.wilson_interval(8, 20)))
+    mixed = E.intervals({"0": 0.125, "1": 0.0}, {"0": 8, "1": 200})
+    assert "pooled" not in mixed and mixed["ci"]["0"] == pytest.approx(list(stats.wilson_interval(1, 8)))
+
+
 def test_worst_case_is_the_largest_asr_over_the_suite():
     base = {"model": "m", "decode": "greedy", "seed": 0, "split": "all", "judge": "toy", "n": 10}
     results = [
