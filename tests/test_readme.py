@@ -62,7 +62,7 @@ def readme_commands() -> list[tuple[str, list[str], str]]:
         for line in block.splitlines():
             written = re.search(r"--out (docs/\S+\.json)", line)
             if line.startswith("python ") and written:
-                words = shlex.split(line)
+                words = shlex.split(line, comments=True)
                 out.append((words[1], words[2:], written[1]))
     return out
 
