@@ -426,6 +426,12 @@ def kd_loss(q, lp_S) -> torch.Tensor:
     return (q * (log_q - lp_S)).sum(-1)
 
 
+def hard_kd_loss(targets, lp_S) -> torch.Tensor:
+    """KL(one-hot(y) || p_S) = -log p_S(y): L_kd of the hard teacher (lam = 1, or --teacher hard) without
+    building its (N, V) one-hot (the one-hot's entropy is 0). (N,), (N, V) -> (N,)."""
+    return -lp_S.gather(-1, targets[:, None]).squeeze(-1)
+
+
 def penalty_weights(bf_mass_A, positions, cfg: LossConfig, mean=None, T=None) -> torch.Tensor:
     """w_t of the adaptive penalty (§5), recomputed each batch; no gradient flows through them.
 
@@ -461,6 +467,7 @@ def targeted_loss(
     bf_mean=None,
     T=None,
     bf=None,
+    targets=None,
 ) -> dict[str, torch.Tensor]:
     """The whole objective of targeted completion (§5):
 
@@ -469,7 +476,8 @@ def targeted_loss(
         L_pen  = mean_t w_t sum_{v in BF_t} p_S(v|c_t)              BF_t from the frozen A and B (§2)
         L_util = mean_t KL(p_A(.|c_t) || p_S(.|c_t))                over benign responses
 
-    lp_S, lp_A, lp_B, q (N, V) at the harmful contexts (dense and recovery), dense (N,) bool marks the dense
+    lp_S, lp_A, lp_B, q (N, V) at the harmful contexts (dense and recovery; q None: the hard teacher, one-hot
+    on `targets` (N,), hard_kd_loss), dense (N,) bool marks the dense
     ones, positions (N,) their response positions; lp_S_util, lp_A_util (M, V) at benign positions. Returns
     every term (kd, kd_dense, kd_recovery, pen, util, bf_mass_S) and "loss". Under several processes, `shares`
     (this process's token share of the safety and the utility batch) weighs the local means so that their
@@ -478,7 +486,7 @@ def targeted_loss(
     if bf is None:
         bf = base_favored_mask(lp_A, lp_B, cfg.tau, cfg.top_k, cfg.rho, valid)  # (N, V)
     w = penalty_weights(bf_mass(lp_A, bf), positions.float(), cfg, bf_mean, T)  # (N,)
-    kl = kd_loss(q, lp_S)  # (N,)
+    kl = kd_loss(q, lp_S) if q is not None else hard_kd_loss(targets, lp_S)  # (N,)
     mass_S = bf_mass(lp_S, bf)  # (N,)
     terms = {
         "kd": kl.mean(),

@@ -356,6 +356,7 @@ def step_losses(method: str, student, frozen: Frozen, batches: Batches, cfg: D.L
             bf_mean,
             T,
             bf,
+            safety.targets,
         )
     terms = {}
     if method == "constrained":  # Qi et al.'s objective, on the safety and the utility batch alike
@@ -377,10 +378,11 @@ def step_losses(method: str, student, frozen: Frozen, batches: Batches, cfg: D.L
 
 @torch.no_grad()
 def teacher_distribution(lp_A, lp_B, targets, index: TeacherIndex, frozen: Frozen, cfg: D.LossConfig):
-    """The hybrid teacher q (N, V) of every harmful loss position (§5): clean (version 2), contrast (version
-    1) or hard (lam = 1)."""
+    """The hybrid teacher q (N, V) of every harmful loss position (§5): clean (version 3), contrast (version
+    1); None for the hard teacher (lam = 1, or --teacher hard): one-hot on the targets, which
+    D.targeted_loss reads as -log p_S(y) without building it."""
     if cfg.teacher == "hard" or (cfg.teacher == "clean" and not D.uses_clean_teacher(cfg)):
-        return D.hard_labels(targets, lp_A.shape[-1])
+        return None
     if cfg.teacher == "contrast":
         return D.contrast_teacher(lp_A, lp_B, targets, cfg.lam, cfg.alpha_t, cfg.beta)
     if cfg.teacher != "clean":

@@ -321,6 +321,15 @@ def test_kd_loss_hand_computed():
     assert D.kd_loss(q, lp(0.25, 0.25, 0.5)).tolist() == pytest.approx([expected], rel=1e-6)
 
 
+def test_hard_teacher_kd_is_minus_log_p_of_the_label_by_hand():
+    """KL(one-hot(y) || p) = -log p(y): 0.25 -> log 4 for y = 0, 0.5 -> log 2 for y = 2; and equal to kd_loss
+    of the materialised one-hot, which the hard teacher no longer builds."""
+    lps = torch.cat([lp(0.25, 0.25, 0.5), lp(0.25, 0.25, 0.5)])  # (2, 3)
+    y = torch.tensor([0, 2])
+    assert D.hard_kd_loss(y, lps).tolist() == pytest.approx([LOG(4.0), LOG(2.0)], rel=1e-6)
+    assert torch.allclose(D.hard_kd_loss(y, lps), D.kd_loss(D.hard_labels(y, 3), lps))
+
+
 def test_penalty_weights_hand_computed():
     m = torch.tensor([0.2, 0.6, 0.0, 2.0])
     pos = torch.tensor([0.0, 5.0, 10.0, 20.0])

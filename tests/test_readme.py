@@ -79,7 +79,7 @@ def test_every_readme_command_is_the_one_its_json_records():
 
     checked, stale = 0, []
     for script, argv, path in readme_commands():
-        if "--merge" in argv:  # it records the settings of the runs it merges, each checked by its own command
+        if "--merge" in argv:  # it records the runs it merges, each checked by its own command
             continue
         settings = json.loads((ROOT / path).read_text())["settings"]
         if script == "eval.py":
