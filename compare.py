@@ -421,23 +421,14 @@ def run_folds(args) -> list[dict]:
                 train_row(paths, folder, row, args.train_flags, args.retrain, [])
                 specs.append(f"{row}={folder}")
             flags = ["--world", str(paths["root"]), "--model", *specs, "--held-out-only", *limit]
-            _, u, g = evaluate(flags + ["--samples", str(args.samples), *prefill_flags(args)], seed, paths)
+            _, u, g = evaluate(flags + shared_eval_flags(args), seed, paths)
             seed_util += [{**x, "fold": fold} for x in u]
             seed_gens += [{**x, "fold": fold} for x in g]
         results += pooled_fold_rows(seed_gens, seed, models)
         utility += mean_fold_utility(seed_util, seed_gens, seed, models)
         gens += seed_gens
     log(f"{len(worlds)} fold worlds, {time.perf_counter() - start:.0f} s")
-    settings = {
-        "seeds": args.seeds,
-        "rows": args.rows,
-        "folds": ["-".join(p) for p in fold_pairs()],
-        "train_flags": args.train_flags,
-        "samples": args.samples,
-        "prefill": args.prefill,
-        "benign_samples": args.benign_samples,
-        "seconds": round(time.perf_counter() - start),
-    }
+    settings = run_settings(args, start, folds=["-".join(p) for p in fold_pairs()])
     return finish(args, settings, worlds, results, utility, gens)
 
 
@@ -537,15 +528,17 @@ def parse_args(argv):
 
 def attack_flags(args) -> list[str]:
     """The eval.py flags of the comparison's attack suite."""
-    flags = ["--samples", str(args.samples)] + prefill_flags(args)
+    flags = shared_eval_flags(args)
     if args.finetune_attack:
         flags += ["--finetune-attack", *map(str, args.finetune_attack)]
     return flags
 
 
-def prefill_flags(args) -> list[str]:
-    """--prefill and --benign-samples, as given to compare.py (eval.py's defaults otherwise)."""
-    flags = ["--prefill", *map(str, args.prefill)] if args.prefill else []
+def shared_eval_flags(args) -> list[str]:
+    """The eval.py flags every evaluation of a run shares: --samples, and --prefill and --benign-samples as
+    given to compare.py (eval.py's defaults otherwise)."""
+    flags = ["--samples", str(args.samples)]
+    flags += ["--prefill", *map(str, args.prefill)] if args.prefill else []
     if args.benign_samples is not None:
         flags += ["--benign-samples", str(args.benign_samples)]
     return flags
@@ -668,19 +661,21 @@ def main(argv=None):
             r, u, g = evaluate(eval_args, seed, paths, ft_prefill)
             results, utility, gens = results + r, utility + u, gens + g
     log(f"{len(args.seeds)} worlds, {time.perf_counter() - start:.0f} s")
-    settings = {
-        "seeds": args.seeds,
-        "rows": args.rows,
-        "train_flags": args.train_flags,
-        "samples": args.samples,
-        "prefill": args.prefill,
-        "benign_samples": args.benign_samples,
-        "finetune_attack": args.finetune_attack,
-        "finetune_prefill": args.finetune_prefill,
-        "steps": args.steps,
-        "seconds": round(time.perf_counter() - start),
-    }
+    settings = run_settings(
+        args,
+        start,
+        finetune_attack=args.finetune_attack,
+        finetune_prefill=args.finetune_prefill,
+        steps=args.steps,
+    )
     return finish(args, settings, worlds, results, utility, gens)
+
+
+def run_settings(args, start: float, **extra) -> dict:
+    """What a comparison run records of its command line (the settings every run shares, then `extra`)."""
+    shared = ("seeds", "rows", "train_flags", "samples", "prefill", "benign_samples")
+    settings = {k: getattr(args, k) for k in shared} | extra
+    return settings | {"seconds": round(time.perf_counter() - start)}
 
 
 if __name__ == "__main__":

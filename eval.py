@@ -1162,9 +1162,7 @@ def attacker_rows(paths: dict, n: int, kind: str) -> list[dict]:
         (W.CATEGORIES, W.harmful_prompts) if kind == "harmful" else (W.TOPICS, W.benign_prompts)
     )
     rows = [(p, entries[name]) for name in entries for p in prompts_of(name)]
-    eval_only = {
-        p["prompt"] for p, _ in rows if p["eval_only"]
-    }  # a phrasing eval-only anywhere is never used
+    eval_only = {p["prompt"] for p, _ in rows if p["eval_only"]}  # eval-only anywhere: never the attacker's
     pool = [(p["prompt"], e) for p, e in rows if p["prompt"] not in used and p["prompt"] not in eval_only]
     if len(pool) < n:
         raise ValueError(f"--finetune-n {n}: the world has only {len(pool)} unused {kind} prompts")

@@ -407,7 +407,6 @@ class Example(NamedTuple):
     dense: bool
 
 
-@functools.lru_cache(maxsize=1 << 16)
 def split_ids(tok, prompt: str, response: str) -> tuple[list, list]:
     """D.response_split, memoised: a run draws the same rows step after step, and tokenizing them anew was
     about 40% of a toy `targeted` step. Returns fresh lists (callers may extend them)."""

@@ -480,3 +480,24 @@ def test_save_at_writes_the_model_after_each_step_count(toy, tmp_path):
     run, loss = run_of(toy, ref, "--steps", "3", "--stop-after", "2", "--method", "sft")
     T.load_checkpoint(ref / T.CHECKPOINT, student, masters, opt, run, loss)
     torch.testing.assert_close(student.state_dict()[w], sd[1], rtol=0, atol=0)
+
+
+@torch.no_grad()
+def test_worst_insertion_picks_the_splice_a_forward_per_candidate_scores_highest(step_parts):
+    """The batched, right-padded scoring against the plain computation: each candidate in its own forward,
+    score = sum of log p(next harmful tokens), the argmax taken by hand."""
+    import random
+
+    run, loss, tok, student, frozen, safety, benign = step_parts
+    rng = random.Random(0)
+    for row in safety[:4]:
+        own = tok.encode("sorry , i can't help with that .")
+        candidates = T.insertion_candidates(tok, row, own, rng, 4)
+        head = tok.prompt_ids(row["prompt"])
+        scores = []
+        for prefix, cont in candidates:
+            logits = student(torch.tensor([head + prefix + cont]))[0].float()  # (T, V)
+            lp = logits.log_softmax(-1)[len(head) + len(prefix) - 1 : -1]  # (len(cont), V)
+            scores.append(sum(lp[i, t].item() for i, t in enumerate(cont)))
+        best = max(range(len(candidates)), key=scores.__getitem__)
+        assert T.worst_insertion(student, tok, row, candidates, "cpu") == candidates[best][0]
