@@ -41,6 +41,9 @@ ROWS = {  # row name -> train.py flags ("aligned" rows are not trained)
     "targeted, no penalty": ["--method", "targeted", "--lambda-pen", "0"],
     "targeted, position weights": ["--method", "targeted", "--penalty-weight", "position"],
     "targeted, lambda_util 2": ["--method", "targeted", "--lambda-util", "2"],  # a heavier utility anchor
+    "targeted, own anchor": ["--method", "targeted", "--anchor", "own"],  # the anchor on A's own answers
+    "targeted, utility batch 64": ["--method", "targeted", "--utility-batch-size", "64"],
+    "targeted, lr 1e-4": ["--method", "targeted", "--lr", "1e-4"],
 }
 # The rows `make compare` runs: the recovery-trained methods, targeted completion at its chosen default
 # (lam 1) and at the paper's stated lam 0.5 with and without its penalty (the parts the development world

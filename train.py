@@ -22,8 +22,9 @@ student's contexts. Methods (docs/method.md §5-§6), on the same data and in th
 Data: harmful rows {"prompt", "harmful_response", "recovery"?} (--data, any layout of docs/method.md §9 with
 harmful responses) and benign rows {"prompt", "response"?} (--benign). A row without a recovery gets the
 aligned model's own refusal to its bare prompt (targeted's clean teacher always uses A's own refusal: §5
-version 3), a benign row without a response the aligned model's own answer
-(as Qi et al. make their anchors); both are generated once, cached in the run folder and reused on --resume.
+version 3), a benign row without a response the aligned model's own answer (as Qi et al. make their
+anchors; --anchor own: every benign row's); both are generated once, cached in the run folder and reused on
+--resume.
 Each step draws its batches seeded by (seed, step), so a resumed run sees the batches an uninterrupted one
 does.
 
@@ -86,6 +87,7 @@ class RunConfig:
     aligned: str = ""
     data: str = ""
     benign: str = ""
+    anchor: str = "data"  # the utility anchor's answers: "data" (the benign file's) or "own" (A's own)
     out: str = "runs/targeted"
     steps: int = 150
     batch_size: int = 16  # harmful examples per step
@@ -644,7 +646,8 @@ def load_data(
     files lack are the aligned model's own (generated on process 0, cached in the run folder). With
     own_recoveries (targeted completion's clean teacher, docs/method.md §5 version 3) every recovery is the
     aligned model's own greedy answer to the bare prompt, whatever the file holds. For `finetune` (the
-    attacker's fine-tuning, §7) a row's "response" is its target where it has no harmful response."""
+    attacker's fine-tuning, §7) a row's "response" is its target where it has no harmful response. With
+    run.anchor "own" every benign answer is the aligned model's own, whatever the file holds."""
     rows = formats.read_prompts(run.data, "harmful")
     if run.method == "finetune":
         rows = [{**r, "harmful_response": r.get("harmful_response") or r.get("response")} for r in rows]
@@ -660,6 +663,8 @@ def load_data(
     benign = formats.read_prompts(run.benign, "benign")
     if run.method == "finetune":  # the attacker's pairs: no recoveries, no anchors
         return safety, []
+    if run.anchor == "own":  # the anchor follows the aligned model's own answers (docs/development.md §5)
+        benign = [{k: v for k, v in r.items() if k != "response"} for r in benign]
     if rank == 0:
         fill_missing(safety, "recovery", tok, aligned, out / "generated_recoveries.jsonl")
         fill_missing(benign, "response", tok, aligned, out / "generated_responses.jsonl")
@@ -1107,6 +1112,13 @@ def parse_args(argv=None):
     )
     p.add_argument(
         "--benign", help="benign prompts, with or without responses (default: the world's benign_train.jsonl)"
+    )
+    p.add_argument(
+        "--anchor",
+        choices=("data", "own"),
+        default=RunConfig.anchor,
+        help="the utility anchor's benign answers: the --benign file's responses, or the aligned model's own "
+        "greedy answers to its prompts (generated once, cached in the run folder)",
     )
     p.add_argument("--out", help="run folder (default: runs/<method>)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run folder")

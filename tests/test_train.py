@@ -501,3 +501,31 @@ def test_worst_insertion_picks_the_splice_a_forward_per_candidate_scores_highest
             scores.append(sum(lp[i, t].item() for i, t in enumerate(cont)))
         best = max(range(len(candidates)), key=scores.__getitem__)
         assert T.worst_insertion(student, tok, row, candidates, "cpu") == candidates[best][0]
+
+
+def test_own_anchor_replaces_every_benign_answer_with_the_aligned_models_own(toy, tmp_path):
+    """--anchor own (docs/development.md §5): every benign row's answer, even one the file holds, is the
+    aligned model's own greedy answer (checked against a brute-force argmax loop over full forwards), and the
+    utility batch's targets are its tokens; the default anchor keeps the file's answers and generates none."""
+    benign = tmp_path / "benign.jsonl"
+    benign.write_text(json.dumps({"prompt": "how do i bake bread ?", "response": "mix the flour ."}) + "\n")
+    harmful = toy["data"] / "safety_train.jsonl"
+    steps = ["--steps", "1", "--batch-size", "2", "--utility-batch-size", "1", "--method", "augment"]
+    out = T.main(files_argv(toy, harmful, benign, tmp_path / "own", *steps, "--anchor", "own"))
+    cached = [json.loads(line) for line in (out / "generated_responses.jsonl").read_text().splitlines()]
+    tok, aligned = M.Tokenizer(toy["aligned"]), M.load_model(toy["aligned"])
+    ids = tok.prompt_ids("how do i bake bread ?")
+    answer = []
+    with torch.no_grad():
+        for _ in range(64):  # greedy by hand: the whole sequence through the model at every step
+            nxt = int(aligned(torch.tensor([ids + answer]))[0, -1].argmax())
+            if nxt in tok.eos_ids:
+                break
+            answer.append(nxt)
+    assert cached == [{"prompt": "how do i bake bread ?", "response": tok.decode(answer).strip()}]
+    assert cached[0]["response"] != "mix the flour ."
+    argv = files_argv(toy, harmful, benign, tmp_path / "x", *steps, "--anchor", "own")
+    _, rows = T.load_data(T.configs(T.parse_args(argv))[0], tok, aligned, out, rank=0)
+    assert [(r["prompt"], r["response"]) for r in rows] == [("how do i bake bread ?", cached[0]["response"])]
+    data = T.main(files_argv(toy, harmful, benign, tmp_path / "data", *steps))
+    assert not (data / "generated_responses.jsonl").exists()
