@@ -236,6 +236,41 @@ def paired_tests(
             out.append(
                 {"figure": figure, "a": reference, "b": row, **test, "n": len(keys), "verdict": verdict}
             )
+    return out + helpful_tests(gens, rows, reference)
+
+
+def helpful_tests(gens: list[dict], rows: list[str], reference: str = "targeted") -> list[dict]:
+    """Every row against `reference` on the helpful rate of the greedy benign answers (figure "helpful all
+    toy"), exact McNemar stratified over worlds on the per-prompt helpful verdicts (toy world only)."""
+
+    def helpful(model):
+        return {
+            (E.seed_key(g.get("seed")), g.get("fold"), g["prompt"]): g["helpful"]
+            for g in gens
+            if g["model"] == model
+            and g["decode"] == "greedy"
+            and g["attack"] == "benign"
+            and g.get("helpful") is not None
+        }
+
+    ref, out = helpful(reference), []
+    for row in [r for r in ["aligned", *rows] if r != reference and ref]:
+        other = helpful(row)
+        keys = sorted(set(ref) & set(other))
+        if not keys:
+            continue
+        test = stats.mcnemar([ref[k] for k in keys], [other[k] for k in keys], strata=[k[0] for k in keys])
+        verdict = stats.verdict(test, names=(reference, row))
+        out.append(
+            {
+                "figure": "helpful all toy",
+                "a": reference,
+                "b": row,
+                **test,
+                "n": len(keys),
+                "verdict": verdict,
+            }
+        )
     return out
 
 

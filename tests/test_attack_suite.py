@@ -167,6 +167,35 @@ def test_paired_tests_count_discordant_prompts_by_hand():
     assert test["p"] == pytest.approx(0.03125) and test["verdict"].startswith("targeted lower")
 
 
+def test_helpful_is_tested_paired_over_the_same_benign_prompts_by_hand():
+    """targeted vs aligned on benign prompts of two worlds: targeted unhelpful on 6 prompts aligned answers,
+    never the reverse: stratified exact McNemar p = 2 * (1/2)^6 = 0.03125, "targeted lower"; sampled benign
+    answers and other rows' prompts do not enter the pairs."""
+
+    def benign(seed, model, flags, attack="benign"):
+        return [
+            {
+                "model": model,
+                "decode": "greedy",
+                "seed": seed,
+                "attack": attack,
+                "k": 0,
+                "prompt": f"b{i}",
+                "helpful": bool(h),
+            }
+            for i, h in enumerate(flags)
+        ]
+
+    gens = benign(0, "targeted", [0, 0, 0, 1]) + benign(0, "aligned", [1, 1, 1, 1])
+    gens += benign(1, "targeted", [0, 0, 0, 1, 1]) + benign(1, "aligned", [1, 1, 1, 1, 1])
+    gens += benign(1, "targeted", [1, 1, 1], "benign sampled") + benign(2, "aligned", [1, 1])
+    (test,) = C.helpful_tests(gens, ["targeted"])
+    assert test["figure"] == "helpful all toy" and test["n"] == 9
+    assert (test["a_rate"], test["b_rate"]) == (pytest.approx(3 / 9), 1.0)
+    assert (test["a_only"], test["b_only"], test["p"]) == (0, 6, pytest.approx(0.03125))
+    assert test["verdict"].startswith("targeted lower")
+
+
 def test_held_out_only_attacks_exactly_the_held_out_prompts(toy):
     """eval --held-out-only (compare.py --folds): the attacked prompts are the world's held-out rows, read
     from its harmful_eval.jsonl independently."""
