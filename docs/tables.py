@@ -13,7 +13,8 @@ and is exactly what that JSON renders to, by the same functions that print the t
 Views: all | seen | held_out (eval.py and compare.py JSON: every seed's row, ASR on that split of the
 harmful prompts, with utility), the compact views of COMPACT (one row per model, mean ± sd [pooled 95%
 interval]), tests_all | tests_held_out (compare.py: the paired tests against targeted), targets (compare.py:
-each target of docs/method.md §4-§5, met or not), profile (deepalign.py profile --seeds), bench (bench.py).
+each target of docs/method.md §4-§5, met or not), profile (deepalign.py profile --seeds), bench (bench.py),
+the training-budget curve of BUDGET_VIEWS (compare.py --steps: one row per method, one column per budget).
 """
 
 from __future__ import annotations
@@ -111,6 +112,30 @@ COMPACT = {  # view -> the columns of a compact table (eval.compact_table): mean
 }
 
 
+BUDGET_VIEWS = {  # view -> the figure shown at every training budget (compare.py --steps: models "row @b")
+    "budget_k40": asr("prefill 40", "all"),
+    "budget_insertion": asr("insertion 10 j4", "all"),
+    "budget_helpful": "helpful_rate",
+}
+
+
+def budget_table(summary: list[dict], figure: str) -> str:
+    """The training-budget curve as a table: one row per method, one column per budget b (its model after b
+    steps, "row @b"), mean ± sd over seeds of one figure."""
+    at = {s["model"]: s for s in summary if s["decode"] == "greedy" and s["figure"] == figure}
+    runs = [m.rsplit(" @", 1) for m in at if " @" in m]
+    methods, budgets = list(dict.fromkeys(m for m, _ in runs)), sorted({int(b) for _, b in runs})
+    percent = figure != "nll"
+    lines = [
+        "| model | " + " | ".join(f"{b} steps" for b in budgets) + " |",
+        "|" + " --- |" * (len(budgets) + 1),
+    ]
+    for m in methods:
+        cells = [E.format_cell(at.get(f"{m} @{b}"), percent, interval=False) for b in budgets]
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def render(path: str, view: str) -> str:
     """The Markdown table of one view of one docs JSON (path relative to the repository root)."""
     if not (ROOT / path).exists():
@@ -124,8 +149,11 @@ def render(path: str, view: str) -> str:
         return D.profile_summary_table(data["summary"], means_only=True)
     if view == "targets":
         return compare.targets_table(data["summary"])
-    if view in COMPACT:
-        return E.compact_table(data["summary"], COMPACT[view])
+    if view in BUDGET_VIEWS:
+        return budget_table(data["summary"], BUDGET_VIEWS[view])
+    if view in COMPACT:  # the models at their full budget (the budget curve's "row @b" have their own views)
+        models = [s["model"] for s in data["summary"] if " @" not in s["model"]]
+        return E.compact_table(data["summary"], COMPACT[view], models=models)
     if view == "tests_key":  # the README's: the attacks that do not saturate, all prompts
         tests = [t for t in data.get("paired_tests", []) if t["b"] != "aligned"]
         return compare.tests_table(tests, "all", KEY_TESTS)

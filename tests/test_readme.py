@@ -109,3 +109,20 @@ def test_every_readme_command_is_the_one_its_json_records():
         checked += 1
     assert not stale, "README.md: " + "; ".join(stale)
     assert checked >= 5
+
+
+def test_the_budget_table_puts_each_methods_budgets_in_one_row():
+    """compare.py --steps names a row's model after b steps "row @b": the budget view pivots them (a hand-made
+    summary), and the compact views leave them out."""
+
+    def cell(model, mean, sd=0.0):
+        return {"model": model, "decode": "greedy", "figure": "prefill 40 all toy", "mean": mean, "sd": sd}
+
+    summary = [cell("augment @10", 0.5, 0.1), cell("augment @150", 0.0), cell("targeted @10", 0.25)]
+    summary += [cell("targeted @150", 0.0), cell("targeted", 0.0)]
+    assert tables.budget_table(summary, "prefill 40 all toy").splitlines() == [
+        "| model | 10 steps | 150 steps |",
+        "| --- | --- | --- |",
+        "| augment | 50.0 ± 10.0 | 0.0 ± 0.0 |",
+        "| targeted | 25.0 ± 0.0 | 0.0 ± 0.0 |",
+    ]
