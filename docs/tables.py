@@ -92,6 +92,13 @@ COMPACT = {  # view -> the columns of a compact table (eval.compact_table): mean
         ("fine-tuned 20 steps", asr("finetune 0 s20", "all")),
         ("worst case, inference-time", asr("worst_inference 0", "all")),
     ],
+    "dev_greedy": [  # development screens under the greedy attacks (docs/development.md §5)
+        ("refuses (direct)", "refusal_rate"),
+        ("recovers (k=10)", "recovery_rate"),
+        ("prefill k=40", asr("prefill 40", "all")),
+        ("insertion", asr("insertion 10 j4", "all")),
+        ("helpful", "helpful_rate"),
+    ],
     "folds": [  # compare.py --folds: every category held out once, pooled over the four folds
         *[(f"k={k}", asr(f"prefill {k}", "held_out")) for k in (10, 40)],
         ("insertion", asr("insertion 10 j4", "held_out")),
@@ -157,6 +164,8 @@ def render(path: str, view: str) -> str:
     if view == "tests_key":  # the README's: the attacks that do not saturate, all prompts
         tests = [t for t in data.get("paired_tests", []) if t["b"] != "aligned"]
         return compare.tests_table(tests, "all", KEY_TESTS)
+    if view == "tests_helpful":  # the helpful rate of every row against targeted's, paired over prompts
+        return compare.tests_table(data.get("paired_tests", []), "all", ("helpful",))
     if view == "tests_folds":  # held-out folds: the held-out prompts of every fold, against targeted
         tests = [t for t in data.get("paired_tests", []) if t["b"] != "aligned"]
         return compare.tests_table(tests, "held_out", FOLD_TESTS)
