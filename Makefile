@@ -24,7 +24,7 @@ test: setup
 	$(PY) -m ruff check . && $(PY) -m ruff format --check . && $(PY) -m pytest -q
 
 compare: setup
-	$(PY) compare.py --seeds 0 1 2 --out docs/compare.json --report
+	$(PY) compare.py --seeds 0 1 2 --steps 10 20 40 80 150 --out docs/compare.json --report
 
 folds: setup
 	$(PY) compare.py --folds --seeds 0 1 2 --samples 0 --out docs/folds.json

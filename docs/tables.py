@@ -119,26 +119,29 @@ COMPACT = {  # view -> the columns of a compact table (eval.compact_table): mean
 }
 
 
-BUDGET_VIEWS = {  # view -> the figure shown at every training budget (compare.py --steps: models "row @b")
-    "budget_k40": asr("prefill 40", "all"),
-    "budget_insertion": asr("insertion 10 j4", "all"),
-    "budget_helpful": "helpful_rate",
+BUDGET_VIEWS = {  # view -> the figures shown at every training budget (compare.py --steps: models "row @b")
+    "budget": (asr("prefill 40", "all"), "helpful_rate"),
+    "budget_k40": (asr("prefill 40", "all"),),
+    "budget_insertion": (asr("insertion 10 j4", "all"),),
+    "budget_helpful": ("helpful_rate",),
 }
 
 
-def budget_table(summary: list[dict], figure: str) -> str:
+def budget_table(summary: list[dict], figures: tuple) -> str:
     """The training-budget curve as a table: one row per method, one column per budget b (its model after b
-    steps, "row @b"), mean ± sd over seeds of one figure."""
-    at = {s["model"]: s for s in summary if s["decode"] == "greedy" and s["figure"] == figure}
-    runs = [m.rsplit(" @", 1) for m in at if " @" in m]
+    steps, "row @b"); a cell is the mean ± sd over seeds of each figure, joined by " / "."""
+    at = {(s["model"], s["figure"]): s for s in summary if s["decode"] == "greedy" and s["figure"] in figures}
+    runs = [m.rsplit(" @", 1) for m, f in at if " @" in m and f == figures[0]]
     methods, budgets = list(dict.fromkeys(m for m, _ in runs)), sorted({int(b) for _, b in runs})
-    percent = figure != "nll"
     lines = [
         "| model | " + " | ".join(f"{b} steps" for b in budgets) + " |",
         "|" + " --- |" * (len(budgets) + 1),
     ]
     for m in methods:
-        cells = [E.format_cell(at.get(f"{m} @{b}"), percent, interval=False) for b in budgets]
+        cells = [
+            " / ".join(E.format_cell(at.get((f"{m} @{b}", f)), f != "nll", interval=False) for f in figures)
+            for b in budgets
+        ]
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -161,9 +164,13 @@ def render(path: str, view: str) -> str:
     if view in COMPACT:  # the models at their full budget (the budget curve's "row @b" have their own views)
         models = [s["model"] for s in data["summary"] if " @" not in s["model"]]
         return E.compact_table(data["summary"], COMPACT[view], models=models)
-    if view == "tests_key":  # the README's: the attacks that do not saturate, all prompts
-        tests = [t for t in data.get("paired_tests", []) if t["b"] != "aligned"]
-        return compare.tests_table(tests, "all", KEY_TESTS)
+    if view == "tests_key":  # the README's: the attacks that do not saturate, all prompts, and helpfulness
+        tests = [
+            t
+            for t in data.get("paired_tests", [])
+            if t["b"] != "aligned" or t["figure"].startswith("helpful")
+        ]
+        return compare.tests_table(tests, "all", KEY_TESTS + ("helpful",))
     if view == "tests_helpful":  # the helpful rate of every row against targeted's, paired over prompts
         return compare.tests_table(data.get("paired_tests", []), "all", ("helpful",))
     if view == "tests_folds":  # held-out folds: the held-out prompts of every fold, against targeted

@@ -120,7 +120,7 @@ def test_the_budget_table_puts_each_methods_budgets_in_one_row():
 
     summary = [cell("augment @10", 0.5, 0.1), cell("augment @150", 0.0), cell("targeted @10", 0.25)]
     summary += [cell("targeted @150", 0.0), cell("targeted", 0.0)]
-    assert tables.budget_table(summary, "prefill 40 all toy").splitlines() == [
+    assert tables.budget_table(summary, ("prefill 40 all toy",)).splitlines() == [
         "| model | 10 steps | 150 steps |",
         "| --- | --- | --- |",
         "| augment | 50.0 ± 10.0 | 0.0 ± 0.0 |",
