@@ -164,11 +164,11 @@ def render(path: str, view: str) -> str:
     if view in COMPACT:  # the models at their full budget (the budget curve's "row @b" have their own views)
         models = [s["model"] for s in data["summary"] if " @" not in s["model"]]
         return E.compact_table(data["summary"], COMPACT[view], models=models)
-    if view == "tests_key":  # the README's: the attacks that do not saturate, all prompts, and helpfulness
+    if view == "tests_key":  # the README's: the attacks that do not saturate, all prompts; helpful vs aligned
         tests = [
             t
             for t in data.get("paired_tests", [])
-            if t["b"] != "aligned" or t["figure"].startswith("helpful")
+            if (t["b"] == "aligned") == t["figure"].startswith("helpful")
         ]
         return compare.tests_table(tests, "all", KEY_TESTS + ("helpful",))
     if view == "tests_helpful":  # the helpful rate of every row against targeted's, paired over prompts
