@@ -53,6 +53,7 @@ def suite(split: str) -> list[tuple[str, str]]:
         ("sampled k=10, ASR@16", asr("sample@16 10", split)),
         ("sampled k=40, ASR@16", asr("sample@16 40", split)),
         ("fine-tuned 20 steps, direct", asr("finetune 0 s20", split)),
+        ("fine-tuned 10 steps, k=10", asr("finetune 10 s10", split)),
         ("worst case, inference-time", asr("worst_inference 0", split)),
         ("worst case", asr("worst 0", split)),
     ]
