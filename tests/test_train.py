@@ -527,5 +527,9 @@ def test_own_anchor_replaces_every_benign_answer_with_the_aligned_models_own(toy
     argv = files_argv(toy, harmful, benign, tmp_path / "x", *steps, "--anchor", "own")
     _, rows = T.load_data(T.configs(T.parse_args(argv))[0], tok, aligned, out, rank=0)
     assert [(r["prompt"], r["response"]) for r in rows] == [("how do i bake bread ?", cached[0]["response"])]
-    data = T.main(files_argv(toy, harmful, benign, tmp_path / "data", *steps))
-    assert not (data / "generated_responses.jsonl").exists()
+    plain = tmp_path / "data"
+    plain.mkdir()
+    _, rows = T.load_data(
+        T.configs(T.parse_args(files_argv(toy, harmful, benign, plain, *steps)))[0], tok, aligned, plain, 0
+    )
+    assert [r["response"] for r in rows] == ["mix the flour ."] and not list(plain.iterdir())
