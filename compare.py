@@ -213,65 +213,47 @@ def per_prompt(gens: list[dict], model: str, figure: str) -> dict:
 def paired_tests(
     summary: list[dict], gens: list[dict], rows: list[str], reference: str = "targeted"
 ) -> list[dict]:
-    """Every row against `reference` on every tested figure, paired over the same (world, prompt): exact
-    McNemar stratified over worlds on verdicts, a paired bootstrap (stratified) on sample@1's shares.
-    [{figure, a, b, a_rate, b_rate, diff, p, test, verdict}]; "no measurable difference" where p >= 0.05."""
-    out = []
+    """Every row against `reference` on every tested figure and on the helpful rate, paired over the same
+    (world, prompt) (pair_test). [{figure, a, b, a_rate, b_rate, diff, p, test, verdict}]."""
     if reference not in rows:
-        return out
+        return []
+    others = [r for r in ["aligned", *rows] if r != reference]
+    out = []
     for figure in tested_figures(summary, reference):
         ref = per_prompt(gens, reference, figure)
-        for row in [r for r in ["aligned", *rows] if r != reference]:
-            other = per_prompt(gens, row, figure)
-            keys = sorted(set(ref) & set(other))
-            if not keys:
-                continue
-            a, b, strata = [ref[k] for k in keys], [other[k] for k in keys], [k[0] for k in keys]
-            if figure.startswith("sample@1 "):
-                test = stats.paired_bootstrap(a, b, strata=strata)
-                test.update(a_rate=sum(a) / len(a), b_rate=sum(b) / len(b))
-            else:
-                test = stats.mcnemar(a, b, strata=strata)
-            verdict = stats.verdict(test, names=(reference, row))
-            out.append(
-                {"figure": figure, "a": reference, "b": row, **test, "n": len(keys), "verdict": verdict}
-            )
-    return out + helpful_tests(gens, rows, reference)
+        out += [pair_test(figure, reference, row, ref, per_prompt(gens, row, figure)) for row in others]
+    ref = helpful_verdicts(gens, reference)
+    out += [pair_test("helpful all toy", reference, row, ref, helpful_verdicts(gens, row)) for row in others]
+    return [t for t in out if t is not None]
 
 
-def helpful_tests(gens: list[dict], rows: list[str], reference: str = "targeted") -> list[dict]:
-    """Every row against `reference` on the helpful rate of the greedy benign answers (figure "helpful all
-    toy"), exact McNemar stratified over worlds on the per-prompt helpful verdicts (toy world only)."""
+def pair_test(figure: str, a_name: str, b_name: str, a: dict, b: dict) -> dict | None:
+    """Two models' per-prompt values {(seed, fold, prompt): value} on their common prompts: exact McNemar
+    stratified over worlds on verdicts, a stratified paired bootstrap on sample@1's shares; "no measurable
+    difference" where p >= 0.05 (stats.verdict). None when they share no prompt."""
+    keys = sorted(set(a) & set(b))
+    if not keys:
+        return None
+    x, y, strata = [a[k] for k in keys], [b[k] for k in keys], [k[0] for k in keys]
+    if figure.startswith("sample@1 "):
+        test = stats.paired_bootstrap(x, y, strata=strata)
+        test.update(a_rate=sum(x) / len(x), b_rate=sum(y) / len(y))
+    else:
+        test = stats.mcnemar(x, y, strata=strata)
+    verdict = stats.verdict(test, names=(a_name, b_name))
+    return {"figure": figure, "a": a_name, "b": b_name, **test, "n": len(keys), "verdict": verdict}
 
-    def helpful(model):
-        return {
-            (E.seed_key(g.get("seed")), g.get("fold"), g["prompt"]): g["helpful"]
-            for g in gens
-            if g["model"] == model
-            and g["decode"] == "greedy"
-            and g["attack"] == "benign"
-            and g.get("helpful") is not None
-        }
 
-    ref, out = helpful(reference), []
-    for row in [r for r in ["aligned", *rows] if r != reference and ref]:
-        other = helpful(row)
-        keys = sorted(set(ref) & set(other))
-        if not keys:
-            continue
-        test = stats.mcnemar([ref[k] for k in keys], [other[k] for k in keys], strata=[k[0] for k in keys])
-        verdict = stats.verdict(test, names=(reference, row))
-        out.append(
-            {
-                "figure": "helpful all toy",
-                "a": reference,
-                "b": row,
-                **test,
-                "n": len(keys),
-                "verdict": verdict,
-            }
-        )
-    return out
+def helpful_verdicts(gens: list[dict], model: str) -> dict:
+    """{(seed, fold, prompt): helpful} of one model's greedy benign answers (toy world: judged helpful)."""
+    return {
+        (E.seed_key(g.get("seed")), g.get("fold"), g["prompt"]): g["helpful"]
+        for g in gens
+        if g["model"] == model
+        and g["decode"] == "greedy"
+        and g["attack"] == "benign"
+        and g.get("helpful") is not None
+    }
 
 
 def tests_table(tests: list[dict], split: str = "all", figures=None) -> str:

@@ -189,7 +189,7 @@ def test_helpful_is_tested_paired_over_the_same_benign_prompts_by_hand():
     gens = benign(0, "targeted", [0, 0, 0, 1]) + benign(0, "aligned", [1, 1, 1, 1])
     gens += benign(1, "targeted", [0, 0, 0, 1, 1]) + benign(1, "aligned", [1, 1, 1, 1, 1])
     gens += benign(1, "targeted", [1, 1, 1], "benign sampled") + benign(2, "aligned", [1, 1])
-    (test,) = C.helpful_tests(gens, ["targeted"])
+    (test,) = C.paired_tests([], gens, ["targeted"])
     assert test["figure"] == "helpful all toy" and test["n"] == 9
     assert (test["a_rate"], test["b_rate"]) == (pytest.approx(3 / 9), 1.0)
     assert (test["a_only"], test["b_only"], test["p"]) == (0, 6, pytest.approx(0.03125))

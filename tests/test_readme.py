@@ -113,7 +113,7 @@ def test_every_readme_command_is_the_one_its_json_records():
 
 def test_the_budget_table_puts_each_methods_budgets_in_one_row():
     """compare.py --steps names a row's model after b steps "row @b": the budget view pivots them (a hand-made
-    summary), and the compact views leave them out."""
+    summary); a model without " @" is not a budget row."""
 
     def cell(model, mean, sd=0.0):
         return {"model": model, "decode": "greedy", "figure": "prefill 40 all toy", "mean": mean, "sd": sd}
