@@ -42,6 +42,7 @@ ROWS = {  # row name -> train.py flags ("aligned" rows are not trained)
     "targeted, position weights": ["--method", "targeted", "--penalty-weight", "position"],
     "targeted, lambda_util 2": ["--method", "targeted", "--lambda-util", "2"],  # a heavier utility anchor
     "targeted, own anchor": ["--method", "targeted", "--anchor", "own"],  # the anchor on A's own answers
+    "targeted, base-prompt anchor": ["--method", "targeted", "--anchor", "base-prompts"],  # + B's prompts
     "targeted, utility batch 64": ["--method", "targeted", "--utility-batch-size", "64"],
     "targeted, lr 1e-4": ["--method", "targeted", "--lr", "1e-4"],
 }

@@ -64,6 +64,7 @@ from tqdm import tqdm
 
 import cli
 import deepalign as D
+import judges
 from data import formats
 from data import toyworld as TW
 from data.files import read_jsonl, write_json_atomic, write_jsonl
@@ -87,7 +88,10 @@ class RunConfig:
     aligned: str = ""
     data: str = ""
     benign: str = ""
-    anchor: str = "data"  # the utility anchor's answers: "data" (the benign file's) or "own" (A's own)
+    anchor: str = "data"  # the utility anchor: "data" (the benign file's answers), "own" (A's own answers),
+    # or "base-prompts" (the benign file plus prompts the base model writes, answered by A)
+    anchor_prompts: int = 2000  # --anchor base-prompts: prompts the base model writes, before filtering
+    anchor_exclude: tuple = ()  # prompt files whose prompts never enter the anchor (decontamination)
     out: str = "runs/targeted"
     steps: int = 150
     batch_size: int = 16  # harmful examples per step
@@ -128,8 +132,11 @@ def train(run: RunConfig, loss_cfg: D.LossConfig, resume: bool = False, overwrit
     device = torch.device(run.device)
     student = load_model(run.aligned, DTYPES[run.dtype], device)
     own = run.method == "targeted" and loss_cfg.teacher == "clean"  # §5 v3: A's own refusals as recoveries
-    safety_rows, benign_rows = load_data(run, tok, student, out, rank, own_recoveries=own)
-    base = load_model(run.base, DTYPES[run.dtype], device) if run.method == "targeted" else None
+    writes_prompts = run.anchor == "base-prompts" and run.method != "finetune"
+    needs_base = run.method == "targeted" or writes_prompts
+    base = load_model(run.base, DTYPES[run.dtype], device) if needs_base else None
+    safety_rows, benign_rows = load_data(run, tok, student, out, rank, own_recoveries=own, base=base)
+    base = base if run.method == "targeted" else None  # otherwise only the writer of the anchor's prompts
     if base is not None and base.args.vocab_size != student.args.vocab_size:
         raise ValueError(
             f"{run.base} has vocab_size {base.args.vocab_size} but {run.aligned} has "
@@ -640,14 +647,16 @@ def word_start_ids(tok, vocab_size: int) -> torch.Tensor:
 # 5. Data, and the data the aligned model makes itself
 # ----------------------------------------------------------------------------------------------
 def load_data(
-    run: RunConfig, tok, aligned, out: Path, rank: int, own_recoveries: bool = False
+    run: RunConfig, tok, aligned, out: Path, rank: int, own_recoveries: bool = False, base=None
 ) -> tuple[list, list]:
     """The harmful rows (with harmful responses) and the benign rows; recoveries and benign responses the
     files lack are the aligned model's own (generated on process 0, cached in the run folder). With
     own_recoveries (targeted completion's clean teacher, docs/method.md §5 version 3) every recovery is the
     aligned model's own greedy answer to the bare prompt, whatever the file holds. For `finetune` (the
     attacker's fine-tuning, §7) a row's "response" is its target where it has no harmful response. With
-    run.anchor "own" every benign answer is the aligned model's own, whatever the file holds."""
+    run.anchor "own" every benign answer is the aligned model's own, whatever the file holds; with
+    "base-prompts" the benign rows are joined by prompts the base model writes, answered by the aligned model
+    (written_anchors)."""
     rows = formats.read_prompts(run.data, "harmful")
     if run.method == "finetune":
         rows = [{**r, "harmful_response": r.get("harmful_response") or r.get("response")} for r in rows]
@@ -665,14 +674,19 @@ def load_data(
         return safety, []
     if run.anchor == "own":  # the anchor follows the aligned model's own answers (docs/development.md §5)
         benign = [{k: v for k, v in r.items() if k != "response"} for r in benign]
+    written = []
     if rank == 0:
         fill_missing(safety, "recovery", tok, aligned, out / "generated_recoveries.jsonl")
         fill_missing(benign, "response", tok, aligned, out / "generated_responses.jsonl")
+        if run.anchor == "base-prompts":
+            written = written_anchors(run, tok, base, aligned, out / WRITTEN)
     barrier()
     if rank > 0:  # the other processes read what process 0 generated
         fill_missing(safety, "recovery", tok, None, out / "generated_recoveries.jsonl")
         fill_missing(benign, "response", tok, None, out / "generated_responses.jsonl")
-    return safety, benign
+        if run.anchor == "base-prompts":
+            written = written_anchors(run, tok, None, None, out / WRITTEN)
+    return safety, benign + written
 
 
 def fill_missing(rows: list[dict], key: str, tok, model, cache: Path, batch_size: int = 32):
@@ -706,6 +720,54 @@ def fill_missing(rows: list[dict], key: str, tok, model, cache: Path, batch_size
     for r in rows:
         if not r.get(key):
             r[key] = cached[r["prompt"]]
+
+
+WRITTEN = "generated_anchors.jsonl"
+
+
+def user_turn_opening(tok) -> list[int]:
+    """Token ids of the chat format up to where a user's message begins (ChatML: "<|im_start|>user\\n"):
+    what a model continues with a user's request (Magpie's pre-query template, Xu et al. 2024)."""
+    mark = "deepalign-user-turn-probe"
+    text = tok.format_chat([{"role": "user", "content": mark}], add_generation_prompt=False)
+    return tok.encode(text[: text.index(mark)], add_special_tokens=tok.chat_template is None)
+
+
+@torch.no_grad()
+def written_anchors(run: RunConfig, tok, base, aligned, cache: Path, batch_size: int = 64) -> list[dict]:
+    """Benign anchor rows beyond the data (docs/development.md §6): run.anchor_prompts user turns sampled
+    from the base model (it read every task in pretraining), each answered by the aligned model (sampled,
+    T = 1); kept iff the answer is not a refusal (judges.refusal_phrase_judge: no oracle), the prompt is new
+    and in no file of run.anchor_exclude. Generated once (base given: process 0), cached, and reused."""
+    if cache.exists():
+        return read_jsonl(cache, ["prompt", "response"])
+    if base is None:
+        raise FileNotFoundError(f"{cache}: the written anchors are missing (process 0 writes them)")
+    excluded = {r["prompt"] for f in run.anchor_exclude for r in formats.read_prompts(f, "benign")}
+    opening = user_turn_opening(tok)
+    stops = [tok.end_of_turn_id, *tok.eos_ids]
+    rows, seen = [], set(excluded)
+    for i in tqdm(range(0, run.anchor_prompts, batch_size), desc="write anchors", file=sys.stderr):
+        n = min(batch_size, run.anchor_prompts - i)
+        seed = run.seed * 1_000_003 + i
+        written = generate(base, [opening] * n, 64, stops, tok.pad_id, temperature=1.0, seed=seed)
+        prompts = [tok.decode([t for t in w if t not in stops]).split("\n\n")[0].strip() for w in written]
+        prompts = [p for p in dict.fromkeys(prompts) if p and p not in seen]
+        seen.update(prompts)
+        if not prompts:
+            continue
+        answers = generate(
+            aligned, [tok.prompt_ids(p) for p in prompts], 128, tok.eos_ids, tok.pad_id, 1.0, seed=seed + 1
+        )
+        for p, a in zip(prompts, answers):
+            text = tok.decode([t for t in a if t not in tok.eos_ids]).strip()
+            if judges.refusal_phrase_judge(text):  # True: non-empty and no refusal phrase
+                rows.append({"prompt": p, "response": text})
+    if not rows:
+        raise ValueError(f"{run.base}: the aligned model refused every prompt the base model wrote")
+    write_jsonl(cache, rows)
+    log(f"{cache}: {len(rows)} of {run.anchor_prompts} written prompts kept as anchors")
+    return rows
 
 
 @torch.no_grad()
@@ -1008,12 +1070,14 @@ def load_checkpoint(path: Path, student, masters, opt, run: RunConfig, loss_cfg:
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         dcp.load(state, checkpoint_id=path, no_dist=not dist.is_initialized())  # masters and AdamW, in place
     saved = json.loads(state["config"])
-    now = {"run": asdict(run), "loss": asdict(loss_cfg)}
+    now = json.loads(json.dumps({"run": asdict(run), "loss": asdict(loss_cfg)}))  # tuples as JSON lists
+    defaults = json.loads(json.dumps({"run": asdict(RunConfig()), "loss": asdict(D.LossConfig())}))
     for part in ("run", "loss"):
         for key, value in now[part].items():
-            if key not in RESUMABLE and saved[part].get(key) != value:
+            was = saved[part].get(key, defaults[part][key])  # a field newer than the checkpoint: its default
+            if key not in RESUMABLE and was != value:
                 raise ValueError(
-                    f"{path}: the checkpoint has {key}={saved[part].get(key)!r} but this run "
+                    f"{path}: the checkpoint has {key}={was!r} but this run "
                     f"has {value!r}; resume with the original settings or start over with "
                     "--overwrite"
                 )
@@ -1115,10 +1179,23 @@ def parse_args(argv=None):
     )
     p.add_argument(
         "--anchor",
-        choices=("data", "own"),
+        choices=("data", "own", "base-prompts"),
         default=RunConfig.anchor,
-        help="the utility anchor's benign answers: the --benign file's responses, or the aligned model's own "
-        "greedy answers to its prompts (generated once, cached in the run folder)",
+        help="the utility anchor: the --benign file's responses; the aligned model's own greedy answers to "
+        "its prompts; or the file joined by prompts the base model writes, answered by the aligned model "
+        "(docs/development.md §6; generated once, cached in the run folder)",
+    )
+    p.add_argument(
+        "--anchor-prompts",
+        type=int,
+        default=RunConfig.anchor_prompts,
+        help="--anchor base-prompts: prompts the base model writes (before dropping refused ones)",
+    )
+    p.add_argument(
+        "--anchor-exclude",
+        nargs="*",
+        help="--anchor base-prompts: prompt files (e.g. the evaluation's) whose prompts are never anchors "
+        "(default: none; on a toy world its benign_eval.jsonl and harmful_eval.jsonl)",
     )
     p.add_argument("--out", help="run folder (default: runs/<method>)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
@@ -1204,6 +1281,9 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+EVAL_FILES = ("benign_eval.jsonl", "harmful_eval.jsonl")
+
+
 def configs(args) -> tuple[RunConfig, D.LossConfig]:
     """The run's and the objective's configuration from the command line: the given folders and files, or a
     toy world's (never a mix: real folders need --data and --benign)."""
@@ -1236,6 +1316,10 @@ def configs(args) -> tuple[RunConfig, D.LossConfig]:
             data=str(paths["data"] / "safety_train.jsonl"),
             benign=str(paths["data"] / "benign_train.jsonl"),
         )
+        if args.anchor_exclude is None and args.anchor == "base-prompts":  # decontaminate: the evaluation
+            values["anchor_exclude"] = tuple(str(paths["data"] / f) for f in EVAL_FILES)
+    if args.anchor_exclude is not None:
+        values["anchor_exclude"] = tuple(args.anchor_exclude)
     loss_fields = {f.name for f in fields(D.LossConfig)}
     loss = D.LossConfig(**{k: v for k, v in vars(args).items() if k in loss_fields})
     return RunConfig(**values), loss

@@ -9,6 +9,7 @@ import torch
 from conftest import write_tokenizer
 
 import deepalign as D
+import judges as J
 import model as M
 import train as T
 
@@ -533,3 +534,43 @@ def test_own_anchor_replaces_every_benign_answer_with_the_aligned_models_own(toy
         T.configs(T.parse_args(files_argv(toy, harmful, benign, plain, *steps)))[0], tok, aligned, plain, 0
     )
     assert [r["response"] for r in rows] == ["mix the flour ."] and not list(plain.iterdir())
+
+
+def sample_by_hand(model, ids: list[int], n: int, stops: list[int], seed: int) -> list[int]:
+    """T = 1 sampling with full forwards at every step (no cache), one multinomial draw per token."""
+    g, out = torch.Generator().manual_seed(seed), []
+    with torch.no_grad():
+        for _ in range(n):
+            probs = torch.softmax(model(torch.tensor([ids + out]))[0, -1].float(), -1)  # (V,)
+            out.append(int(torch.multinomial(probs[None], 1, generator=g)))
+            if out[-1] in stops:
+                break
+    return [t for t in out if t not in stops]
+
+
+def test_base_prompt_anchor_keeps_the_aligned_models_unrefused_answers_to_what_the_base_writes(toy, tmp_path):
+    """--anchor base-prompts (docs/development.md §6) against a brute-force loop: prompt i is the base model's
+    T = 1 user turn after "<|im_start|>user\\n" (seed run.seed * 1000003 + i), its answer the aligned model's
+    T = 1 answer (seed + 1); a pair is kept iff the answer holds no refusal phrase and the prompt is new and
+    not in an excluded file. The cache is then reused without any model."""
+    tok, base, aligned = M.Tokenizer(toy["aligned"]), M.load_model(toy["base"]), M.load_model(toy["aligned"])
+    opening = tok.encode("<|im_start|>user\n")
+    assert T.user_turn_opening(tok) == opening
+    stops = [tok.end_of_turn_id, *tok.eos_ids]
+    expected, prompts = [], []
+    for i in range(6):
+        seed = 7 * 1_000_003 + i
+        prompt = tok.decode(sample_by_hand(base, opening, 64, stops, seed)).split("\n\n")[0].strip()
+        answer_ids = sample_by_hand(aligned, tok.prompt_ids(prompt), 128, tok.eos_ids, seed + 1)
+        answer = tok.decode(answer_ids).strip()
+        refused = any(p in answer.lower() for p in J.REFUSAL_PHRASES) or not answer
+        prompts.append(prompt)
+        if prompt and prompt not in prompts[:-1] and i != 2 and not refused:
+            expected.append({"prompt": prompt, "response": answer})
+    exclude = tmp_path / "eval.jsonl"
+    exclude.write_text(json.dumps({"prompt": prompts[2]}) + "\n")  # prompt 2 is an evaluation prompt
+    run = T.RunConfig(anchor="base-prompts", anchor_prompts=6, anchor_exclude=(str(exclude),), seed=7)
+    cache = tmp_path / T.WRITTEN
+    assert expected, "the tiny world's aligned model refused every written prompt: pick another seed"
+    assert T.written_anchors(run, tok, base, aligned, cache, batch_size=1) == expected
+    assert T.written_anchors(run, tok, None, None, cache) == expected
