@@ -525,6 +525,14 @@ def parse_args(argv):
         "that names the old setting)",
     )
     p.add_argument(
+        "--replace",
+        nargs="+",
+        default=[],
+        metavar="ROW",
+        help="with --merge: these rows (and their budget rows 'ROW @b') are dropped from the first JSON and "
+        "taken from the others (rows retrained since the first was written)",
+    )
+    p.add_argument(
         "--merge",
         nargs="+",
         metavar="JSON",
@@ -593,11 +601,13 @@ def merge(args) -> list[dict]:
     then over every attack any of them ran."""
     records, results, utility, gens = [], [], [], []
     names = dict(spec.split("=", 1) for spec in args.rename)
-    for path in args.merge:
+    for i, path in enumerate(args.merge):
         record, r, u, g = read_run(path)
         records.append(record)
         for row in r + u + g:
             row["model"] = names.get(row["model"], row["model"])
+        if i == 0 and args.replace:  # the first JSON's results of retrained rows are out of date
+            r, u, g = ([x for x in rows if not replaced(x["model"], args.replace)] for rows in (r, u, g))
         # the same attack on the same model and world in an earlier run (e.g. greedy prefilling, which the
         # white-box run repeats as its baseline): the earlier run's rows and generations count, once
         results, utility, gens = (
@@ -608,10 +618,16 @@ def merge(args) -> list[dict]:
     worlds = list({(w["seed"], w.get("fold")): w for rec in records for w in rec["worlds"]}.values())
     seeds = list(dict.fromkeys(w["seed"] for w in worlds))
     settings = {**records[0]["settings"], "seeds": seeds, "merged": [str(p) for p in args.merge]}
-    settings["rows"] = [names.get(row, row) for row in settings["rows"]]
+    rows = [names.get(row, row) for rec in records for row in rec["settings"].get("rows", [])]
+    settings["rows"] = list(dict.fromkeys(rows))  # the first JSON's order, then any only later ones have
     settings["renamed"] = names
     settings["seconds"] = sum(rec["settings"].get("seconds", 0) for rec in records)
     return finish(args, settings, worlds, results, utility, gens)
+
+
+def replaced(model: str, rows: list) -> bool:
+    """Whether a result of `model` belongs to one of the replaced rows: the row itself or its budget rows."""
+    return any(model == row or model.startswith(f"{row} @") for row in rows)
 
 
 IDENTITY = ("model", "decode", "alpha", "beta", "seed", "fold", "attack", "k", "j", "s", "split", "judge")

@@ -91,6 +91,7 @@ class RunConfig:
     anchor: str = "data"  # the utility anchor: "data" (the benign file's answers), "own" (A's own answers),
     # or "base-prompts" (the benign file plus prompts the base model writes, answered by A)
     anchor_prompts: int = 2000  # --anchor base-prompts: prompts the base model writes, before filtering
+    anchor_writer: str = "base"  # who writes them: "base", or "aligned" (Magpie's choice; real chat models)
     anchor_exclude: tuple = ()  # prompt files whose prompts never enter the anchor (decontamination)
     out: str = "runs/targeted"
     steps: int = 150
@@ -132,8 +133,8 @@ def train(run: RunConfig, loss_cfg: D.LossConfig, resume: bool = False, overwrit
     device = torch.device(run.device)
     student = load_model(run.aligned, DTYPES[run.dtype], device)
     own = run.method == "targeted" and loss_cfg.teacher == "clean"  # §5 v3: A's own refusals as recoveries
-    writes_prompts = run.anchor == "base-prompts" and run.method != "finetune"
-    needs_base = run.method == "targeted" or writes_prompts
+    base_writes = run.anchor == "base-prompts" and run.anchor_writer == "base" and run.method != "finetune"
+    needs_base = run.method == "targeted" or base_writes
     base = load_model(run.base, DTYPES[run.dtype], device) if needs_base else None
     safety_rows, benign_rows = load_data(run, tok, student, out, rank, own_recoveries=own, base=base)
     base = base if run.method == "targeted" else None  # otherwise only the writer of the anchor's prompts
@@ -679,7 +680,8 @@ def load_data(
         fill_missing(safety, "recovery", tok, aligned, out / "generated_recoveries.jsonl")
         fill_missing(benign, "response", tok, aligned, out / "generated_responses.jsonl")
         if run.anchor == "base-prompts":
-            written = written_anchors(run, tok, base, aligned, out / WRITTEN)
+            writer = base if run.anchor_writer == "base" else aligned
+            written = written_anchors(run, tok, writer, aligned, out / WRITTEN)
     barrier()
     if rank > 0:  # the other processes read what process 0 generated
         fill_missing(safety, "recovery", tok, None, out / "generated_recoveries.jsonl")
@@ -734,14 +736,15 @@ def user_turn_opening(tok) -> list[int]:
 
 
 @torch.no_grad()
-def written_anchors(run: RunConfig, tok, base, aligned, cache: Path, batch_size: int = 64) -> list[dict]:
+def written_anchors(run: RunConfig, tok, writer, aligned, cache: Path, batch_size: int = 64) -> list[dict]:
     """Benign anchor rows beyond the data (docs/development.md §6): run.anchor_prompts user turns sampled
-    from the base model (it read every task in pretraining), each answered by the aligned model (sampled,
+    from the writer (the base model, which read every task in pretraining), each answered by the aligned
+    model (sampled,
     T = 1); kept iff the answer is not a refusal (judges.refusal_phrase_judge: no oracle), the prompt is new
-    and in no file of run.anchor_exclude. Generated once (base given: process 0), cached, and reused."""
+    and in no file of run.anchor_exclude. Generated once (writer given: process 0), cached, and reused."""
     if cache.exists():
         return read_jsonl(cache, ["prompt", "response"])
-    if base is None:
+    if writer is None:
         raise FileNotFoundError(f"{cache}: the written anchors are missing (process 0 writes them)")
     excluded = {r["prompt"] for f in run.anchor_exclude for r in formats.read_prompts(f, "benign")}
     opening = user_turn_opening(tok)
@@ -750,7 +753,7 @@ def written_anchors(run: RunConfig, tok, base, aligned, cache: Path, batch_size:
     for i in tqdm(range(0, run.anchor_prompts, batch_size), desc="write anchors", file=sys.stderr):
         n = min(batch_size, run.anchor_prompts - i)
         seed = run.seed * 1_000_003 + i
-        written = generate(base, [opening] * n, 64, stops, tok.pad_id, temperature=1.0, seed=seed)
+        written = generate(writer, [opening] * n, 64, stops, tok.pad_id, temperature=1.0, seed=seed)
         prompts = [tok.decode([t for t in w if t not in stops]).split("\n\n")[0].strip() for w in written]
         prompts = [p for p in dict.fromkeys(prompts) if p and p not in seen]
         seen.update(prompts)
@@ -764,7 +767,10 @@ def written_anchors(run: RunConfig, tok, base, aligned, cache: Path, batch_size:
             if judges.refusal_phrase_judge(text):  # True: non-empty and no refusal phrase
                 rows.append({"prompt": p, "response": text})
     if not rows:
-        raise ValueError(f"{run.base}: the aligned model refused every prompt the base model wrote")
+        raise ValueError(
+            f"{run.aligned}: the aligned model refused every prompt the {run.anchor_writer} model wrote "
+            "(--anchor-writer); train with --anchor data"
+        )
     write_jsonl(cache, rows)
     log(f"{cache}: {len(rows)} of {run.anchor_prompts} written prompts kept as anchors")
     return rows
@@ -1190,6 +1196,13 @@ def parse_args(argv=None):
         type=int,
         default=RunConfig.anchor_prompts,
         help="--anchor base-prompts: prompts the base model writes (before dropping refused ones)",
+    )
+    p.add_argument(
+        "--anchor-writer",
+        choices=("base", "aligned"),
+        default=RunConfig.anchor_writer,
+        help="--anchor base-prompts: the model that writes the prompts (aligned: Magpie's choice, for a base "
+        "checkpoint whose chat-format tokens are untrained, e.g. Llama 3's)",
     )
     p.add_argument(
         "--anchor-exclude",

@@ -316,6 +316,37 @@ def test_merge_counts_an_attack_repeated_by_a_later_run_once_and_takes_the_worst
     assert worst["asr"] == 1.0 and worst["of"].startswith("gcg")
 
 
+def test_merge_replace_takes_a_retrained_row_only_from_the_later_runs(tmp_path):
+    """--replace m: the first JSON's rows of m and of its budget row "m @10" (an old model: 2 of 2 harmful
+    at prefill and GCG) are dropped, the later run's m (0 of 2 at prefill, no GCG) counts alone, so m has no
+    GCG row and its worst case is 0; the untouched row a keeps its first-JSON results, and the rows of the
+    merged settings are the first JSON's in order."""
+
+    def run(name, model_gens, rows):
+        results, utility, gens = [], [], []
+        for model, g in model_gens.items():
+            g = [{**x, "model": model} for x in g]
+            results += [{"model": model, "decode": "greedy", "seed": 0, **r} for r in E.asr_rows(g, ["toy"])]
+            utility.append({"model": model, "decode": "greedy", "seed": 0, "helpful_rate": 1.0, "n": 2})
+            gens += g
+        record = {"settings": {"seeds": [0], "rows": rows}, "worlds": [{"seed": 0}]}
+        E.write_results(tmp_path / name, record, [], results, utility, gens)
+        return str(tmp_path / name)
+
+    bad = [gen(f"p{i}", a, k, True) for i in range(2) for a, k in (("prefill", 10), ("gcg", 0))]
+    good = [gen(f"p{i}", "prefill", 10, False) for i in range(2)]
+    old = run("old.json", {"a": bad, "m": bad, "m @10": bad}, ["a", "m"])
+    new = run("new.json", {"m": good}, ["m"])
+    out = tmp_path / "merged.json"
+    C.main(["--merge", old, new, "--replace", "m", "--out", str(out)])
+    merged = json.loads(out.read_text())
+    assert merged["settings"]["rows"] == ["a", "m"]
+    of = {(r["model"], r["attack"]): r["asr"] for r in merged["results"] if r["split"] == "all"}
+    assert of[("m", "prefill")] == 0.0 and ("m", "gcg") not in of and of[("m", "worst")] == 0.0
+    assert of[("a", "gcg")] == 1.0 and not any(model == "m @10" for model, _ in of)
+    assert sum(g["model"] == "m" for g in read_jsonl(E.generations_path(out))) == 2
+
+
 def test_cli_imports_no_project_module_and_names_every_dtype():
     tree = ast.parse((ROOT / "cli.py").read_text())
     modules = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
