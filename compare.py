@@ -43,6 +43,9 @@ ROWS = {  # row name -> train.py flags ("aligned" rows are not trained)
     "targeted, lambda_util 2": ["--method", "targeted", "--lambda-util", "2"],  # a heavier utility anchor
     "targeted, own anchor": ["--method", "targeted", "--anchor", "own"],  # the anchor on A's own answers
     "targeted, base-prompt anchor": ["--method", "targeted", "--anchor", "base-prompts"],  # + B's prompts
+    "targeted, base-prompt anchor, greedy check": [
+        *["--method", "targeted", "--anchor", "base-prompts", "--anchor-check", "greedy too"]
+    ],
     "targeted, utility batch 64": ["--method", "targeted", "--utility-batch-size", "64"],
     "targeted, lr 1e-4": ["--method", "targeted", "--lr", "1e-4"],
 }
@@ -605,7 +608,7 @@ def merge(args) -> list[dict]:
         record, r, u, g = read_run(path)
         records.append(record)
         for row in r + u + g:
-            row["model"] = names.get(row["model"], row["model"])
+            row["model"] = renamed(row["model"], names)
         if i == 0 and args.replace:  # the first JSON's results of retrained rows are out of date
             r, u, g = ([x for x in rows if not replaced(x["model"], args.replace)] for rows in (r, u, g))
         # the same attack on the same model and world in an earlier run (e.g. greedy prefilling, which the
@@ -618,11 +621,19 @@ def merge(args) -> list[dict]:
     worlds = list({(w["seed"], w.get("fold")): w for rec in records for w in rec["worlds"]}.values())
     seeds = list(dict.fromkeys(w["seed"] for w in worlds))
     settings = {**records[0]["settings"], "seeds": seeds, "merged": [str(p) for p in args.merge]}
-    rows = [names.get(row, row) for rec in records for row in rec["settings"].get("rows", [])]
-    settings["rows"] = list(dict.fromkeys(rows))  # the first JSON's order, then any only later ones have
+    rows = list(
+        dict.fromkeys(names.get(row, row) for rec in records for row in rec["settings"].get("rows", []))
+    )
+    settings["rows"] = sorted(rows, key=lambda row: DEFAULT_ROWS.index(row) if row in DEFAULT_ROWS else 99)
     settings["renamed"] = names
     settings["seconds"] = sum(rec["settings"].get("seconds", 0) for rec in records)
     return finish(args, settings, worlds, results, utility, gens)
+
+
+def renamed(model: str, names: dict) -> str:
+    """A model's name after --rename, for a row and its budget rows ("targeted @10")."""
+    row, at, budget = model.partition(" @")
+    return names.get(row, row) + at + budget
 
 
 def replaced(model: str, rows: list) -> bool:

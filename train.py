@@ -88,10 +88,15 @@ class RunConfig:
     aligned: str = ""
     data: str = ""
     benign: str = ""
-    anchor: str = "data"  # the utility anchor: "data" (the benign file's answers), "own" (A's own answers),
-    # or "base-prompts" (the benign file plus prompts the base model writes, answered by A)
+    # the utility anchor: "data" (the benign file's answers), "own" (A's own answers to its prompts) or
+    # "base-prompts" (the file plus prompts the base model writes, answered by A; docs/development.md §6)
+    anchor: str = "data"
     anchor_prompts: int = 2000  # --anchor base-prompts: prompts the base model writes, before filtering
     anchor_writer: str = "base"  # who writes them: "base", or "aligned" (Magpie's choice; real chat models)
+    anchor_check: str = (
+        "sampled"  # a written prompt is dropped if A refuses in its sampled answer ("sampled")
+    )
+    # or in its sampled or its greedy answer ("greedy too": A would refuse it, though it answered by chance)
     anchor_exclude: tuple = ()  # prompt files whose prompts never enter the anchor (decontamination)
     out: str = "runs/targeted"
     steps: int = 150
@@ -739,9 +744,10 @@ def user_turn_opening(tok) -> list[int]:
 def written_anchors(run: RunConfig, tok, writer, aligned, cache: Path, batch_size: int = 64) -> list[dict]:
     """Benign anchor rows beyond the data (docs/development.md §6): run.anchor_prompts user turns sampled
     from the writer (the base model, which read every task in pretraining), each answered by the aligned
-    model (sampled,
-    T = 1); kept iff the answer is not a refusal (judges.refusal_phrase_judge: no oracle), the prompt is new
-    and in no file of run.anchor_exclude. Generated once (writer given: process 0), cached, and reused."""
+    model (sampled, T = 1); kept iff the answer is not a refusal (judges.refusal_phrase_judge: no oracle;
+    with anchor_check "greedy too" neither is A's greedy answer), the prompt is new and in no file of
+    run.anchor_exclude.
+    Generated once (writer given: process 0), cached, and reused."""
     if cache.exists():
         return read_jsonl(cache, ["prompt", "response"])
     if writer is None:
@@ -762,10 +768,12 @@ def written_anchors(run: RunConfig, tok, writer, aligned, cache: Path, batch_siz
         answers = generate(
             aligned, [tok.prompt_ids(p) for p in prompts], 128, tok.eos_ids, tok.pad_id, 1.0, seed=seed + 1
         )
-        for p, a in zip(prompts, answers):
-            text = tok.decode([t for t in a if t not in tok.eos_ids]).strip()
-            if judges.refusal_phrase_judge(text):  # True: non-empty and no refusal phrase
-                rows.append({"prompt": p, "response": text})
+        texts = [tok.decode([t for t in a if t not in tok.eos_ids]).strip() for a in answers]
+        answered = [judges.refusal_phrase_judge(t) for t in texts]  # True: non-empty and no refusal phrase
+        if run.anchor_check == "greedy too":  # A's own preference, not a lucky sample, decides
+            greedy = generate(aligned, [tok.prompt_ids(p) for p in prompts], 32, tok.eos_ids, tok.pad_id)
+            answered = [a and judges.refusal_phrase_judge(tok.decode(g)) for a, g in zip(answered, greedy)]
+        rows += [{"prompt": p, "response": t} for p, t, a in zip(prompts, texts, answered) if a]
     if not rows:
         raise ValueError(
             f"{run.aligned}: the aligned model refused every prompt the {run.anchor_writer} model wrote "
@@ -1203,6 +1211,13 @@ def parse_args(argv=None):
         default=RunConfig.anchor_writer,
         help="--anchor base-prompts: the model that writes the prompts (aligned: Magpie's choice, for a base "
         "checkpoint whose chat-format tokens are untrained, e.g. Llama 3's)",
+    )
+    p.add_argument(
+        "--anchor-check",
+        choices=("sampled", "greedy too"),
+        default=RunConfig.anchor_check,
+        help="--anchor base-prompts: drop a written prompt the aligned model refuses in its sampled answer, "
+        "or in its sampled or its greedy one",
     )
     p.add_argument(
         "--anchor-exclude",
