@@ -574,3 +574,19 @@ def test_base_prompt_anchor_keeps_the_aligned_models_unrefused_answers_to_what_t
     assert expected, "the tiny world's aligned model refused every written prompt: pick another seed"
     assert T.written_anchors(run, tok, base, aligned, cache, batch_size=1) == expected
     assert T.written_anchors(run, tok, None, None, cache) == expected
+    # --anchor-check "greedy too": also dropped where the aligned model's greedy answer (32 tokens) refuses
+    greedy_refuses = {}
+    for row in expected:
+        ids, out = tok.prompt_ids(row["prompt"]), []
+        with torch.no_grad():
+            while len(out) < 32 and (not out or out[-1] not in tok.eos_ids):
+                out.append(int(aligned(torch.tensor([ids + out]))[0, -1].argmax()))
+        text = tok.decode(out).lower()
+        greedy_refuses[row["prompt"]] = any(p in text for p in J.REFUSAL_PHRASES) or not text.strip()
+    strict = T.RunConfig(**{**run.__dict__, "anchor_check": "greedy too"})
+    kept = [r for r in expected if not greedy_refuses[r["prompt"]]]
+    if not kept:  # every answered prompt refused greedily: nothing to anchor, said in one line
+        with pytest.raises(ValueError, match="--anchor data"):
+            T.written_anchors(strict, tok, base, aligned, tmp_path / "strict.jsonl", batch_size=1)
+        return
+    assert T.written_anchors(strict, tok, base, aligned, tmp_path / "strict.jsonl", batch_size=1) == kept
