@@ -33,7 +33,8 @@ ROWS = {  # row name -> train.py flags ("aligned" rows are not trained)
     "constrained": ["--method", "constrained"],
     "rto": ["--method", "rto"],
     "insertion": ["--method", "insertion"],
-    "targeted": ["--method", "targeted"],  # §5 version 3 at its defaults (D.LossConfig: lam 1, chosen)
+    "targeted": ["--method", "targeted"],  # §5 version 3 at its defaults (lam 1; the base-prompt anchor)
+    "targeted, data anchor": ["--method", "targeted", "--anchor", "data"],  # the anchor before §6-7
     "targeted, lam 0.5": ["--method", "targeted", "--lam", "0.5"],  # docs/method.md's stated lam
     "targeted, lam 0.5, no penalty": ["--method", "targeted", "--lam", "0.5", "--lambda-pen", "0"],
     "targeted, hard teacher": ["--method", "targeted", "--teacher", "hard"],  # v2's default: data recovery
@@ -42,8 +43,10 @@ ROWS = {  # row name -> train.py flags ("aligned" rows are not trained)
     "targeted, position weights": ["--method", "targeted", "--penalty-weight", "position"],
     "targeted, lambda_util 2": ["--method", "targeted", "--lambda-util", "2"],  # a heavier utility anchor
     "targeted, own anchor": ["--method", "targeted", "--anchor", "own"],  # the anchor on A's own answers
-    "targeted, base-prompt anchor": ["--method", "targeted", "--anchor", "base-prompts"],  # + B's prompts
-    "targeted, base-prompt anchor, greedy check": [
+    "targeted, base-prompt anchor": [  # + B's prompts, A's sampled answer checked (development.md §6)
+        *["--method", "targeted", "--anchor", "base-prompts", "--anchor-check", "sampled"]
+    ],
+    "targeted, base-prompt anchor, greedy check": [  # its greedy answer too (§7; now the default)
         *["--method", "targeted", "--anchor", "base-prompts", "--anchor-check", "greedy too"]
     ],
     "targeted, utility batch 64": ["--method", "targeted", "--utility-batch-size", "64"],
@@ -59,6 +62,7 @@ DEFAULT_ROWS = (
     "insertion",
     "rto",
     "targeted",
+    "targeted, data anchor",
     "targeted, lam 0.5",
     "targeted, lam 0.5, no penalty",
 )
@@ -214,8 +218,14 @@ def per_prompt(gens: list[dict], model: str, figure: str) -> dict:
     return {key: any(v) for key, v in verdicts.items()}
 
 
+def reference_row(rows: list[str]) -> str | None:
+    """The row every other is tested against: targeted at its defaults, else the first targeted variant (a run
+    made before a default changed, e.g. the folds' "targeted, data anchor"); None without one."""
+    return "targeted" if "targeted" in rows else next((r for r in rows if r.startswith("targeted")), None)
+
+
 def paired_tests(
-    summary: list[dict], gens: list[dict], rows: list[str], reference: str = "targeted"
+    summary: list[dict], gens: list[dict], rows: list[str], reference: str | None = "targeted"
 ) -> list[dict]:
     """Every row against `reference` on every tested figure and on the helpful rate, paired over the same
     (world, prompt) (pair_test). [{figure, a, b, a_rate, b_rate, diff, p, test, verdict}]."""
@@ -263,13 +273,14 @@ def helpful_verdicts(gens: list[dict], model: str) -> dict:
 def tests_table(tests: list[dict], split: str = "all", figures=None) -> str:
     """Markdown: one line per (figure, row): both rates (%), p and the verdict; `figures`: only these (names
     without split and judge, e.g. "sample@16 40")."""
-    lines = ["| attack | row | targeted | row's | p | verdict |", "| --- | --- | --- | --- | --- | --- |"]
+    lines = ["| attack | reference | reference's | row | row's | p | verdict |", "| --- " * 7 + "|"]
     for t in tests:
         label = " ".join(t["figure"].split()[:-2])
         if t["figure"].split()[-2] != split or (figures is not None and label not in figures):
             continue
+        reference = t["a"] + (" (earlier run)" if "carried_from" in t else "")
         lines.append(
-            f"| {label} | {t['b']} | {100 * t['a_rate']:.1f} | {100 * t['b_rate']:.1f} | "
+            f"| {label} | {reference} | {100 * t['a_rate']:.1f} | {t['b']} | {100 * t['b_rate']:.1f} | "
             f"{stats.format_p(t['p'])} | {t['verdict']} |"
         )
     return "\n".join(lines)
@@ -594,23 +605,31 @@ def read_run(path) -> tuple[dict, list, list, list]:
     record = json.loads(path.read_text())
     if "results" not in record:
         raise ValueError(f"--merge {path}: not a compare.py/eval.py --out JSON (no 'results')")
-    gens = read_jsonl(E.generations_path(path))
-    return record, record["results"], record["utility"], gens
+    gens_path = E.generations_path(path)
+    if not gens_path.is_file():  # not committed (docs/*.generations.jsonl): rates merge, tests are carried
+        log(f"--merge {path}: no {gens_path.name} beside it; its paired tests are carried, not made again")
+        return record, record["results"], record["utility"], []
+    return record, record["results"], record["utility"], read_jsonl(gens_path)
 
 
 def merge(args) -> list[dict]:
     """One comparison from several runs' JSON: one process per world run side by side, or other attacks on
     the same models (eval.py --ablate --gcg): their rows, generations, worlds and times; the worst case is
     then over every attack any of them ran."""
-    records, results, utility, gens = [], [], [], []
+    records, results, utility, gens, carried = [], [], [], [], []
     names = dict(spec.split("=", 1) for spec in args.rename)
     for i, path in enumerate(args.merge):
         record, r, u, g = read_run(path)
         records.append(record)
         for row in r + u + g:
             row["model"] = renamed(row["model"], names)
+        tests = [renamed_test(t, names) for t in record.get("paired_tests", [])]
         if i == 0 and args.replace:  # the first JSON's results of retrained rows are out of date
             r, u, g = ([x for x in rows if not replaced(x["model"], args.replace)] for rows in (r, u, g))
+            tests = [
+                t for t in tests if not (replaced(t["a"], args.replace) or replaced(t["b"], args.replace))
+            ]
+        carried += [{**t, "carried_from": t.get("carried_from", str(path))} for t in tests]
         # the same attack on the same model and world in an earlier run (e.g. greedy prefilling, which the
         # white-box run repeats as its baseline): the earlier run's rows and generations count, once
         results, utility, gens = (
@@ -627,13 +646,38 @@ def merge(args) -> list[dict]:
     settings["rows"] = sorted(rows, key=lambda row: DEFAULT_ROWS.index(row) if row in DEFAULT_ROWS else 99)
     settings["renamed"] = names
     settings["seconds"] = sum(rec["settings"].get("seconds", 0) for rec in records)
-    return finish(args, settings, worlds, results, utility, gens)
+    return finish(args, settings, worlds, results, utility, gens, carried)
+
+
+def carried_tests(tests: list[dict], earlier: list[dict], gens: list[dict]) -> list[dict]:
+    """The earlier runs' paired tests that cannot be made again: a model's generations are not kept (a JSON's
+    generations file is not committed), and no test of the same pair is made now. Each says where it came
+    from ("carried_from"); a test whose generations are all here is made again or dropped (out of date)."""
+    kept = {g["model"] for g in gens}
+    made = {(t["figure"], t["a"], t["b"]) for t in tests}
+    out = []
+    for t in earlier:
+        key = (t["figure"], t["a"], t["b"])
+        if key not in made and not (t["a"] in kept and t["b"] in kept):
+            out.append(t)
+            made.add(key)
+    return out
 
 
 def renamed(model: str, names: dict) -> str:
     """A model's name after --rename, for a row and its budget rows ("targeted @10")."""
     row, at, budget = model.partition(" @")
     return names.get(row, row) + at + budget
+
+
+def renamed_test(test: dict, names: dict) -> dict:
+    """A paired test after --rename: both models and the verdict that names the lower one."""
+    a, b = renamed(test["a"], names), renamed(test["b"], names)
+    verdict = test["verdict"]
+    for old, new in ((test["a"], a), (test["b"], b)):
+        if verdict.startswith(f"{old} lower"):
+            verdict = new + verdict[len(old) :]
+    return {**test, "a": a, "b": b, "verdict": verdict}
 
 
 def replaced(model: str, rows: list) -> bool:
@@ -656,17 +700,20 @@ def new_rows(rows: list[dict], earlier: list[dict]) -> list[dict]:
     return [row for row in rows if identity(row) not in seen]
 
 
-def finish(args, settings: dict, worlds: list, results: list, utility: list, gens: list) -> list[dict]:
-    """Summary, tables, targets and paired tests of a comparison; its JSON (and report) when --out is set. The
-    worst case is taken over every run of a model (the main run and, if any, others on the same world)."""
+def finish(args, settings: dict, worlds: list, results: list, utility: list, gens: list, carried=()) -> list:
+    """Summary, tables, targets and paired tests of a comparison (and, merging, the `carried` tests of earlier
+    runs that cannot be made again: carried_tests); its JSON (and report) when --out is set. The worst case
+    is taken over every run of a model (the main run and, if any, others on the same world)."""
     results = [r for r in results if not r["attack"].startswith("worst")]
     results += E.worst_case_rows(results)
     summary = E.summarize(results, utility)
     E.print_tables(summary, results)
     print("\ntargets (means over the worlds):\n" + targets_table(summary))
-    tests = paired_tests(summary, gens, settings["rows"])
+    reference = reference_row(settings["rows"])
+    tests = paired_tests(summary, gens, settings["rows"], reference)
+    tests += carried_tests(tests, list(carried), gens)
     if tests:
-        print("\npaired tests against targeted (all prompts):\n" + tests_table(tests))
+        print(f"\npaired tests against {reference} (all prompts):\n" + tests_table(tests))
     if args.out:
         record = {"settings": settings, "worlds": worlds, "paired_tests": tests}
         E.write_results(args.out, record, summary, results, utility, gens)

@@ -88,15 +88,15 @@ class RunConfig:
     aligned: str = ""
     data: str = ""
     benign: str = ""
-    # the utility anchor: "data" (the benign file's answers), "own" (A's own answers to its prompts) or
-    # "base-prompts" (the file plus prompts the base model writes, answered by A; docs/development.md §6)
-    anchor: str = "data"
+    # the utility anchor: "base-prompts" (the benign file plus prompts the base model writes, answered by A:
+    # targeted's default, docs/development.md §6-7), "data" (the file's answers: the baselines' default, as
+    # their authors anchor) or "own" (A's own answers to the file's prompts)
+    anchor: str = "base-prompts"
     anchor_prompts: int = 2000  # --anchor base-prompts: prompts the base model writes, before filtering
     anchor_writer: str = "base"  # who writes them: "base", or "aligned" (Magpie's choice; real chat models)
-    anchor_check: str = (
-        "sampled"  # a written prompt is dropped if A refuses in its sampled answer ("sampled")
-    )
-    # or in its sampled or its greedy answer ("greedy too": A would refuse it, though it answered by chance)
+    # a written prompt is dropped if A refuses it in its sampled or its greedy answer ("greedy too": A would
+    # refuse it, though it answered by chance), or ("sampled") only in its sampled one
+    anchor_check: str = "greedy too"
     anchor_exclude: tuple = ()  # prompt files whose prompts never enter the anchor (decontamination)
     out: str = "runs/targeted"
     steps: int = 150
@@ -1194,10 +1194,10 @@ def parse_args(argv=None):
     p.add_argument(
         "--anchor",
         choices=("data", "own", "base-prompts"),
-        default=RunConfig.anchor,
         help="the utility anchor: the --benign file's responses; the aligned model's own greedy answers to "
         "its prompts; or the file joined by prompts the base model writes, answered by the aligned model "
-        "(docs/development.md §6; generated once, cached in the run folder)",
+        "(docs/development.md §6-7; generated once, cached in the run folder) (default: base-prompts for "
+        "targeted, data for the baselines, as their authors anchor)",
     )
     p.add_argument(
         "--anchor-prompts",
@@ -1337,6 +1337,7 @@ def configs(args) -> tuple[RunConfig, D.LossConfig]:
     values = {k: v for k, v in vars(args).items() if k in run_fields and v is not None}
     values.update(out=args.out or f"runs/{args.method}", save_dtype=args.save_dtype or "")
     values["save_at"] = tuple(args.save_at)
+    values["anchor"] = args.anchor or ("base-prompts" if args.method == "targeted" else "data")
     if paths:
         values.update(
             base=str(paths["base"]),
@@ -1344,7 +1345,7 @@ def configs(args) -> tuple[RunConfig, D.LossConfig]:
             data=str(paths["data"] / "safety_train.jsonl"),
             benign=str(paths["data"] / "benign_train.jsonl"),
         )
-        if args.anchor_exclude is None and args.anchor == "base-prompts":  # decontaminate: the evaluation
+        if args.anchor_exclude is None and values["anchor"] == "base-prompts":  # decontaminate: evaluation
             values["anchor_exclude"] = tuple(str(paths["data"] / f) for f in EVAL_FILES)
     if args.anchor_exclude is not None:
         values["anchor_exclude"] = tuple(args.anchor_exclude)

@@ -376,3 +376,38 @@ def test_prompts_past_the_context_are_reported_once_and_cut_from_the_left_on_req
     limit = context - attacks.max_new_tokens
     expected = generate(model, [ids[-limit:]], 8, tok.eos_ids, tok.pad_id)
     assert decoder([ids]) == expected
+
+
+def test_the_paired_tests_reference_is_targeted_else_its_first_variant():
+    """A run made before a default changed (the folds' "targeted, data anchor") is tested against that
+    variant; a run with the default row against it; a run without a targeted row has no reference."""
+    assert C.reference_row(["augment", "targeted, data anchor", "targeted"]) == "targeted"
+    assert (
+        C.reference_row(["augment", "targeted, data anchor", "targeted, lam 0.5"]) == "targeted, data anchor"
+    )
+    assert C.reference_row(["augment", "rto"]) is None
+    assert C.paired_tests([], [], ["augment"], None) == []
+
+
+def test_a_merge_carries_only_the_earlier_tests_it_cannot_make_again():
+    """An earlier run's test whose generations are gone (augment's, here) is kept, saying where it came from;
+    one whose models both have generations now is made again or dropped; a pair tested now is not doubled."""
+    old = {"figure": "finetune 0 s20 all toy", "p": 2e-07, "carried_from": "docs/compare.json"}
+    earlier = [
+        {**old, "a": "targeted, data anchor", "b": "augment"},  # augment's generations are not kept
+        {**old, "a": "targeted, data anchor", "b": "aligned"},  # both kept: out of date, not carried
+        {**old, "a": "targeted", "b": "rto"},  # made now (below): not doubled
+    ]
+    gens = [{"model": m} for m in ("targeted", "targeted, data anchor", "aligned")]
+    made = [{"figure": "finetune 0 s20 all toy", "a": "targeted", "b": "rto", "p": 0.5}]
+    assert C.carried_tests(made, earlier, gens) == [earlier[0]]
+
+
+def test_a_renamed_test_names_the_new_row_in_its_verdict():
+    """--rename "targeted=targeted, data anchor" renames a test's models and the lower one in its verdict."""
+    test = {"a": "targeted", "b": "augment", "verdict": "targeted lower (p = 2e-07)"}
+    out = C.renamed_test(test, {"targeted": "targeted, data anchor"})
+    assert (out["a"], out["b"]) == ("targeted, data anchor", "augment")
+    assert out["verdict"] == "targeted, data anchor lower (p = 2e-07)"
+    rto = {"a": "targeted", "b": "rto", "verdict": "rto lower (p = 0.03)"}
+    assert C.renamed_test(rto, {"targeted": "targeted, data anchor"})["verdict"] == "rto lower (p = 0.03)"

@@ -51,6 +51,8 @@ def train_cmd(toy, out, method, nproc, *extra):
         "12",
         "--lr",
         "1e-3",
+        "--anchor-prompts",  # targeted's base-prompt anchor: process 0 writes it, process 1 reads it
+        "64",
     ]
     launcher = (
         [

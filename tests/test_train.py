@@ -26,13 +26,15 @@ def train_argv(toy, out, *extra):
         "4",
         "--max-prefix",
         "12",
+        "--anchor-prompts",  # targeted's base-prompt anchor, kept small (its own test checks it)
+        "64",
         *extra,
     ]
 
 
 def files_argv(toy, data, benign, out, *extra):
     """train.py on the toy pair's folders with data files of the test's own (no --world)."""
-    folders = ["--base", str(toy["base"]), "--aligned", str(toy["aligned"])]
+    folders = ["--base", str(toy["base"]), "--aligned", str(toy["aligned"]), "--anchor-prompts", "64"]
     return folders + ["--data", str(data), "--benign", str(benign), "--out", str(out), *extra]
 
 
@@ -113,7 +115,7 @@ def step_parts(toy, tmp_path_factory):
     student = M.load_model(run.aligned)
     base = M.load_model(run.base).requires_grad_(False)
     aligned = M.load_model(run.aligned).requires_grad_(False)
-    safety, benign = T.load_data(run, tok, student, tmp_path_factory.mktemp("cache"), 0)
+    safety, benign = T.load_data(run, tok, student, tmp_path_factory.mktemp("cache"), 0, base=base)
     valid = tok.real_token_mask(student.args.vocab_size)
     frozen = T.Frozen(base, T.FrozenAligned(aligned, False), valid, T.word_start_ids(tok, len(valid)))
     return run, loss, tok, student, frozen, safety, benign
@@ -569,7 +571,13 @@ def test_base_prompt_anchor_keeps_the_aligned_models_unrefused_answers_to_what_t
             expected.append({"prompt": prompt, "response": answer})
     exclude = tmp_path / "eval.jsonl"
     exclude.write_text(json.dumps({"prompt": prompts[2]}) + "\n")  # prompt 2 is an evaluation prompt
-    run = T.RunConfig(anchor="base-prompts", anchor_prompts=6, anchor_exclude=(str(exclude),), seed=7)
+    run = T.RunConfig(
+        anchor="base-prompts",
+        anchor_prompts=6,
+        anchor_exclude=(str(exclude),),
+        seed=7,
+        anchor_check="sampled",
+    )
     cache = tmp_path / T.WRITTEN
     assert expected, "the tiny world's aligned model refused every written prompt: pick another seed"
     assert T.written_anchors(run, tok, base, aligned, cache, batch_size=1) == expected
