@@ -27,8 +27,8 @@ compare: setup
 	$(PY) compare.py --seeds 0 1 2 --steps 10 20 40 80 150 --out docs/compare.json --report
 
 folds: setup
-	$(PY) compare.py --folds --seeds 0 1 2 --samples 0 --out docs/folds.json
-	$(PY) compare.py --folds --seeds 0 1 2 --samples 16 --prefill 10 40 --benign-samples 0 --out docs/folds_sampled.json
+	$(PY) compare.py --folds --seeds 0 1 2 --rows augment insertion rto "targeted, data anchor" --samples 0 --out docs/folds.json
+	$(PY) compare.py --folds --seeds 0 1 2 --rows augment insertion rto "targeted, data anchor" --samples 16 --prefill 10 40 --benign-samples 0 --out docs/folds_sampled.json
 	$(PY) compare.py --merge docs/folds.json docs/folds_sampled.json --out docs/folds.json
 
 .PHONY: setup run test compare folds

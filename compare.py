@@ -544,14 +544,16 @@ def parse_args(argv):
         default=[],
         metavar="ROW",
         help="with --merge: these rows (and their budget rows 'ROW @b') are dropped from the first JSON and "
-        "taken from the others (rows retrained since the first was written)",
+        "taken from the others (rows retrained since the first was written), or left out if none has them",
     )
     p.add_argument(
         "--merge",
         nargs="+",
         metavar="JSON",
         help="instead of running: merge the --out JSONs of earlier runs on other worlds (e.g. one process "
-        "per seed, run side by side) into one comparison, as if run together",
+        "per seed, run side by side) into one comparison, as if run together; it holds the runs' rows and "
+        "the aligned model, and a run whose generations file is gone (docs/*.generations.jsonl are not "
+        "committed) keeps its paired tests as they were, marked 'earlier run'",
     )
     p.add_argument("--runs", default="runs", help="where the trained models live (runs/seed-N/<row>)")
     p.add_argument("--retrain", action="store_true", help="train every row again even if it is finished")
@@ -639,14 +641,29 @@ def merge(args) -> list[dict]:
         )
     worlds = list({(w["seed"], w.get("fold")): w for rec in records for w in rec["worlds"]}.values())
     seeds = list(dict.fromkeys(w["seed"] for w in worlds))
-    settings = {**records[0]["settings"], "seeds": seeds, "merged": [str(p) for p in args.merge]}
-    rows = list(
-        dict.fromkeys(names.get(row, row) for rec in records for row in rec["settings"].get("rows", []))
-    )
+    merged = [  # each run merged, and what it was itself merged from (merging in place keeps the history)
+        str(path) + (f" <- {' + '.join(rec['settings']['merged'])}" if rec["settings"].get("merged") else "")
+        for path, rec in zip(args.merge, records)
+    ]
+    settings = {**records[0]["settings"], "seeds": seeds, "merged": merged}
+    first, *later = [[names.get(row, row) for row in rec["settings"].get("rows", [])] for rec in records]
+    first = [row for row in first if not replaced(row, args.replace or [])]  # retrained: only if run again
+    rows = list(dict.fromkeys(first + [row for rows in later for row in rows]))
     settings["rows"] = sorted(rows, key=lambda row: DEFAULT_ROWS.index(row) if row in DEFAULT_ROWS else 99)
     settings["renamed"] = names
     settings["seconds"] = sum(rec["settings"].get("seconds", 0) for rec in records)
+    if rows:  # a comparison holds its rows and the aligned model, not other models of a merged eval.py run
+        results, utility, gens = (
+            [x for x in xs if compared(x["model"], rows)] for xs in (results, utility, gens)
+        )
+        carried = [t for t in carried if compared(t["a"], rows) and compared(t["b"], rows)]
     return finish(args, settings, worlds, results, utility, gens, carried)
+
+
+def compared(model: str, rows: list) -> bool:
+    """Whether a model belongs to a comparison of `rows`: the aligned model (any decoding), a row or its
+    budget rows ("targeted @10")."""
+    return model.startswith("aligned") or model.partition(" @")[0] in rows
 
 
 def carried_tests(tests: list[dict], earlier: list[dict], gens: list[dict]) -> list[dict]:

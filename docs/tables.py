@@ -12,7 +12,8 @@ and is exactly what that JSON renders to, by the same functions that print the t
 
 Views: all | seen | held_out (eval.py and compare.py JSON: every seed's row, ASR on that split of the
 harmful prompts, with utility), the compact views of COMPACT (one row per model, mean ± sd [pooled 95%
-interval]), tests_all | tests_held_out (compare.py: the paired tests against targeted), targets (compare.py:
+interval]), tests_all | tests_held_out (compare.py: the paired tests against targeted), tests_key |
+tests_ablation | tests_helpful | tests_folds (the README's choices of them), targets (compare.py:
 each target of docs/method.md §4-§5, met or not), profile (deepalign.py profile --seeds), bench (bench.py),
 the training-budget curve of BUDGET_VIEWS (compare.py --steps: one row per method, one column per budget).
 """
@@ -60,6 +61,7 @@ def suite(split: str) -> list[tuple[str, str]]:
 
 
 KEY_TESTS = ("finetune 0 s20",)  # the README's paired tests (the rest: the JSON and the report)
+ABLATION_TESTS = ("finetune 0 s20", "finetune 10 s10", "sample@16 40")  # the attacks that may separate parts
 FOLD_TESTS = ("prefill 40", "sample@16 40")  # the held-out folds' (compare.py --folds)
 
 COMPACT = {  # view -> the columns of a compact table (eval.compact_table): means ± sd [pooled interval]
@@ -172,6 +174,13 @@ def render(path: str, view: str) -> str:
             if (t["b"] == "aligned") == t["figure"].startswith("helpful")
         ]
         return compare.tests_table(tests, "all", KEY_TESTS + ("helpful",))
+    if view == "tests_ablation":  # the method's parts: the durability attacks and helpfulness, all rows
+        tests = [
+            t
+            for t in data.get("paired_tests", [])
+            if t["b"] != "aligned" or t["figure"].startswith("helpful")
+        ]
+        return compare.tests_table(tests, "all", ABLATION_TESTS + ("helpful",))
     if view == "tests_helpful":  # the helpful rate of every row against targeted's, paired over prompts
         return compare.tests_table(data.get("paired_tests", []), "all", ("helpful",))
     if view == "tests_folds":  # held-out folds: the held-out prompts of every fold, against targeted

@@ -411,3 +411,27 @@ def test_a_renamed_test_names_the_new_row_in_its_verdict():
     assert out["verdict"] == "targeted, data anchor lower (p = 2e-07)"
     rto = {"a": "targeted", "b": "rto", "verdict": "rto lower (p = 0.03)"}
     assert C.renamed_test(rto, {"targeted": "targeted, data anchor"})["verdict"] == "rto lower (p = 0.03)"
+
+
+def test_merge_keeps_only_the_comparisons_rows_and_drops_a_replaced_row_not_run_again(tmp_path):
+    """A comparison of rows a, m merged with an eval.py run (no rows) that also attacked a model x: x is left
+    out; --replace m with no later run of m takes m out of the rows and the results alike."""
+
+    def run(name, models, rows):
+        g = [{**gen("p0", "prefill", 10, True), "model": m} for m in models]
+        results = [
+            {"model": x["model"], "decode": "greedy", "seed": 0, **r}
+            for x in g
+            for r in E.asr_rows([x], ["toy"])
+        ]
+        settings = {"seeds": [0], **({"rows": rows} if rows is not None else {})}
+        E.write_results(tmp_path / name, {"settings": settings, "worlds": [{"seed": 0}]}, [], results, [], g)
+        return str(tmp_path / name)
+
+    paths = [run("c.json", ["aligned", "a", "m"], ["a", "m"]), run("w.json", ["aligned", "a", "x"], None)]
+    out = tmp_path / "merged.json"
+    C.main(["--merge", *paths, "--out", str(out)])
+    assert {r["model"] for r in json.loads(out.read_text())["results"]} == {"aligned", "a", "m"}
+    C.main(["--merge", *paths, "--replace", "m", "--out", str(out)])
+    merged = json.loads(out.read_text())
+    assert merged["settings"]["rows"] == ["a"] and {r["model"] for r in merged["results"]} == {"aligned", "a"}
