@@ -338,6 +338,7 @@ def plot_curves(summary: list[dict], models: list[str], path, budgets=()) -> boo
                 (b, at[f"{m} @{b}"]["mean"], at[f"{m} @{b}"]["sd"]) for b in budgets if f"{m} @{b}" in at
             ]
             lines[m].append(("budget", points))
+    color = {m: f"C{j % 10}" for j, m in enumerate(models)}  # one colour per model in every panel
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False)
     for i, (title, xlabel, _) in enumerate(panels):
         ax = axes[0][i]
@@ -345,15 +346,17 @@ def plot_curves(summary: list[dict], models: list[str], path, budgets=()) -> boo
             points = lines[m][i][1]
             if points:
                 x, mean, sd = (list(v) for v in zip(*points))
-                ax.plot(x, [100 * v for v in mean], marker=".", label=m)
+                ax.plot(x, [100 * v for v in mean], marker=".", color=color[m])
                 lo = [100 * (a - b) for a, b in zip(mean, sd)]
                 hi = [100 * (a + b) for a, b in zip(mean, sd)]
-                ax.fill_between(x, lo, hi, alpha=0.15)
+                ax.fill_between(x, lo, hi, alpha=0.15, color=color[m])
         ax.set_title(title, fontsize=10)
         ax.set_xlabel(xlabel)
         ax.set_ylabel("ASR (%)")
         ax.grid(alpha=0.3)
-    axes[0][-1].legend(fontsize=7)
+    drawn = [m for m in models if any(points for _, points in lines[m])]
+    handles = [matplotlib.lines.Line2D([], [], color=color[m], marker=".", label=m) for m in drawn]
+    axes[0][-1].legend(handles=handles, fontsize=7)
     fig.tight_layout()
     path = Path(path)
     tmp = path.with_name(f"{path.stem}.tmp{path.suffix}")
