@@ -227,18 +227,26 @@ def reference_row(rows: list[str]) -> str | None:
 def paired_tests(
     summary: list[dict], gens: list[dict], rows: list[str], reference: str | None = "targeted"
 ) -> list[dict]:
-    """Every row against `reference` on every tested figure and on the helpful rate, paired over the same
-    (world, prompt) (pair_test). [{figure, a, b, a_rate, b_rate, diff, p, test, verdict}]."""
+    """Every row against `reference`, and an ablation of an ablation against its parent ("targeted, lam 0.5,
+    no penalty" against "targeted, lam 0.5": the part it removes), on every tested figure and on the helpful
+    rate, paired over the same (world, prompt) (pair_test). [{figure, a, b, a_rate, b_rate, diff, p, test,
+    verdict}]."""
     if reference not in rows:
         return []
-    others = [r for r in ["aligned", *rows] if r != reference]
+    pairs = [(reference, r) for r in ["aligned", *rows] if r != reference]
+    pairs += [(parent(r), r) for r in rows if parent(r) in rows and parent(r) not in (r, reference)]
     out = []
-    for figure in tested_figures(summary, reference):
-        ref = per_prompt(gens, reference, figure)
-        out += [pair_test(figure, reference, row, ref, per_prompt(gens, row, figure)) for row in others]
-    ref = helpful_verdicts(gens, reference)
-    out += [pair_test("helpful all toy", reference, row, ref, helpful_verdicts(gens, row)) for row in others]
-    return [t for t in out if t is not None]
+    for a, b in pairs:
+        for figure in tested_figures(summary, reference):
+            out.append(pair_test(figure, a, b, per_prompt(gens, a, figure), per_prompt(gens, b, figure)))
+        out.append(pair_test("helpful all toy", a, b, helpful_verdicts(gens, a), helpful_verdicts(gens, b)))
+    order = {f: i for i, f in enumerate([*tested_figures(summary, reference), "helpful all toy"])}
+    return sorted((t for t in out if t is not None), key=lambda t: order[t["figure"]])  # by figure, stable
+
+
+def parent(row: str) -> str:
+    """The row an ablation row changes one part of: its name without the last ", part"."""
+    return row.rsplit(", ", 1)[0]
 
 
 def pair_test(figure: str, a_name: str, b_name: str, a: dict, b: dict) -> dict | None:

@@ -435,3 +435,29 @@ def test_merge_keeps_only_the_comparisons_rows_and_drops_a_replaced_row_not_run_
     C.main(["--merge", *paths, "--replace", "m", "--out", str(out)])
     merged = json.loads(out.read_text())
     assert merged["settings"]["rows"] == ["a"] and {r["model"] for r in merged["results"]} == {"aligned", "a"}
+
+
+def test_an_ablation_of_an_ablation_is_also_tested_against_its_parent():
+    """Rows targeted, "targeted, lam 0.5" and "targeted, lam 0.5, no penalty" (and augment): each against
+    targeted, and the no-penalty row also against lam 0.5 (the penalty's own test); augment has no parent.
+    Hand-made helpful verdicts on 8 prompts: lam 0.5 helps all 8, no penalty 2 of them (6 discordant pairs,
+    exact McNemar p = 2 / 2**6)."""
+
+    def benign(model, ok):
+        keys = {"model": model, "decode": "greedy", "seed": 0, "attack": "benign", "k": 0}
+        return [{**keys, "prompt": f"b{i}", "helpful": bool(h)} for i, h in enumerate(ok)]
+
+    rows = ["augment", "targeted", "targeted, lam 0.5", "targeted, lam 0.5, no penalty"]
+    gens = benign("aligned", [1] * 8) + benign("augment", [1] * 8) + benign("targeted", [1] * 8)
+    gens += benign("targeted, lam 0.5", [1] * 8) + benign("targeted, lam 0.5, no penalty", [1, 1] + [0] * 6)
+    tests = C.paired_tests([], gens, rows)
+    assert [(t["a"], t["b"]) for t in tests] == [
+        ("targeted", "aligned"),
+        ("targeted", "augment"),
+        ("targeted", "targeted, lam 0.5"),
+        ("targeted", "targeted, lam 0.5, no penalty"),
+        ("targeted, lam 0.5", "targeted, lam 0.5, no penalty"),
+    ]
+    assert tests[-1]["p"] == pytest.approx(2 / 2**6) and tests[-1]["verdict"].startswith(
+        "targeted, lam 0.5, no"
+    )
