@@ -235,12 +235,12 @@ def paired_tests(
         return []
     pairs = [(reference, r) for r in ["aligned", *rows] if r != reference]
     pairs += [(parent(r), r) for r in rows if parent(r) in rows and parent(r) not in (r, reference)]
-    out = []
+    figures, out = tested_figures(summary, reference), []
     for a, b in pairs:
-        for figure in tested_figures(summary, reference):
+        for figure in figures:
             out.append(pair_test(figure, a, b, per_prompt(gens, a, figure), per_prompt(gens, b, figure)))
         out.append(pair_test("helpful all toy", a, b, helpful_verdicts(gens, a), helpful_verdicts(gens, b)))
-    order = {f: i for i, f in enumerate([*tested_figures(summary, reference), "helpful all toy"])}
+    order = {f: i for i, f in enumerate([*figures, "helpful all toy"])}
     return sorted((t for t in out if t is not None), key=lambda t: order[t["figure"]])  # by figure, stable
 
 

@@ -551,7 +551,7 @@ def sample_by_hand(model, ids: list[int], n: int, stops: list[int], seed: int) -
 
 
 def test_base_prompt_anchor_keeps_the_aligned_models_unrefused_answers_to_what_the_base_writes(toy, tmp_path):
-    """--anchor base-prompts (docs/development.md §6) against a brute-force loop: prompt i is the base model's
+    """--anchor base-prompts (docs/development.md §6) against a brute-force loop: prompt i is the base's
     T = 1 user turn after "<|im_start|>user\\n" (seed run.seed * 1000003 + i), its answer the aligned model's
     T = 1 answer (seed + 1); a pair is kept iff the answer holds no refusal phrase and the prompt is new and
     not in an excluded file. The cache is then reused without any model."""
