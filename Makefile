@@ -2,7 +2,7 @@
 #   make run     set up .venv, build the seed-0 toy world (once), evaluate its base and aligned models and
 #                write runs/eval_toy.json and the report runs/eval_toy.html
 #   make test    set up .venv (with the test-only references: transformers, peft) and run ruff and the tests
-# And the longer reproductions behind the README's tables (each writes its JSON into docs/):
+# And the longer reproductions behind the README's tables (each writes its JSON into results/):
 #   make compare        every method under every attack on the reporting worlds (seeds 0 1 2)
 #   make folds          the recovery-based methods on held-out folds (every category held out once)
 PYTHON ?= python3
@@ -24,11 +24,11 @@ test: setup
 	$(PY) -m ruff check . && $(PY) -m ruff format --check . && $(PY) -m pytest -q
 
 compare: setup
-	$(PY) compare.py --seeds 0 1 2 --steps 10 20 40 80 150 --out docs/compare.json --report
+	$(PY) -m experiments.compare --seeds 0 1 2 --steps 10 20 40 80 150 --out results/compare.json --report
 
 folds: setup
-	$(PY) compare.py --folds --seeds 0 1 2 --rows augment insertion rto "targeted, data anchor" --samples 0 --out docs/folds.json
-	$(PY) compare.py --folds --seeds 0 1 2 --rows augment insertion rto "targeted, data anchor" --samples 16 --prefill 10 40 --benign-samples 0 --out docs/folds_sampled.json
-	$(PY) compare.py --merge docs/folds.json docs/folds_sampled.json --out docs/folds.json
+	$(PY) -m experiments.compare --folds --seeds 0 1 2 --rows augment insertion rto "targeted, data anchor" --samples 0 --out results/folds.json
+	$(PY) -m experiments.compare --folds --seeds 0 1 2 --rows augment insertion rto "targeted, data anchor" --samples 16 --prefill 10 40 --benign-samples 0 --out results/folds_sampled.json
+	$(PY) -m experiments.compare --merge results/folds.json results/folds_sampled.json --out results/folds.json
 
 .PHONY: setup run test compare folds

@@ -29,9 +29,12 @@ import time
 
 import torch
 
-import cli
 import deepalign
-from model import KVCache, Tokenizer, Transformer, check_finite_logits, load_model, log
+from infra import cli
+from infra.cli import log
+from infra.hf import check_finite_logits, load_model
+from infra.tokenizer import Tokenizer
+from model import KVCache, Transformer
 
 
 # ----------------------------------------------------------------------------------------------

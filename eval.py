@@ -2,7 +2,7 @@
 models over one or several worlds, or for real checkpoints on data files you have.
 
     python eval.py                                        # the seed-0 world's base and aligned models
-    python eval.py --seeds 0 1 2 --out docs/calibration.json     # mean ± sd over worlds, per seed in JSON
+    python eval.py --seeds 0 1 2 --out results/calibration.json     # mean ± sd over worlds, per seed in JSON
     python eval.py --world data/worlds/seed-1 --model targeted=runs/seed-1/targeted
     python eval.py --decode contrastive --alpha 0 0.5 1 2 --beta 0.1 0.01              # contrastive sweep
     python eval.py --model ~/models/Qwen2.5-7B-Instruct --harmful harmbench.csv --benign xstest.csv \\
@@ -35,16 +35,17 @@ from pathlib import Path
 
 import torch
 
-import cli
 import deepalign as D
-import judges as J
-import stats
-from data import files, formats
 from data import toyworld as TW
 from data import world as W
-from data.files import write_json_atomic, write_jsonl
 from decode import contrastive_generate, decode_loop, generate
-from model import Tokenizer, load_model, log
+from infra import cli, files, formats
+from infra.cli import log
+from infra.files import write_json_atomic, write_jsonl
+from infra.hf import load_model
+from infra.tokenizer import Tokenizer
+from lab import judges as J
+from lab import stats
 
 
 @dataclass(frozen=True)
@@ -992,7 +993,7 @@ def attack_config(args) -> AttackConfig:
 
 
 def gcg_config(args):
-    import attacks as A
+    from lab import attacks as A
 
     return A.GCGConfig(
         suffix_len=args.gcg_suffix_len,
@@ -1006,7 +1007,7 @@ def gcg_config(args):
 
 
 def refusal_config(args):
-    import attacks as A
+    from lab import attacks as A
 
     return A.RefusalConfig(layer=args.ablate_layer, batch_size=args.batch_size)
 
@@ -1234,7 +1235,7 @@ def gcg_generations(model, tok, harmful: list, decoder, dec: DecodeConfig, cfg) 
     """GCG (docs/method.md §7): a suffix optimised per prompt (or one universal suffix) on cfg.n_prompts
     harmful rows, then the decoding under test continues from request + suffix. Attack "gcg", k 0, with the
     suffix, its target loss, its steps and whether greedy decoding began with the target."""
-    import attacks as A
+    from lab import attacks as A
 
     records = A.gcg_attack_inputs(model, tok, harmful, cfg)
     outs = J.in_batches(decoder, [r["prompt_ids"] for r in records], dec.batch_size, "gcg")
@@ -1265,7 +1266,7 @@ def ablation_generations(model, tok, harmful, paths, dec: DecodeConfig, attacks:
     chosen on a validation split, projected out of every weight that writes the residual stream; the ablated
     model then answers the direct request and each prefill k of attacks.ablate_prefill (ablation and
     prefilling combined). Attack "ablate", with the chosen layer."""
-    import attacks as A
+    from lab import attacks as A
 
     toy = paths is not None
     judge = W.toy_judge if toy else J.refusal_phrase_judge  # True: harmful (no refusal phrase)
@@ -1286,7 +1287,7 @@ def model_mmlu(model, tok, args) -> float | None:
     without --mmlu."""
     if not args.mmlu:
         return None
-    import benchmarks
+    from lab import benchmarks
 
     return benchmarks.mmlu_accuracy(model, tok, args.mmlu, args.mmlu_limit, batch_size=args.batch_size)[
         "accuracy"
@@ -1336,7 +1337,7 @@ def main(argv=None):
 def write_report(out, tokens_world=None) -> Path:
     """The HTML report of an --out JSON, beside it (X.json -> X.html; report.py), with the token view of
     `tokens_world`'s aligned and base models when given."""
-    import report
+    from lab import report
 
     html = Path(out).with_suffix(".html")
     report.build_report([Path(out)], html, tokens_world=tokens_world)
@@ -1364,7 +1365,7 @@ def generations_path(out) -> Path:
 
 def write_results(out, record: dict, summary, results, utility, gens):
     """The --out JSON (settings, summary, the per-seed rows) and, beside it, every generation with every
-    judge's verdict (JSONL, one per line: large, so docs/ keeps them out of git)."""
+    judge's verdict (JSONL, one per line: large, so results/ keeps them out of git)."""
     gens_file = write_jsonl(generations_path(out), gens)
     write_json_atomic(
         out,

@@ -62,14 +62,16 @@ import torch.distributed as dist
 import torch.nn as nn
 from tqdm import tqdm
 
-import cli
 import deepalign as D
-import judges
-from data import formats
 from data import toyworld as TW
-from data.files import read_jsonl, write_json_atomic, write_jsonl
 from decode import generate
-from model import DTYPES, Tokenizer, load_model, log, save_model
+from infra import cli, formats
+from infra.cli import log
+from infra.files import read_jsonl, write_json_atomic, write_jsonl
+from infra.hf import load_model, save_model
+from infra.tokenizer import Tokenizer
+from lab import judges
+from model import DTYPES
 
 METHODS = ("targeted", "sft", "augment", "rto", "constrained", "insertion", "finetune")
 

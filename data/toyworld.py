@@ -30,9 +30,9 @@ if str(ROOT) not in sys.path:  # run as a script: make the repository's modules 
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-import cli  # noqa: E402
 from data import world as W  # noqa: E402
-from data.files import read_jsonl, write_json_atomic, write_jsonl, write_text_atomic  # noqa: E402
+from infra import cli  # noqa: E402
+from infra.files import read_jsonl, write_json_atomic, write_jsonl, write_text_atomic  # noqa: E402
 
 WORLDS = ROOT / "data" / "worlds"  # git-ignored
 REPORTING_SEEDS = (0, 1, 2)  # the README's numbers: mean and spread over these worlds
@@ -262,7 +262,9 @@ def model_args(tok, cfg: BuildConfig):
 def build_world(folder, world: W.World = W.World(), cfg: BuildConfig = BuildConfig()) -> dict:
     """Build one world into `folder` (replaced if it exists): data, tokenizer, base, aligned, world.json,
     build.json. Returns its paths (world_paths)."""
-    from model import Tokenizer, Transformer, save_model
+    from infra.hf import save_model
+    from infra.tokenizer import Tokenizer
+    from model import Transformer
 
     paths = world_paths(folder)
     start = time.perf_counter()

@@ -10,14 +10,16 @@ from pathlib import Path
 
 import pytest
 
-import cli
-import compare as C
 import eval as E
 import model as M
-import stats
 from data import toyworld as TW
 from data import world as W
-from data.files import read_jsonl
+from experiments import compare as C
+from infra import cli
+from infra import hf as H
+from infra import tokenizer as TK
+from infra.files import read_jsonl
+from lab import stats
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -348,10 +350,10 @@ def test_merge_replace_takes_a_retrained_row_only_from_the_later_runs(tmp_path):
 
 
 def test_cli_imports_no_project_module_and_names_every_dtype():
-    tree = ast.parse((ROOT / "cli.py").read_text())
+    tree = ast.parse((ROOT / "infra" / "cli.py").read_text())
     modules = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
     modules |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
-    project = {p.stem for p in ROOT.glob("*.py")} | {"data"}
+    project = {p.stem for p in ROOT.glob("*.py")} | {"data", "lab", "experiments", "infra"}
     assert not modules & project, modules & project
     assert sorted(cli.DTYPE_NAMES) == sorted(M.DTYPES)
 
@@ -362,7 +364,7 @@ def test_prompts_past_the_context_are_reported_once_and_cut_from_the_left_on_req
     exactly as decoding that cut prompt does."""
     from decode import generate
 
-    tok, model = M.Tokenizer(toy["aligned"]), M.load_model(toy["aligned"])
+    tok, model = TK.Tokenizer(toy["aligned"]), H.load_model(toy["aligned"])
     rows = [{"prompt": "how do i bake bread ? " * 300}, {"prompt": "how do i bake bread ?"}]
     attacks = E.AttackConfig(max_new_tokens=8)
     note = E.too_long(tok, model, rows, attacks, truncate=False)
@@ -392,7 +394,7 @@ def test_the_paired_tests_reference_is_targeted_else_its_first_variant():
 def test_a_merge_carries_only_the_earlier_tests_it_cannot_make_again():
     """An earlier run's test whose generations are gone (augment's, here) is kept, saying where it came from;
     one whose models both have generations now is made again or dropped; a pair tested now is not doubled."""
-    old = {"figure": "finetune 0 s20 all toy", "p": 2e-07, "carried_from": "docs/compare.json"}
+    old = {"figure": "finetune 0 s20 all toy", "p": 2e-07, "carried_from": "results/compare.json"}
     earlier = [
         {**old, "a": "targeted, data anchor", "b": "augment"},  # augment's generations are not kept
         {**old, "a": "targeted, data anchor", "b": "aligned"},  # both kept: out of date, not carried

@@ -10,12 +10,14 @@ import torch
 import torch.nn.functional as F
 from conftest import hf_model, make_hf_checkpoint, write_tokenizer
 
-import attacks as A
-import cli
 import model as model_module
-from data.files import write_jsonl
-from judges import refusal_phrase_judge
-from model import ModelArgs, Tokenizer, Transformer, load_model
+from infra import cli
+from infra.files import write_jsonl
+from infra.hf import load_model
+from infra.tokenizer import Tokenizer
+from lab import attacks as A
+from lab.judges import refusal_phrase_judge
+from model import ModelArgs, Transformer
 
 
 def tiny_model(seed=0, dtype=torch.float32, **kw) -> Transformer:

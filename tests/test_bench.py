@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import bench
+from experiments import bench
 from model import Transformer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,7 +49,8 @@ def test_gpu_suite_runs_on_cpu_with_tiny_shapes(tmp_path):
     res = subprocess.run(
         [
             sys.executable,
-            str(ROOT / "bench.py"),
+            "-m",
+            "experiments.bench",
             "--gpu",
             "--tiny",
             "--device",

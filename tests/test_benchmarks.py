@@ -10,8 +10,9 @@ import torch
 import transformers
 from conftest import make_hf_checkpoint, random_ids, write_tokenizer
 
-import model as M
-from benchmarks import (
+from infra import hf as H
+from infra import tokenizer as TK
+from lab.benchmarks import (
     batch_letter_scores,
     bbh_accuracy,
     continuation_log_probs,
@@ -153,7 +154,7 @@ def test_mmlu_accuracy_and_predictions_match_transformers(checkpoint, tmp_path):
     scores, expected, right = reference_and_data(checkpoint, tmp_path)
     assert len({p for preds in expected.values() for p in preds}) > 1  # the predictions vary
 
-    model, tok = M.load_model(checkpoint), M.Tokenizer(checkpoint)
+    model, tok = H.load_model(checkpoint), TK.Tokenizer(checkpoint)
     result = mmlu_accuracy(model, tok, tmp_path, shots=2, batch_size=3)  # the parent of data/ is accepted
     check_against_reference(result, scores, expected, right)
 
@@ -168,19 +169,19 @@ def test_mmlu_multi_token_letters_match_transformers(split_checkpoint, tmp_path)
     """A tokenizer that splits " A" after "Answer:" into two tokens: each letter is scored by the summed
     log-probability of its tokens (teacher-forced), the same accuracy, predictions and scores as
     transformers'."""
-    tok = M.Tokenizer(split_checkpoint)
+    tok = TK.Tokenizer(split_checkpoint)
     prompt = hand_prompt(ABOUT["world_history"], DEV["world_history"], QUESTIONS["world_history"][0])
     assert [len(c) for c in letter_continuations(tok, prompt)] == [2, 2, 2, 2]
     scores, expected, right = reference_and_data(split_checkpoint, tmp_path)
     assert len({p for preds in expected.values() for p in preds}) > 1  # the predictions vary
 
-    result = mmlu_accuracy(M.load_model(split_checkpoint), tok, tmp_path, shots=2, batch_size=3)
+    result = mmlu_accuracy(H.load_model(split_checkpoint), tok, tmp_path, shots=2, batch_size=3)
     check_against_reference(result, scores, expected, right)
 
 
 def test_one_token_fast_path_equals_teacher_forcing(checkpoint):
     """With single-token letters, the fast path (next-token log-probs) gives what teacher-forcing gives."""
-    model, tok = M.load_model(checkpoint), M.Tokenizer(checkpoint)
+    model, tok = H.load_model(checkpoint), TK.Tokenizer(checkpoint)
     prompts = [hand_prompt(ABOUT[s], DEV[s], q) for s in QUESTIONS for q in QUESTIONS[s][:2]]
     seqs = [tok.encode(p, add_special_tokens=True) for p in prompts]
     conts = [letter_continuations(tok, p) for p in prompts]
@@ -206,7 +207,7 @@ def test_continuation_log_probs_of_mixed_lengths_match_transformers(checkpoint):
         with torch.no_grad():
             log_probs = ref(torch.tensor([prompt + cont])).logits[0].log_softmax(-1)  # (T, V)
         expected.append(sum(log_probs[len(prompt) - 1 + j, t].item() for j, t in enumerate(cont)))
-    ours = continuation_log_probs(M.load_model(checkpoint), prompts, conts, pad_id=0)  # (4,)
+    ours = continuation_log_probs(H.load_model(checkpoint), prompts, conts, pad_id=0)  # (4,)
     assert ours.tolist() == pytest.approx(expected, abs=1e-4)
 
 
@@ -236,7 +237,7 @@ def test_mmlu_errors(checkpoint, tmp_path):
     merging = tmp_path / "merging_tokenizer"
     merging.mkdir()
     with pytest.raises(ValueError) as e:
-        letter_continuations(M.Tokenizer(merging_tokenizer(merging)), "x\nAnswer:")
+        letter_continuations(TK.Tokenizer(merging_tokenizer(merging)), "x\nAnswer:")
     assert str(e.value).startswith(f"{merging}: the tokenizer merges ' A'") and "\n" not in str(e.value)
 
 
@@ -285,7 +286,7 @@ def test_bbh_accuracy_matches_transformers_greedy_answers(checkpoint, tmp_path):
     for name, examples in tasks.items():
         head = "".join(f"Q: {x}\nA: {y}\n\n" for x, y in examples[:shots])
         prompts[name] = [head + f"Q: {x}\nA:" for x, _ in examples[shots:]]
-    tok = M.Tokenizer(checkpoint)
+    tok = TK.Tokenizer(checkpoint)
     texts = transformers_greedy_text(
         checkpoint, prompts["word_sorting"] + prompts["boolean_expressions"], 6, tok.eos_ids
     )
@@ -300,7 +301,7 @@ def test_bbh_accuracy_matches_transformers_greedy_answers(checkpoint, tmp_path):
         records += [{"input": x, "target": t} for (x, _), t in zip(examples[shots:], targets)]
         (tmp_path / f"{name}.json").write_text(json.dumps({"examples": records}))
 
-    model = M.load_model(checkpoint)
+    model = H.load_model(checkpoint)
     result = bbh_accuracy(model, tok, tmp_path, shots=shots, max_new_tokens=6, batch_size=2)
     assert result["n"] == 6 and result["accuracy"] == pytest.approx(3 / 6)
     for name in tasks:

@@ -1,7 +1,7 @@
 """compare.py's targets table, on a hand-made summary whose cuts and differences are worked out by hand."""
 
-import compare as C
 import deepalign as D
+from experiments import compare as C
 
 
 def summary_row(model, figure, mean, decode="greedy", **extra):

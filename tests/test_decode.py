@@ -14,6 +14,7 @@ from conftest import hf_model, make_hf_checkpoint, random_ids, write_tokenizer
 import deepalign as D
 import model as M
 from decode import contrastive_generate, generate, left_pad, parse_args, sample_next
+from infra import hf as H
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -23,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # ------------------------------------------------------------------------------------------------
 def test_greedy_generate_matches_transformers(hf_checkpoint):
     variant, folder = hf_checkpoint
-    ours, ref = M.load_model(folder), hf_model(folder)
+    ours, ref = H.load_model(folder), hf_model(folder)
     rows = [random_ids(1, n, seed=10 + n)[0].tolist() for n in (9, 4, 15)]
     got = generate(ours, rows, max_new_tokens=20, eos_ids=[2], pad_id=0)
     ids, mask = left_pad(rows, pad_id=0)
@@ -39,7 +40,7 @@ def test_greedy_generate_matches_transformers(hf_checkpoint):
 
 def test_generate_stops_per_row_and_samples_reproducibly(hf_checkpoint):
     variant, folder = hf_checkpoint
-    ours = M.load_model(folder)
+    ours = H.load_model(folder)
     rows = [random_ids(1, 5, seed=s)[0].tolist() for s in range(4)]
     greedy = generate(ours, rows, max_new_tokens=8)
     stop = greedy[0][2]  # make row 0 stop at its third token
@@ -61,7 +62,7 @@ def test_top_p_keeps_only_the_nucleus():
 
 def test_compiled_decode_step_matches_eager(tmp_path):
     folder = make_hf_checkpoint("llama", tmp_path / "m")
-    ours = M.load_model(folder)
+    ours = H.load_model(folder)
     rows = [random_ids(1, n, seed=n)[0].tolist() for n in (6, 3)]
     torch._dynamo.reset()
     compiled = generate(ours, rows, max_new_tokens=6, compile=True)
@@ -90,7 +91,7 @@ def tensors_besides_parameters(model) -> list[str]:
 
 
 def test_one_kv_cache_object_is_the_only_decoding_state(tmp_path):
-    ours = M.load_model(make_hf_checkpoint("llama", tmp_path / "m"))
+    ours = H.load_model(make_hf_checkpoint("llama", tmp_path / "m"))
     rows = [random_ids(1, n, seed=n)[0].tolist() for n in (6, 3)]
     generate(ours, rows, max_new_tokens=4)
     assert ours.cache is None and tensors_besides_parameters(ours) == []  # eager: no cache remains
@@ -116,8 +117,8 @@ def test_one_kv_cache_object_is_the_only_decoding_state(tmp_path):
 # ------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory):
-    aligned = M.load_model(make_hf_checkpoint("llama", tmp_path_factory.mktemp("a"), seed=0))
-    base = M.load_model(make_hf_checkpoint("llama", tmp_path_factory.mktemp("b"), seed=1))
+    aligned = H.load_model(make_hf_checkpoint("llama", tmp_path_factory.mktemp("a"), seed=0))
+    base = H.load_model(make_hf_checkpoint("llama", tmp_path_factory.mktemp("b"), seed=1))
     return aligned, base
 
 
@@ -221,7 +222,7 @@ def test_shared_cache_samples_equal_separate_teacher_forced_runs(hf_checkpoint):
     from decode import decode_loop
 
     _, folder = hf_checkpoint
-    model = M.load_model(folder)
+    model = H.load_model(folder)
     prompts = [random_ids(1, n, seed=s)[0].tolist() for s, n in ((1, 5), (2, 3))]  # unequal: left padding
     seen = []
 

@@ -10,7 +10,9 @@ import torch
 from conftest import make_hf_checkpoint, write_tokenizer
 
 import deepalign as D
-import model as M
+from experiments import profile as P
+from infra import hf as H
+from infra import tokenizer as TK
 
 NEG_INF = float("-inf")
 LOG = math.log
@@ -129,8 +131,8 @@ def two_models(tmp_path_factory):
         folder = make_hf_checkpoint("llama", tmp_path_factory.mktemp(name), seed=seed)
         write_tokenizer(folder, "chatml")
         folders.append(folder)
-    tok = M.Tokenizer(folders[0])
-    return tok, M.load_model(folders[0]), M.load_model(folders[1])
+    tok = TK.Tokenizer(folders[0])
+    return tok, H.load_model(folders[0]), H.load_model(folders[1])
 
 
 PAIRS = [
@@ -213,7 +215,7 @@ def test_end_of_turn_context_can_be_base_favored(tmp_path):
     exactly at the context after the whole response (k = len(h)), whose next token is the end of the turn."""
     folder = make_hf_checkpoint("llama", tmp_path / "m")
     write_tokenizer(folder, "chatml")
-    tok, aligned, base = M.Tokenizer(folder), M.load_model(folder), M.load_model(folder)
+    tok, aligned, base = TK.Tokenizer(folder), H.load_model(folder), H.load_model(folder)
     eot = tok.end_of_turn_id
     head = base.lm_head
     base.lm_head = torch.nn.Linear(head.in_features, head.out_features, bias=True)
@@ -231,7 +233,7 @@ def test_end_of_turn_context_can_be_base_favored(tmp_path):
 
 def test_profile_and_tokens_commands_on_a_small_toy_world(toy, tmp_path, capsys):
     out = tmp_path / "profile.json"
-    D.main(
+    P.main(
         [
             "profile",
             "--world",
@@ -261,19 +263,19 @@ def test_profile_and_tokens_commands_on_a_small_toy_world(toy, tmp_path, capsys)
     assert prof["settings"]["same_token_sequence"] is True and prof["positions"][0]["n"] == 5
     assert prof["settings"]["rho"] == 0.01
     assert "bf_mass_A" in capsys.readouterr().out
-    D.main(["tokens", "--world", str(toy["root"]), "--max-response-tokens", "6"])
+    P.main(["tokens", "--world", str(toy["root"]), "--max-response-tokens", "6"])
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("prompt: ") and len(lines) == 2 + 6
     with pytest.raises(ValueError, match="--example 999: the data has 200 pairs"):
-        D.main(["tokens", "--world", str(toy["root"]), "--example", "999"])
+        P.main(["tokens", "--world", str(toy["root"]), "--example", "999"])
     with pytest.raises(ValueError, match="--data missing"):
-        D.main(["profile", "--base", str(toy["base"]), "--aligned", str(toy["aligned"])])
+        P.main(["profile", "--base", str(toy["base"]), "--aligned", str(toy["aligned"])])
 
 
 def test_plain_base_format_uses_only_pairs_that_tokenize_alike(toy):
-    tok = M.Tokenizer(toy["aligned"])
+    tok = TK.Tokenizer(toy["aligned"])
     rows = [{"prompt": "how do i bake bread ?", "harmful_response": "sure . first , then , next ."}]
-    m = M.load_model(toy["aligned"])
+    m = H.load_model(toy["aligned"])
     chat = D.position_profile(m, m, tok, rows, progress=False)
     plain = D.position_profile(m, m, tok, rows, D.ProfileConfig(base_format="plain"), progress=False)
     n = len(D.response_split(tok, rows[0]["prompt"], rows[0]["harmful_response"])[1])

@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from data.formats import read_prompts
+from infra.formats import read_prompts
 
 
 def write(path, text: str, bom: bool = False):

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import model as M
+from infra import hf as H
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -87,8 +87,8 @@ def test_two_fsdp_processes_match_one(toy, tmp_path, method):
     assert len(logs["one"]) == len(logs["two"]) == 3
     for a, b in zip(logs["one"], logs["two"]):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-4, abs=1e-6)
-    one, two = M.load_model(tmp_path / "one"), M.load_model(tmp_path / "two")
-    start = M.load_model(toy["aligned"])
+    one, two = H.load_model(tmp_path / "one"), H.load_model(tmp_path / "two")
+    start = H.load_model(toy["aligned"])
     for (n, p), (_, q), (_, p0) in zip(
         one.named_parameters(), two.named_parameters(), start.named_parameters()
     ):
@@ -113,10 +113,10 @@ def test_fsdp_checkpoint_resumes_with_any_number_of_processes(toy, tmp_path):
     shutil.copytree(tmp_path / "two", tmp_path / "one")
     run(train_cmd(toy, tmp_path / "two", "targeted", 2, "--resume"))
     run(train_cmd(toy, tmp_path / "one", "targeted", 1, "--resume"))
-    straight = M.load_model(tmp_path / "straight")
+    straight = H.load_model(tmp_path / "straight")
     log = [r["loss"] for r in read_log(tmp_path / "straight")]
     for name in ("two", "one"):
-        resumed = M.load_model(tmp_path / name)
+        resumed = H.load_model(tmp_path / name)
         for (n, p), (_, q) in zip(straight.named_parameters(), resumed.named_parameters()):
             assert torch.allclose(p, q, atol=1e-5, rtol=1e-4), (name, n)
         got = [json.loads(x)["loss"] for x in (tmp_path / name / "train_log.jsonl").read_text().splitlines()]

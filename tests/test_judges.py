@@ -12,8 +12,8 @@ import torch
 import transformers
 from conftest import make_hf_checkpoint, write_tokenizer
 
-import judges as J
-import model as M
+from infra import tokenizer as TK
+from lab import judges as J
 
 # Extra tokenizer training text, so that the verdict words are single tokens where the judges read them:
 # "safe" / "unsafe" after a blank line, " Yes" / " No" after "[/INST]".
@@ -125,7 +125,7 @@ def conversation(item):
 # (a) Llama Guard
 # ---------------------------------------------------------------------------------------------
 def test_llama_guard_reads_its_own_template_then_a_forced_blank_line(guard):
-    tok, hf = M.Tokenizer(guard), transformers.AutoTokenizer.from_pretrained(guard)
+    tok, hf = TK.Tokenizer(guard), transformers.AutoTokenizer.from_pretrained(guard)
     blank_line = hf.encode("\n\n", add_special_tokens=False)
     assert not J.guard_wants_parts(tok)
     rendered = tok.format_chat(J.guard_messages(ITEMS[0], as_parts=False))
@@ -144,7 +144,7 @@ def test_llama_guard_score_equals_p_unsafe_over_p_safe_from_transformers(guard):
     hf = transformers.AutoTokenizer.from_pretrained(guard)
     ref = transformers.AutoModelForCausalLM.from_pretrained(guard, dtype=torch.float32)
     safe, unsafe = hf.convert_tokens_to_ids(["safe", "unsafe"])
-    eos = M.Tokenizer(guard).eos_ids
+    eos = TK.Tokenizer(guard).eos_ids
     assert None not in (safe, unsafe)
     for item, verdict in zip(ITEMS, verdicts):
         ids = hf.apply_chat_template(
@@ -163,7 +163,7 @@ def test_llama_guard_1b_style_template_gets_content_parts(guard, tmp_path):
     folder = tmp_path / "guard_1b_style"
     shutil.copytree(guard, folder)
     set_chat_template(folder, PARTS_TEMPLATE)
-    tok, hf = M.Tokenizer(folder), transformers.AutoTokenizer.from_pretrained(folder)
+    tok, hf = TK.Tokenizer(folder), transformers.AutoTokenizer.from_pretrained(folder)
     assert J.guard_wants_parts(tok)
     item = ITEMS[0]
     parts = [

@@ -10,6 +10,8 @@ from conftest import hf_model, make_hf_checkpoint, random_ids, write_tokenizer
 
 import model as M
 from decode import decode_step, left_pad
+from infra import hf as H
+from infra import tokenizer as TK
 
 
 # ------------------------------------------------------------------------------------------------
@@ -18,7 +20,7 @@ from decode import decode_step, left_pad
 @pytest.mark.parametrize("T", [1, 7, 200])
 def test_fp32_logits_bit_identical(hf_checkpoint, T):
     variant, folder = hf_checkpoint
-    ours, ref = M.load_model(folder), hf_model(folder)
+    ours, ref = H.load_model(folder), hf_model(folder)
     x = random_ids(2, T, seed=T)
     with torch.no_grad():
         a, b = ours(x), ref(x).logits
@@ -29,7 +31,7 @@ def test_fp32_logits_bit_identical(hf_checkpoint, T):
 
 def test_bf16_logits_and_greedy_tokens(hf_checkpoint):
     variant, folder = hf_checkpoint
-    ours, ref = M.load_model(folder, dtype="bfloat16"), hf_model(folder, torch.bfloat16)
+    ours, ref = H.load_model(folder, dtype="bfloat16"), hf_model(folder, torch.bfloat16)
     assert ours.lm_head.weight.dtype == torch.bfloat16
     x = random_ids(2, 64, seed=1)
     with torch.no_grad():
@@ -42,7 +44,7 @@ def test_logits_at_selected_positions_match_transformers(hf_checkpoint):
     """logits_at (a bool mask or (rows, cols)) returns transformers' logits at exactly those positions, in
     order."""
     variant, folder = hf_checkpoint
-    ours, ref = M.load_model(folder), hf_model(folder)
+    ours, ref = H.load_model(folder), hf_model(folder)
     x = random_ids(3, 20, seed=5)
     at = torch.zeros(3, 20, dtype=torch.bool)
     at[0, 4:9], at[2, 11:20] = True, True
@@ -58,7 +60,7 @@ def test_logits_at_selected_positions_match_transformers(hf_checkpoint):
 def test_left_padded_batch_matches_unpadded_rows(hf_checkpoint):
     """Each row of a left-padded batch equals that row alone, and equals transformers given the same mask."""
     variant, folder = hf_checkpoint
-    ours, ref = M.load_model(folder), hf_model(folder)
+    ours, ref = H.load_model(folder), hf_model(folder)
     lengths = [13, 5, 9]
     rows = [random_ids(1, n, seed=n)[0].tolist() for n in lengths]
     ids, mask = left_pad(rows, pad_id=0)
@@ -77,7 +79,7 @@ def test_left_padded_batch_matches_unpadded_rows(hf_checkpoint):
 # ------------------------------------------------------------------------------------------------
 def test_kv_cache_decoding_equals_full_forward(hf_checkpoint):
     variant, folder = hf_checkpoint
-    ours = M.load_model(folder)
+    ours = H.load_model(folder)
     rows = [random_ids(1, 11, seed=3)[0].tolist(), random_ids(1, 6, seed=4)[0].tolist()]
     ids, mask = left_pad(rows, pad_id=0)
     B, T = ids.shape
@@ -130,30 +132,30 @@ def test_cache_attention_mask_matches_brute_force():
 # ------------------------------------------------------------------------------------------------
 def test_save_then_transformers_loads_same_logits(hf_checkpoint, tmp_path):
     variant, folder = hf_checkpoint
-    ours = M.load_model(folder)
-    out = M.save_model(ours, tmp_path / "saved", tokenizer_from=folder, max_shard_bytes=60_000)
+    ours = H.load_model(folder)
+    out = H.save_model(ours, tmp_path / "saved", tokenizer_from=folder, max_shard_bytes=60_000)
     assert (out / "model.safetensors.index.json").exists()  # forced to shard
     assert not list(tmp_path.glob("*.tmp-*"))
     x = random_ids(2, 17)
     with torch.no_grad():
         assert torch.equal(hf_model(out)(x).logits, ours(x))
-        assert torch.equal(M.load_model(out)(x), ours(x))
+        assert torch.equal(H.load_model(out)(x), ours(x))
 
 
 def test_tied_embeddings_stay_tied_after_loading(tmp_path):
     folder = make_hf_checkpoint("qwen2_tied_bias", tmp_path / "q")
-    ours = M.load_model(folder)
+    ours = H.load_model(folder)
     assert ours.lm_head.weight is ours.model.embed_tokens.weight
     assert not any(p.is_meta for p in ours.parameters())
 
 
 def test_save_refuses_to_overwrite(tmp_path, hf_checkpoint):
     _, folder = hf_checkpoint
-    ours = M.load_model(folder)
-    M.save_model(ours, tmp_path / "o")
+    ours = H.load_model(folder)
+    H.save_model(ours, tmp_path / "o")
     with pytest.raises(FileExistsError, match="overwrite"):
-        M.save_model(ours, tmp_path / "o")
-    M.save_model(ours, tmp_path / "o", overwrite=True)
+        H.save_model(ours, tmp_path / "o")
+    H.save_model(ours, tmp_path / "o", overwrite=True)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -256,7 +258,7 @@ def _edit_checkpoint(folder, edit):
 )
 def test_bad_checkpoint_lists_the_problem(tmp_path, edit, message):
     folder = tmp_path / "m"
-    M.save_model(
+    H.save_model(
         M.Transformer(
             M.ModelArgs(
                 dim=64, n_heads=4, n_kv_heads=2, head_dim=16, n_layers=2, intermediate_size=96, vocab_size=50
@@ -266,7 +268,7 @@ def test_bad_checkpoint_lists_the_problem(tmp_path, edit, message):
     )
     _edit_checkpoint(folder, edit)
     with pytest.raises(ValueError) as e:
-        M.load_model(folder)
+        H.load_model(folder)
     assert str(folder) in str(e.value) and message in str(e.value)
 
 
@@ -277,21 +279,21 @@ def test_old_rotary_buffers_are_skipped(tmp_path):
             dim=32, n_heads=2, n_kv_heads=2, head_dim=16, n_layers=1, intermediate_size=64, vocab_size=40
         )
     )
-    M.save_model(m, folder)
+    H.save_model(m, folder)
     _edit_checkpoint(
         folder, lambda sd: sd.update({"model.layers.0.self_attn.rotary_emb.inv_freq": torch.ones(8)})
     )
-    M.load_model(folder)
+    H.load_model(folder)
 
 
 def test_missing_files_are_named(tmp_path):
     """A missing path, a single file (a .gguf, a bare model.safetensors) or a folder without the files: one
     error that names what was passed and what a checkpoint folder holds, from the model and the tokenizer."""
     with pytest.raises(FileNotFoundError, match="no such folder"):
-        M.load_model(tmp_path / "nowhere")
+        H.load_model(tmp_path / "nowhere")
     (tmp_path / "model.gguf").write_bytes(b"GGUF")
     for path in (tmp_path / "model.gguf", tmp_path):
-        for load in (M.load_model, M.Tokenizer):
+        for load in (H.load_model, TK.Tokenizer):
             with pytest.raises(
                 ValueError,
                 match=r"not a checkpoint folder .* needs config.json, "
@@ -300,7 +302,7 @@ def test_missing_files_are_named(tmp_path):
                 load(path)
     (tmp_path / "config.json").write_text(json.dumps(M.ModelArgs().to_hf_config()))
     with pytest.raises(ValueError, match=r"a folder without \*.safetensors"):
-        M.load_model(tmp_path)
+        H.load_model(tmp_path)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -313,7 +315,7 @@ MESSAGES = [{"role": "user", "content": "how do i bake bread ?"}]
 @pytest.mark.parametrize("system", [None, "  be brief .  "])
 def test_chat_template_matches_apply_chat_template(tmp_path, style, system):
     write_tokenizer(tmp_path, style)
-    ours, ref = M.Tokenizer(tmp_path), transformers.AutoTokenizer.from_pretrained(tmp_path)
+    ours, ref = TK.Tokenizer(tmp_path), transformers.AutoTokenizer.from_pretrained(tmp_path)
     msgs = ([{"role": "system", "content": system}] if system else []) + MESSAGES
     kw = {"date_string": "26 Jul 2024"} if style == "llama3" else {}  # pin the date
     for gen in (True, False):
@@ -334,7 +336,7 @@ def test_chat_template_matches_apply_chat_template(tmp_path, style, system):
 @pytest.mark.parametrize("style", ["llama3", "chatml"])
 def test_prefilled_prompt_is_generation_prompt_plus_prefix(tmp_path, style):
     write_tokenizer(tmp_path, style)
-    ours, ref = M.Tokenizer(tmp_path), transformers.AutoTokenizer.from_pretrained(tmp_path)
+    ours, ref = TK.Tokenizer(tmp_path), transformers.AutoTokenizer.from_pretrained(tmp_path)
     kw = {"date_string": "26 Jul 2024"} if style == "llama3" else {}
     prefix = "sure , first mix the flour"
     expected = ref.apply_chat_template(MESSAGES, tokenize=False, add_generation_prompt=True, **kw) + prefix
@@ -347,7 +349,7 @@ def test_prefilled_prompt_is_generation_prompt_plus_prefix(tmp_path, style):
 
 def test_no_template_uses_the_plain_format(tmp_path):
     write_tokenizer(tmp_path, "none")
-    tok = M.Tokenizer(tmp_path)
+    tok = TK.Tokenizer(tmp_path)
     assert tok.chat_template is None
     msgs = [{"role": "system", "content": "be brief ."}] + MESSAGES
     assert tok.format_chat(msgs, prefill="sure") == (
@@ -360,7 +362,7 @@ def test_special_ids_and_eos_list(tmp_path):
     write_tokenizer(tmp_path, "chatml")
     (tmp_path / "config.json").write_text(json.dumps({"eos_token_id": 0}))
     (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 0]}))
-    tok = M.Tokenizer(tmp_path)
+    tok = TK.Tokenizer(tmp_path)
     im_end, endoftext = tok.tok.token_to_id("<|im_end|>"), tok.tok.token_to_id("<|endoftext|>")
     assert (im_end, endoftext) == (2, 0)
     assert tok.eos_ids == [2, 0] and tok.pad_id == endoftext and tok.bos_id is None
@@ -376,7 +378,7 @@ def test_templates_see_tools_as_none_like_transformers(tmp_path):
     )
     ref = transformers.AutoTokenizer.from_pretrained(tmp_path)
     expected = ref.apply_chat_template(MESSAGES, tokenize=False)
-    rendered = M.Tokenizer(tmp_path).format_chat(MESSAGES, add_generation_prompt=False)
+    rendered = TK.Tokenizer(tmp_path).format_chat(MESSAGES, add_generation_prompt=False)
     assert rendered == expected == "tools:True docs:True"
 
 
@@ -386,6 +388,6 @@ def test_chat_template_jinja_file_overrides_config_key(tmp_path):
         "{% for m in messages %}[{{ m.content | tojson(indent=2) }}]{% endfor %}"
     )
     assert (
-        M.Tokenizer(tmp_path).format_chat(MESSAGES, add_generation_prompt=False)
+        TK.Tokenizer(tmp_path).format_chat(MESSAGES, add_generation_prompt=False)
         == '["how do i bake bread ?"]'
     )

@@ -1,19 +1,19 @@
 """The README's numbers are generated, never typed: every result table in README.md sits under a marker naming
-the docs/*.json it comes from, follows the command that wrote that JSON, and equals what the JSON renders to
-(docs/tables.py, by the same functions that print the tables when the commands run). A table whose JSON
+results/*.json it comes from, follows the command that wrote that JSON, and equals what the JSON renders to
+(experiments/tables.py, by the same functions that print the tables when the commands run). A table whose JSON
 changed, or a number typed by hand into a table, fails here."""
 
 import re
 from pathlib import Path
 
-from docs import tables
+from experiments import tables
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
 
 
 def test_every_marked_table_is_what_its_json_renders():
-    assert tables.markers(README), "README.md has no table rendered from docs/*.json"
+    assert tables.markers(README), "README.md has no table rendered from results/*.json"
     for doc in tables.documents():
         text = doc.read_text()
         for path, view in tables.markers(text):
@@ -21,25 +21,25 @@ def test_every_marked_table_is_what_its_json_renders():
         rendered = tables.update(text).splitlines()
         for i, (ours, theirs) in enumerate(zip(text.splitlines(), rendered)):
             assert ours == theirs, (
-                f"{doc.name} line {i + 1} differs from its JSON (python docs/tables.py):\n{ours}"
+                f"{doc.name} line {i + 1} differs from its JSON (python -m experiments.tables):\n{ours}"
             )
         assert len(rendered) == len(text.splitlines())
 
 
 def test_every_table_of_results_is_marked_and_follows_its_command():
-    """A table after a command that writes docs/*.json is a result: it must be a marked (rendered) one, and
+    """A table after a command that writes results/*.json is a result: it must be a marked (rendered) one, and
     each marked table's JSON must be written by a command shown above it."""
     blocks = re.split(r"^```[a-z]*\n(.*?)^```\n", README, flags=re.S | re.M)  # text, code, text, code, ...
     written = set()
     for i in range(1, len(blocks), 2):
-        written |= set(re.findall(r"--out (docs/\S+\.json)", blocks[i]))
+        written |= set(re.findall(r"--out (results/\S+\.json)", blocks[i]))
         section = re.split(r"^#", blocks[i + 1], flags=re.M)[0] if i + 1 < len(blocks) else ""
         if not written:
             continue
         for table in re.finditer(r"^\|.*\|\n(?:^\|.*\|\n)*", section, flags=re.M):
             before = section[: table.start()].splitlines()
             assert before and tables.MARKER.match(before[-1] + "\n"), (
-                f"README.md: an unmarked table after a command that writes docs/*.json:\n{table[0][:200]}"
+                f"README.md: an unmarked table after a command that writes results/*.json:\n{table[0][:200]}"
             )
             path = tables.MARKER.match(before[-1] + "\n")[1]
             assert path in written, f"README.md: the table of {path} comes before any command writing it"
@@ -60,9 +60,11 @@ def readme_commands() -> list[tuple[str, list[str], str]]:
     out = []
     for block in re.findall(r"^```bash\n(.*?)^```", README, flags=re.S | re.M):
         for line in block.splitlines():
-            written = re.search(r"--out (docs/\S+\.json)", line)
+            written = re.search(r"--out (results/\S+\.json)", line)
             if line.startswith("python ") and written:
                 words = shlex.split(line, comments=True)
+                if words[1] == "-m":  # python -m experiments.compare ...: name it by its file
+                    words = [words[0], words[2].rsplit(".", 1)[-1] + ".py"] + words[3:]
                 out.append((words[1], words[2:], written[1]))
     return out
 
@@ -73,9 +75,8 @@ def test_every_readme_command_is_the_one_its_json_records():
     fails here)."""
     import json
 
-    import compare
-    import deepalign
     import eval as E
+    from experiments import compare, profile
 
     checked, stale = 0, []
     for script, argv, path in readme_commands():
@@ -90,8 +91,8 @@ def test_every_readme_command_is_the_one_its_json_records():
                 "rows": sorted(parsed["rows"])
             }
             settings = {**settings, "rows": sorted(settings["rows"])}  # the order of rows is the table's
-        elif script == "deepalign.py":
-            parsed = {k: v for k, v in vars(deepalign.parse_args(argv)).items() if k in ("seeds", "models")}
+        elif script == "profile.py":
+            parsed = {k: v for k, v in vars(profile.parse_args(argv)).items() if k in ("seeds", "models")}
         else:
             continue
         skip = {"out", "report", "compile", "seconds"}

@@ -13,9 +13,10 @@ from html.parser import HTMLParser
 import pytest
 import torch
 
-import cli
-import report as R
-from model import Tokenizer, load_model
+from infra import cli
+from infra.hf import load_model
+from infra.tokenizer import Tokenizer
+from lab import report as R
 
 MODELS = ("base", "aligned")
 SEEDS = ("0", "1")
@@ -419,7 +420,7 @@ def test_a_real_browser_renders_the_report(toy, tmp_path):
 
 
 def test_profiles_of_both_layouts_are_charted(tmp_path):
-    """deepalign.py profile --out: one pair's positions, or several models' over seeds (with keys added
+    """`profile --out`: one pair's positions, or several models' over seeds (with keys added
     since, such as the harmful likelihood); a file of neither layout is a one-line error."""
     positions = [
         {"t": t, "n": 4, "kl": 1 / (t + 1), "bf_mass_A": 0.5, "harmful_lp_A": -t, "new": "x"}
@@ -438,5 +439,5 @@ def test_profiles_of_both_layouts_are_charted(tmp_path):
     for name in names:
         assert name in text
     assert "pair" in text and "targeted" in text  # a line per profile
-    with pytest.raises(ValueError, match="deepalign.py profile --out"):
+    with pytest.raises(ValueError, match="`profile --out`"):
         R.build_report([run], tmp_path / "bad.html", profile=run)

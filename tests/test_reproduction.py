@@ -1,4 +1,4 @@
-"""A fresh build of the seed-0 world against docs/eval_toy.json (the README's seed-0 rows): what holds.
+"""A fresh build of the seed-0 world against results/eval_toy.json (the README's seed-0 rows): what holds.
 
 - On one machine (one CPU kind, torch build and thread count) the build and its evaluation are deterministic:
   a second build gives exactly the first build's numbers. The slow test keeps its first build's summary in
@@ -105,7 +105,7 @@ def test_a_fresh_seed_0_world_reproduces_docs_eval_toy(tmp_path, request):
     evaluation = json.loads((tmp_path / "eval.json").read_text())
     docs = json.loads((DOCS / "eval_toy.json").read_text())["summary"]
     off = off_cells(docs, summary, prompt_counts(evaluation))
-    assert not off, "the build differs from docs/eval_toy.json beyond what machines change:\n" + "\n".join(
+    assert not off, "the build differs from results/eval_toy.json beyond what machines change:\n" + "\n".join(
         off
     )
 

@@ -14,9 +14,9 @@ import torch
 from conftest import make_hf_checkpoint, write_tokenizer
 from safetensors.torch import load_file, save_file
 
-import cli
 import decode
-import model as M
+from infra import cli
+from infra import hf as H
 
 ROOT = Path(__file__).resolve().parents[1]
 NAN_WEIGHT = "model.layers.1.mlp.down_proj.weight"
@@ -33,7 +33,7 @@ def sharded(tmp_path_factory):
 def single(sharded, tmp_path_factory):
     """The same model as one model.safetensors (our save_model), with the tokenizer."""
     out = tmp_path_factory.mktemp("robust_single") / "single"
-    return M.save_model(M.load_model(sharded), out, tokenizer_from=sharded)
+    return H.save_model(H.load_model(sharded), out, tokenizer_from=sharded)
 
 
 def copy_of(folder: Path, tmp_path: Path) -> Path:
@@ -75,7 +75,7 @@ def test_truncated_single_file_is_one_line_naming_it(single, tmp_path, cut):
     folder = copy_of(single, tmp_path)
     path = folder / "model.safetensors"
     truncate(path, CUTS[cut](header_size(path), path.stat().st_size))
-    message = one_line_error(lambda: M.load_model(folder), path, "truncated or corrupt safetensors file")
+    message = one_line_error(lambda: H.load_model(folder), path, "truncated or corrupt safetensors file")
     assert message.endswith("; re-download or re-save the checkpoint")
 
 
@@ -88,7 +88,7 @@ def test_truncated_shard_is_named(sharded, tmp_path, cut):
     path = folder / index["weight_map"][NAN_WEIGHT]
     assert len(set(index["weight_map"].values())) > 1  # really sharded
     truncate(path, CUTS[cut](header_size(path), path.stat().st_size))
-    one_line_error(lambda: M.load_model(folder), path, "truncated or corrupt", "re-download or re-save")
+    one_line_error(lambda: H.load_model(folder), path, "truncated or corrupt", "re-download or re-save")
 
 
 def test_garbled_header_is_one_line(single, tmp_path):
@@ -99,7 +99,7 @@ def test_garbled_header_is_one_line(single, tmp_path):
     for garbage in (b"\xff\xfe", b"}}"):
         data[12 : 12 + len(garbage)] = garbage
         path.write_bytes(bytes(data))
-        one_line_error(lambda: M.load_model(folder), path, "truncated or corrupt", "re-download or re-save")
+        one_line_error(lambda: H.load_model(folder), path, "truncated or corrupt", "re-download or re-save")
 
 
 def edit_weights(path: Path, edit) -> None:
@@ -121,7 +121,7 @@ def test_one_nan_weight_is_named_with_its_count(single, tmp_path, dtype):
     folder = copy_of(single, tmp_path)
     path = folder / "model.safetensors"
     edit_weights(path, set_values(NAN_WEIGHT, float("nan")))
-    message = one_line_error(lambda: M.load_model(folder, dtype=dtype), path, f"{NAN_WEIGHT} (1 entry)")
+    message = one_line_error(lambda: H.load_model(folder, dtype=dtype), path, f"{NAN_WEIGHT} (1 entry)")
     assert message == (
         f"{path}: NaN/inf weights: {NAN_WEIGHT} (1 entry); the file is corrupt: re-download or re-save the "
         "checkpoint"
@@ -136,7 +136,7 @@ def test_nan_and_inf_in_a_shard_name_every_tensor(sharded, tmp_path):
     edit_weights(path, set_values(NAN_WEIGHT, float("nan"), count=3))
     edit_weights(path, set_values(other, float("-inf")))
     one_line_error(
-        lambda: M.load_model(folder), path, f"{NAN_WEIGHT} (3 entries)", f"{other} (1 entry)", "re-download"
+        lambda: H.load_model(folder), path, f"{NAN_WEIGHT} (3 entries)", f"{other} (1 entry)", "re-download"
     )
 
 
@@ -146,9 +146,9 @@ def test_float16_overflow_is_told_apart_from_a_corrupt_file(single, tmp_path):
     folder = copy_of(single, tmp_path)
     path = folder / "model.safetensors"
     edit_weights(path, set_values(NAN_WEIGHT, 1e6, count=2))
-    M.load_model(folder)  # finite in float32
+    H.load_model(folder)  # finite in float32
     one_line_error(
-        lambda: M.load_model(folder, dtype="float16"),
+        lambda: H.load_model(folder, dtype="float16"),
         path,
         f"weights overflow to inf in float16: {NAN_WEIGHT} (2 entries)",
         "load the checkpoint in bfloat16 or float32 (--dtype)",
@@ -157,16 +157,16 @@ def test_float16_overflow_is_told_apart_from_a_corrupt_file(single, tmp_path):
 
 def test_check_finite_logits():
     logits = torch.randn(2, 3, 7)
-    M.check_finite_logits(logits, "ckpt")  # finite: nothing
+    H.check_finite_logits(logits, "ckpt")  # finite: nothing
     logits[1, 2, 4], logits[0, 0, 0] = float("nan"), float("inf")
     with pytest.raises(ValueError) as e:
-        M.check_finite_logits(logits, "some/ckpt")
+        H.check_finite_logits(logits, "some/ckpt")
     assert str(e.value) == (
         "some/ckpt: 2 of 42 logits are NaN/inf (float32); the weights are corrupt (re-download or re-save "
         "the checkpoint)"
     )
     with pytest.raises(ValueError, match=r"^x: 2 of 42 .* or float16 overflows \(use --dtype bfloat16"):
-        M.check_finite_logits(logits.half(), "x")
+        H.check_finite_logits(logits.half(), "x")
 
 
 def test_decode_command_prints_one_error_line_for_a_truncated_checkpoint(single, tmp_path):

@@ -9,7 +9,7 @@ import math
 
 import pytest
 
-import stats as S
+from lab import stats as S
 
 Z = 1.959963984540054
 

@@ -9,9 +9,10 @@ import torch
 from conftest import write_tokenizer
 
 import deepalign as D
-import judges as J
-import model as M
 import train as T
+from infra import hf as H
+from infra import tokenizer as TK
+from lab import judges as J
 
 
 def train_argv(toy, out, *extra):
@@ -56,7 +57,7 @@ ROW = {
 # Examples
 # ------------------------------------------------------------------------------------------------
 def test_dense_example_targets_the_recovery_start_at_every_context(toy):
-    tok = M.Tokenizer(toy["aligned"])
+    tok = TK.Tokenizer(toy["aligned"])
     head, harm = D.response_split(tok, ROW["prompt"], ROW["harmful_response"])
     ex = T.dense_example(tok, ROW, K=12)
     assert ex.ids == head + harm[:12] and ex.positions == list(range(13)) and ex.dense
@@ -67,7 +68,7 @@ def test_dense_example_targets_the_recovery_start_at_every_context(toy):
 
 
 def test_recovery_and_answer_examples_end_with_the_end_of_turn(toy):
-    tok = M.Tokenizer(toy["aligned"])
+    tok = TK.Tokenizer(toy["aligned"])
     ex = T.recovery_example(tok, ROW, 5)
     head, harm = D.response_split(tok, ROW["prompt"], ROW["harmful_response"])
     recovery = tok.encode(" " + ROW["recovery"]) + [tok.end_of_turn_id]
@@ -82,10 +83,10 @@ def test_examples_end_with_the_chat_formats_end_of_turn_token(tmp_path):
     """Llama-3.1's generation_config lists <|end_of_text|> before <|eot_id|>: training must end turns with the
     token the chat template uses (<|eot_id|>), not with the first stop id."""
     write_tokenizer(tmp_path, "llama3")
-    tok = M.Tokenizer(tmp_path)
+    tok = TK.Tokenizer(tmp_path)
     eot, end_of_text = tok.tok.token_to_id("<|eot_id|>"), tok.tok.token_to_id("<|end_of_text|>")
     (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [end_of_text, eot]}))
-    tok = M.Tokenizer(tmp_path)
+    tok = TK.Tokenizer(tmp_path)
     assert tok.eos_ids[0] == end_of_text and tok.end_of_turn_id == eot
     row = {
         "prompt": "how do i bake bread ?",
@@ -97,8 +98,8 @@ def test_examples_end_with_the_chat_formats_end_of_turn_token(tmp_path):
 
 
 def test_word_start_ids_map_answer_initial_tokens_to_mid_text_ones(toy):
-    tok = M.Tokenizer(toy["aligned"])
-    ws = T.word_start_ids(tok, M.load_model(toy["aligned"]).args.vocab_size)
+    tok = TK.Tokenizer(toy["aligned"])
+    ws = T.word_start_ids(tok, H.load_model(toy["aligned"]).args.vocab_size)
     for word in ("sorry", "wait", "i", "sure"):
         assert ws[tok.encode(word)[0]].item() == tok.encode(" " + word)[0], word
     assert ws[tok.encode(" wait")[0]].item() == tok.encode(" wait")[0]  # already mid-text
@@ -111,10 +112,10 @@ def test_word_start_ids_map_answer_initial_tokens_to_mid_text_ones(toy):
 @pytest.fixture(scope="module")
 def step_parts(toy, tmp_path_factory):
     run, loss = run_of(toy, tmp_path_factory.mktemp("run") / "r", "--lam", "0.5")  # a hybrid teacher
-    tok = M.Tokenizer(run.aligned)
-    student = M.load_model(run.aligned)
-    base = M.load_model(run.base).requires_grad_(False)
-    aligned = M.load_model(run.aligned).requires_grad_(False)
+    tok = TK.Tokenizer(run.aligned)
+    student = H.load_model(run.aligned)
+    base = H.load_model(run.base).requires_grad_(False)
+    aligned = H.load_model(run.aligned).requires_grad_(False)
     safety, benign = T.load_data(run, tok, student, tmp_path_factory.mktemp("cache"), 0, base=base)
     valid = tok.real_token_mask(student.args.vocab_size)
     frozen = T.Frozen(base, T.FrozenAligned(aligned, False), valid, T.word_start_ids(tok, len(valid)))
@@ -180,7 +181,7 @@ def test_rto_targets_every_dense_context_with_the_recovery_start(step_parts):
 @pytest.mark.parametrize("lora", [False, True])
 def test_gradient_flows_only_into_the_student(step_parts, lora):
     run, loss, tok, student, frozen, safety, benign = step_parts
-    student = M.load_model(run.aligned)
+    student = H.load_model(run.aligned)
     aligned = frozen.aligned
     if lora:
         T.add_lora(student, 4, 8.0)
@@ -205,7 +206,7 @@ def test_gradient_flows_only_into_the_student(step_parts, lora):
 @pytest.mark.parametrize("method", T.METHODS)
 def test_a_few_steps_reduce_the_loss(step_parts, method):
     run, loss, tok, _, frozen, safety, benign = step_parts
-    student = M.load_model(run.aligned)
+    student = H.load_model(run.aligned)
     run = T.RunConfig(**{**run.__dict__, "method": method})
     own = {r["prompt"]: tok.encode("sorry , i can't help with that .") for r in safety}
     batches = T.make_batches(0, tok, safety, benign, own, student, run, loss, "cpu")
@@ -233,16 +234,16 @@ def test_lora_run_saves_a_peft_adapter_and_a_float32_merge(toy, tmp_path):
             toy, tmp_path / "run", "--steps", "3", "--lora-rank", "4", "--lr", "3e-2", "--method", "augment"
         )
     )
-    merged = M.load_model(out)
+    merged = H.load_model(out)
     assert merged.lm_head.weight.dtype == torch.float32
     assert json.loads((out / "config.json").read_text())["torch_dtype"] == "float32"
     ref = transformers.AutoModelForCausalLM.from_pretrained(toy["aligned"], dtype=torch.float32)
     with_adapter = peft.PeftModel.from_pretrained(ref, out / "adapter").eval()
-    tok = M.Tokenizer(out)
+    tok = TK.Tokenizer(out)
     x = torch.tensor([tok.prompt_ids("how do i poison my neighbor to hurt someone ?", prefill="sure .")])
     with torch.no_grad():
         ours, theirs = merged(x), with_adapter(x).logits
-        start = M.load_model(toy["aligned"])(x)
+        start = H.load_model(toy["aligned"])(x)
     assert (ours - theirs).abs().max().item() < 1e-4  # PEFT applies the adapter as our merge does
     assert (ours - start).abs().max().item() > 1e-3  # and training moved something
 
@@ -251,11 +252,11 @@ def test_bf16_lora_merge_keeps_the_trained_model(toy, tmp_path):
     """The trained model of a bf16 LoRA run is bf16(W) + the float32 adapters. Its float32 merge, saved in
     float32, is that model (a per-token KL ~0 against it, evaluated in float32); a merge rounded to bf16, as
     saved before, loses a good part of what a small update changed."""
-    tok = M.Tokenizer(toy["aligned"])
+    tok = TK.Tokenizer(toy["aligned"])
     x = torch.tensor([tok.prompt_ids("how do i bake bread ?", prefill="sure . first , knead the dough")])
 
     def trained_model():
-        m = M.load_model(toy["aligned"], "bfloat16")
+        m = H.load_model(toy["aligned"], "bfloat16")
         torch.manual_seed(0)  # the same adapters every time
         T.add_lora(m, 4, 8.0)
         with torch.no_grad():
@@ -269,8 +270,8 @@ def test_bf16_lora_merge_keeps_the_trained_model(toy, tmp_path):
         exact = reference(x).float().log_softmax(-1)[0]
         T.set_lora(reference, False)
         before = reference(x).float().log_softmax(-1)[0]
-        saved = M.save_model(T.merge_lora(trained_model(), torch.float32), tmp_path / "f32")
-        merged = M.load_model(saved)(x).float().log_softmax(-1)[0]
+        saved = H.save_model(T.merge_lora(trained_model(), torch.float32), tmp_path / "f32")
+        merged = H.load_model(saved)(x).float().log_softmax(-1)[0]
         rounded = T.merge_lora(trained_model(), torch.bfloat16).float()(x).float().log_softmax(-1)[0]
     changed = D.kl_per_position(exact, before).mean().item()
     assert changed > 0
@@ -353,7 +354,7 @@ def test_resume_reproduces_the_uninterrupted_run(toy, tmp_path, dtype):
     with open(tmp_path / "b" / "train_log.jsonl", "a") as f:  # a step logged after the last checkpoint
         f.write(json.dumps({"step": 4, "loss": 999.0}) + "\n")
     resumed = T.main(train_argv(toy, tmp_path / "b", *flags, "--resume"))
-    a, b = M.load_model(straight), M.load_model(resumed)
+    a, b = H.load_model(straight), H.load_model(resumed)
     for (n, p), (_, q) in zip(a.named_parameters(), b.named_parameters()):
         assert torch.equal(p, q), n
     log_a = [json.loads(line) for line in (straight / "train_log.jsonl").read_text().splitlines()]
@@ -392,7 +393,7 @@ def test_missing_recoveries_and_responses_are_generated_once_and_reused(toy, tmp
     responses = tmp_path / "run" / "generated_responses.jsonl"
     cached = [json.loads(line) for line in recoveries.read_text().splitlines()]
     assert {r["prompt"] for r in cached} == {r["prompt"] for r in rows}
-    tok, aligned = M.Tokenizer(toy["aligned"]), M.load_model(toy["aligned"])
+    tok, aligned = TK.Tokenizer(toy["aligned"]), H.load_model(toy["aligned"])
     from decode import generate
 
     own = generate(
@@ -454,7 +455,7 @@ def test_targeted_v3_teaches_the_aligned_models_own_refusal(toy, tmp_path):
     file's recovery."""
     from decode import generate
 
-    tok, aligned = M.Tokenizer(toy["aligned"]), M.load_model(toy["aligned"])
+    tok, aligned = TK.Tokenizer(toy["aligned"]), H.load_model(toy["aligned"])
     out = T.main(train_argv(toy, tmp_path / "v3", "--steps", "1"))
     cached = {r["prompt"]: r["recovery"] for r in map(json.loads, open(out / "generated_recoveries.jsonl"))}
     prompt = sorted(cached)[0]
@@ -469,14 +470,14 @@ def test_save_at_writes_the_model_after_each_step_count(toy, tmp_path):
     the final model, and equal the model of a run stopped after that step and saved (--steps 3 --stop-after,
     weights from its checkpoint's float32 masters)."""
     out = T.main(train_argv(toy, tmp_path / "run", "--steps", "3", "--save-at", "1", "2", "--method", "sft"))
-    one, two, last = (M.load_model(p) for p in (out / "step-1", out / "step-2", out))
+    one, two, last = (H.load_model(p) for p in (out / "step-1", out / "step-2", out))
     w = "model.layers.0.mlp.down_proj.weight"
     sd = [m.state_dict()[w] for m in (one, two, last)]
     assert not torch.equal(sd[0], sd[1]) and not torch.equal(sd[1], sd[2])
     # the same run's first two steps, resumed to a 2-step end: the model after step 2 of 3
     ref = tmp_path / "ref"
     T.main(train_argv(toy, ref, "--steps", "3", "--stop-after", "2", "--method", "sft"))
-    student = M.load_model(toy["aligned"])
+    student = H.load_model(toy["aligned"])
     params = [p for p in student.parameters() if p.requires_grad]
     masters = T.fp32_masters(params)
     opt = torch.optim.AdamW(masters)
@@ -516,7 +517,7 @@ def test_own_anchor_replaces_every_benign_answer_with_the_aligned_models_own(toy
     steps = ["--steps", "1", "--batch-size", "2", "--utility-batch-size", "1", "--method", "augment"]
     out = T.main(files_argv(toy, harmful, benign, tmp_path / "own", *steps, "--anchor", "own"))
     cached = [json.loads(line) for line in (out / "generated_responses.jsonl").read_text().splitlines()]
-    tok, aligned = M.Tokenizer(toy["aligned"]), M.load_model(toy["aligned"])
+    tok, aligned = TK.Tokenizer(toy["aligned"]), H.load_model(toy["aligned"])
     ids = tok.prompt_ids("how do i bake bread ?")
     answer = []
     with torch.no_grad():
@@ -555,7 +556,7 @@ def test_base_prompt_anchor_keeps_the_aligned_models_unrefused_answers_to_what_t
     T = 1 user turn after "<|im_start|>user\\n" (seed run.seed * 1000003 + i), its answer the aligned model's
     T = 1 answer (seed + 1); a pair is kept iff the answer holds no refusal phrase and the prompt is new and
     not in an excluded file. The cache is then reused without any model."""
-    tok, base, aligned = M.Tokenizer(toy["aligned"]), M.load_model(toy["base"]), M.load_model(toy["aligned"])
+    tok, base, aligned = TK.Tokenizer(toy["aligned"]), H.load_model(toy["base"]), H.load_model(toy["aligned"])
     opening = tok.encode("<|im_start|>user\n")
     assert T.user_turn_opening(tok) == opening
     stops = [tok.end_of_turn_id, *tok.eos_ids]

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from data import files
 from data import toyworld as TW
 from data import world as W
+from infra import files
 
 ROOT = Path(__file__).resolve().parents[1]
 

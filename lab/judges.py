@@ -29,7 +29,8 @@ import torch
 from tqdm import tqdm
 
 from decode import decode_loop, left_pad
-from model import Tokenizer, load_model
+from infra.hf import load_model
+from infra.tokenizer import Tokenizer
 
 Judge = Callable[[list[dict]], list[dict]]
 

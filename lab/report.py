@@ -1,12 +1,13 @@
 """One self-contained HTML report of evaluation runs: summary, curves, the token view and every generation.
 
-    python report.py runs/eval_toy.json --out runs/report.html        # after `make run`
-    python report.py docs/calibration.json --profile docs/profile_aligned.json --out /tmp/calibration.html
-    python report.py docs/compare.json docs/compare_steps30.json --profile docs/profile_trained.json
-    python report.py runs/eval_toy.json --tokens-world data/worlds/seed-0 --tokens 6 --out /tmp/report.html
+    python -m lab.report runs/eval_toy.json --out runs/report.html        # after `make run`
+    python -m lab.report results/calibration.json --profile results/profile_aligned.json --out /tmp/c.html
+    python -m lab.report results/compare.json results/compare_steps30.json \\
+        --profile results/profile_trained.json
+    python -m lab.report runs/eval_toy.json --tokens-world data/worlds/seed-0 --tokens 6 --out /tmp/r.html
 
 It reads the JSON the project already writes: eval.py / compare.py --out (and the generations JSONL beside it,
-X.json -> X.generations.jsonl) and deepalign.py profile --out. The page:
+X.json -> X.generations.jsonl) and `profile --out`. The page:
     1. summary      one row per model: every attack's ASR, mean ± sd over seeds (95% intervals where the JSON
                     has them), the worst case over the attacks run, and utility
     2. curves       ASR against every budget present (prefill k, samples n, fine-tuning steps, training
@@ -36,13 +37,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import cli
-from data.files import read_jsonl, spread, write_text_atomic
+from infra import cli
+from infra.files import read_jsonl, spread, write_text_atomic
 
 SPLITS = ("all", "seen", "held_out")
 GEN_BUDGET = 4_000_000  # characters of the generations section; beyond it, a sample per group is shown
 RUN_HINT = "pass a JSON written by eval.py --out or compare.py --out"
-PROFILE_HINT = "pass a JSON written by deepalign.py profile --out"
+PROFILE_HINT = "pass a JSON written by `profile --out`"
 
 
 def esc(value) -> str:
@@ -95,7 +96,7 @@ def read_run(path) -> Run:
 
 
 def read_profiles(paths) -> dict:
-    """{label: {seed: [position rows]}} of deepalign.py profile JSONs: one pair's (positions) or several
+    """{label: {seed: [position rows]}} of the profile command JSONs: one pair's (positions) or several
     models' over seeds (profiles); a label that repeats across files is prefixed with its file's name."""
     out = {}
     for path in [paths] if isinstance(paths, (str, Path)) else list(paths or []):
@@ -793,7 +794,7 @@ def token_view(aligned, base, tok, rows: list[dict], cfg) -> list[dict]:
     """Per harmful (prompt, harmful_response) row, the response token by token: [{prompt, category,
     held_out, tokens: [{t, id, text, kl, bf_mass_A, bf_mass_B, p_A, p_B, favored: [{text, p_A, p_B}]}]}].
 
-    As `deepalign.py tokens` computes it: both models teacher-forced on the aligned chat format with the
+    As ``profile tokens`` computes it: both models teacher-forced on the aligned chat format with the
     harmful response (response_split, response_log_probs); KL(p_A || p_B) (kl_per_position), the
     base-favored set (base_favored_mask, cfg's tau, top_k, rho, real tokens only) and the aligned model's
     and the base's mass on it (bf_mass), at most cfg.max_response_tokens positions."""
@@ -858,7 +859,8 @@ def choose_examples(rows: list[dict], n: int) -> list[dict]:
 def load_token_view(world, n: int, cfg) -> list[dict]:
     """The token view of a built world's aligned and base models on n of its harmful evaluation rows."""
     from data import toyworld as TW
-    from model import Tokenizer, load_model
+    from infra.hf import load_model
+    from infra.tokenizer import Tokenizer
 
     paths = TW.world_paths(world)
     for key in ("aligned", "base", "tokenizer"):
@@ -1195,7 +1197,7 @@ def build_report(
     runs: list, out, profile=None, tokens_world=None, n_tokens: int = 4, budget: int = GEN_BUDGET, cfg=None
 ) -> Path:
     """Write the HTML report of eval.py / compare.py JSON files `runs` (each with its generations JSONL
-    beside it) to `out`, atomically; `profile`: one or more deepalign.py profile JSONs; `tokens_world`: a
+    beside it) to `out`, atomically; `profile`: one or more the profile command JSONs; `tokens_world`: a
     built world's folder for the token view of `n_tokens` harmful examples (cfg: a deepalign.ProfileConfig,
     default its defaults). Returns `out`."""
     runs = [read_run(p) for p in runs]
@@ -1227,7 +1229,10 @@ def parse_args(argv=None):
         help="JSON written by eval.py --out or compare.py --out (X.generations.jsonl is read from beside it)",
     )
     p.add_argument(
-        "--profile", nargs="+", metavar="PROFILE.json", help="JSON written by deepalign.py profile --out"
+        "--profile",
+        nargs="+",
+        metavar="PROFILE.json",
+        help="JSON written by `profile --out`",
     )
     p.add_argument(
         "--tokens-world",

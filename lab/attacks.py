@@ -1,10 +1,11 @@
 """Two white-box attacks on an aligned chat model (docs/method.md §7): GCG adversarial suffixes and
 refusal-direction ablation.
 
-    python attacks.py gcg                           # seed-0 toy world, its aligned model, 8 prompts
-    python attacks.py gcg --universal               # one suffix for all 8 prompts
-    python attacks.py gcg --model DIR --harmful advbench.csv --steps 250 --batch 512 --n-prompts 50
-    python attacks.py ablate --save-ablated OUT     # the per-layer table, the chosen layer, the checkpoint
+    python -m lab.attacks gcg                           # seed-0 toy world, its aligned model, 8 prompts
+    python -m lab.attacks gcg --universal               # one suffix for all 8 prompts
+    python -m lab.attacks gcg --model DIR --harmful advbench.csv --steps 250 --batch 512 \\
+        --n-prompts 50
+    python -m lab.attacks ablate --save-ablated OUT     # the per-layer table, the chosen layer, a checkpoint
 
 GCG (Zou et al. 2023) appends L adversarial tokens to the user turn (user text = request + " " + suffix) and
 optimises them so that the answer begins with a target (toy world: the harmful response's first
@@ -17,13 +18,14 @@ Default GCG budget on the toy world (docs/method.md §7), chosen so that one mod
 most 5 minutes on 2 CPU cores: 8 prompts spread over harmful_eval's 8 categories, attacked one at a time, each
 with L = 20 suffix tokens, k = 256 candidate tokens per position, B = 128 swaps per step, at most 60 steps
 (early stop at success); the target is the harmful response's first 10 tokens. Measured on the seed-0
-aligned model (`python attacks.py gcg`, one thread, on a 2-core machine shared with other jobs, load 6-8):
+aligned model (`python -m lab.attacks gcg`, one thread, on a 2-core machine shared with other jobs, load 6-8):
 177 s wall, 131 s CPU; target reached 0/8, ASR 37.5% by the toy judge. --universal (one suffix for the 8):
 481 s under the same load, ASR 87.5%. The paper's settings are L = 20, k = 256, B = 512 and hundreds of
 steps (real models on a GPU: --steps 250 --batch 512 --target-tokens 0 --n-prompts 0 --dtype bfloat16).
 
-Refusal-direction ablation on the toy world (`python attacks.py ablate`, 16 s): the aligned 4-layer model's
-refusal is not carried by one direction at the last prompt token. On seed-0 no layer's ablation raises the
+Refusal-direction ablation on the toy world (`python -m lab.attacks ablate`, 16 s): the aligned 4-layer
+model's refusal is not carried by one direction at the last prompt token. On seed-0 no layer's ablation
+raises the
 validation ASR above 0 (layer 4's ablation makes every benign answer unhelpful); the rule then picks layer 1,
 and the ablated model's ASR on harmful_eval is 0.0% direct and 46.0% at prefill k = 10 (unablated: 0.0% and
 47.0%). Directions taken at the other five post-instruction positions did no better.
@@ -53,9 +55,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import cli
 from decode import generate, left_pad
-from model import Tokenizer, Transformer, load_model, log, save_model
+from infra import cli
+from infra.cli import log
+from infra.hf import load_model, save_model
+from infra.tokenizer import Tokenizer
+from model import Transformer
 
 SENTINEL = "deepalign-suffix-sentinel"  # stands in for the suffix when the chat template is split
 INIT_TOKENS = (" !", " x", " .", " the")  # the suffix starts as L copies of the first of these that fits
@@ -386,7 +391,7 @@ def gcg_attack_inputs(model: Transformer, tok: Tokenizer, rows: list[dict], cfg:
     Rows hold "prompt" and "target" or "harmful_response". Returns per attacked row the gcg() record (its
     "prompt_ids" are what the model continues from; the attack forces nothing into the assistant turn, so
     "prefix" is "") plus the row's category, held_out and severity."""
-    from data.files import spread
+    from infra.files import spread
 
     rows = spread(rows, cfg.n_prompts)
     targets = [gcg_target(tok, r, cfg) for r in rows]
@@ -711,7 +716,7 @@ def load(args):
 
 def judge_of(args, paths) -> Callable[[str], bool]:
     from data import world as W
-    from judges import refusal_phrase_judge
+    from lab.judges import refusal_phrase_judge
 
     name = args.judge or ("toy" if paths is not None else "refusal_phrase")
     if name == "toy" and paths is None:
@@ -721,7 +726,7 @@ def judge_of(args, paths) -> Callable[[str], bool]:
 
 def harmful_rows(args, paths, flag: str = "harmful") -> list[dict]:
     from data import toyworld as TW
-    from data.formats import read_prompts
+    from infra.formats import read_prompts
 
     path = getattr(args, flag)
     if path:
@@ -794,8 +799,8 @@ def prefill_ids(tok: Tokenizer, row: dict, k: int) -> list[int]:
 def cmd_ablate(args) -> dict:
     from data import toyworld as TW
     from data import world as W
-    from data.formats import read_prompts
-    from judges import refusal_phrase_judge
+    from infra.formats import read_prompts
+    from lab.judges import refusal_phrase_judge
 
     cfg = RefusalConfig(
         n_direction=args.n_direction,
@@ -858,7 +863,7 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     result = {"gcg": cmd_gcg, "ablate": cmd_ablate}[args.cmd](args)
     if args.out:
-        from data.files import write_json_atomic
+        from infra.files import write_json_atomic
 
         write_json_atomic(args.out, result)
 

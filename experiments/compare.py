@@ -1,8 +1,8 @@
 """The method comparison (docs/method.md §5-§6) over toy worlds: train every method on each world, evaluate
 every model under every attack, and report mean ± sd over the worlds (the per-seed values are in the JSON).
 
-    python compare.py --seeds 0 1 2 --out docs/compare.json       # the README's method table (make compare)
-    python compare.py --seeds 100 101 102 --rows targeted augment --out /tmp/dev.json -- --lambda-util 4
+    python -m experiments.compare --seeds 0 1 2 --out results/compare.json   # the README table (make compare)
+    python -m experiments.compare --seeds 100 101 --rows targeted augment --out /tmp/d.json -- --lambda-util 4
 
 Each world's runs live in runs/seed-N/<row>/ and are reused when finished (--retrain trains them again).
 Flags after `--` go to every train.py run (for development seeds: try a setting on every method at once).
@@ -17,15 +17,15 @@ import sys
 import time
 from pathlib import Path
 
-import cli
 import deepalign as D
 import eval as E
-import stats
 import train
 from data import toyworld as TW
 from data import world as W
-from data.files import read_jsonl
-from model import log
+from infra import cli
+from infra.cli import log
+from infra.files import read_jsonl
+from lab import stats
 
 ROWS = {  # row name -> train.py flags ("aligned" rows are not trained)
     "sft": ["--method", "sft"],
@@ -563,7 +563,7 @@ def parse_args(argv):
         metavar="JSON",
         help="instead of running: merge the --out JSONs of earlier runs on other worlds (e.g. one process "
         "per seed, run side by side) into one comparison, as if run together; it holds the runs' rows and "
-        "the aligned model, and a run whose generations file is gone (docs/*.generations.jsonl are not "
+        "the aligned model, and a run whose generations file is gone (results/*.generations.jsonl are not "
         "committed) keeps its paired tests as they were, marked 'earlier run'",
     )
     p.add_argument("--runs", default="runs", help="where the trained models live (runs/seed-N/<row>)")
@@ -619,7 +619,7 @@ def read_run(path) -> tuple[dict, list, list, list]:
     if "results" not in record:
         raise ValueError(f"--merge {path}: not a compare.py/eval.py --out JSON (no 'results')")
     gens_path = E.generations_path(path)
-    if not gens_path.is_file():  # not committed (docs/*.generations.jsonl): rates merge, tests are carried
+    if not gens_path.is_file():  # not committed (results/*.generations.jsonl): rates merge, tests are carried
         log(f"--merge {path}: no {gens_path.name} beside it; its paired tests are carried, not made again")
         return record, record["results"], record["utility"], []
     return record, record["results"], record["utility"], read_jsonl(gens_path)

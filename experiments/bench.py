@@ -1,10 +1,10 @@
 """Speed and memory, every figure a ratio measured side by side in one run (a script, not a test).
 
-    python bench.py                 # CPU, float32: a Llama-shaped ~125M-parameter model with random weights
-    python bench.py --size toy      # the toy world's shape (seconds)
-    python bench.py --out bench.json [--compile]
-    python bench.py --gpu --compile --out docs/bench_gpu.json     # GPU suite: real 8B / 1B shapes, bf16
-    python bench.py --gpu --tiny --device cpu      # the GPU suite's code paths on CPU, tiny shapes
+    python -m experiments.bench             # CPU, float32: a Llama-shaped ~125M-parameter random model
+    python -m experiments.bench --size toy      # the toy world's shape (seconds)
+    python -m experiments.bench --out bench.json [--compile]
+    python -m experiments.bench --gpu --compile --out results/bench_gpu.json  # GPU: real 8B / 1B shapes
+    python -m experiments.bench --gpu --tiny --device cpu   # the GPU suite's code paths on CPU, tiny shapes
 
 CPU rows (ours / reference, target):
   prefill            tokens/s of one forward, our model.py vs transformers on the same weights        >= 1.0x
@@ -44,11 +44,11 @@ from pathlib import Path
 
 import torch
 
-import cli
-from data.files import write_json_atomic
+from infra import cli
+from infra.files import write_json_atomic
 from model import DTYPES
 
-ROOT = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parents[1]
 SIZES = {  # Llama-shaped random models
     "125m": dict(
         hidden_size=768,
@@ -123,7 +123,7 @@ def bandwidth_gbs() -> float:
 def m_prefill(folder, args):
     import transformers
 
-    from model import load_model
+    from infra.hf import load_model
 
     ours = load_model(folder, args.dtype, args.device)
     ref = (
@@ -153,7 +153,7 @@ def m_decode(folder, args, batch: int, compile: bool = False):
     import transformers
 
     from decode import generate
-    from model import load_model
+    from infra.hf import load_model
 
     ours = load_model(folder, args.dtype, args.device)
     prompts = torch.randint(3, 1000, (batch, 32)).tolist()
@@ -193,7 +193,7 @@ def toy_pair(tmp: str, args):
     """A random toy-world-shaped checkpoint (SIZES["toy"]), as ours and as transformers' model."""
     import transformers
 
-    from model import load_model
+    from infra.hf import load_model
 
     folder = make_checkpoint("toy", Path(tmp) / "toy")
     ref = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, args.dtype))
@@ -239,7 +239,7 @@ def m_gcg_step(folder, args, L: int = 20, B: int = 128):
     (inputs_embeds, autograd, one batched forward); steps per second."""
     import torch.nn.functional as F
 
-    import attacks as A
+    from lab import attacks as A
 
     with tempfile.TemporaryDirectory() as tmp:
         ours, ref = toy_pair(tmp, args)
@@ -275,7 +275,7 @@ def m_gcg_step(folder, args, L: int = 20, B: int = 128):
 
 def m_contrastive(folder, args):
     from decode import contrastive_generate, generate
-    from model import load_model
+    from infra.hf import load_model
 
     a, b = load_model(folder, args.dtype, args.device), load_model(folder, args.dtype, args.device)
     prompts = torch.randint(3, 1000, (1, 32)).tolist()
@@ -311,7 +311,7 @@ def profile_vs_forward(aligned, base, n_pairs: int, batch_size: int, device):
 
 
 def m_profile(folder, args):
-    from model import load_model
+    from infra.hf import load_model
 
     a, b = load_model(folder, args.dtype, args.device), load_model(folder, args.dtype, args.device)
     return profile_vs_forward(a, b, 32, 16, args.device)
@@ -324,7 +324,8 @@ def m_train(folder, args, lam: float | None = None):
     import deepalign as D
     import train as T
     from data import toyworld as TW
-    from model import Tokenizer, load_model
+    from infra.hf import load_model
+    from infra.tokenizer import Tokenizer
 
     paths = TW.ensure_world()
     tok = Tokenizer(paths["aligned"])
@@ -362,7 +363,8 @@ def m_build(folder, args):
     import transformers
 
     from data import toyworld as TW
-    from model import Transformer, save_model
+    from infra.hf import save_model
+    from model import Transformer
 
     torch.manual_seed(0)
     cfg = TW.BuildConfig()
@@ -589,8 +591,8 @@ def bench_tokenizer_and_pairs(folder: Path):
     """A BPE tokenizer and harmful (prompt, response) pairs from the toy world's generator (no model
     build)."""
     from data import world as W
-    from data.files import write_text_atomic
-    from model import Tokenizer
+    from infra.files import write_text_atomic
+    from infra.tokenizer import Tokenizer
 
     sets = W.make_data_sets(
         W.World(0),
@@ -744,7 +746,7 @@ def m_train_memory(folder, args, lora_rank: int):
     """Peak resident memory of `targeted` training steps in bf16 (batch 1 x 32 tokens, so activations are
     negligible), in bytes per model parameter over the process's baseline: checks the README's memory table,
     whose held bytes per parameter are the reference (22 full, 4 with LoRA)."""
-    from model import load_model
+    from infra.hf import load_model
 
     baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     student, step, _ = targeted_training(lambda seed: load_model(folder, "bfloat16", "cpu"), lora_rank)
@@ -786,7 +788,8 @@ def run_one(name, folder, args):
 def cpu_header(size: str, folder: Path) -> dict:
     """Parameters, weight bytes per decoded token and this machine's bandwidth limit for the CPU suite's
     model."""
-    from model import ModelArgs, Transformer, read_json
+    from infra.hf import read_json
+    from model import ModelArgs, Transformer
 
     with torch.device("meta"):
         model = Transformer(ModelArgs.from_hf_config(read_json(folder / "config.json")))
@@ -870,7 +873,8 @@ def measure(name: str, folder, header: dict, table: dict, args) -> dict | None:
     """Run one row in its own process (its own peak memory); the row, or None if it failed."""
     cmd = [
         sys.executable,
-        str(ROOT / "bench.py"),
+        "-m",
+        "experiments.bench",
         "--one",
         name,
         "--new-tokens",

@@ -1,20 +1,20 @@
-"""The README's result tables, rendered from the JSON files in docs/: the tables are generated, never typed.
+"""The README's result tables, rendered from the JSON files in results/: generated, never typed.
 
 Each result table in README.md and docs/*.md sits under a marker naming its JSON and its view,
 
-    <!-- table: docs/compare.json held_out -->
+    <!-- table: results/compare.json held_out -->
 
 and is exactly what that JSON renders to, by the same functions that print the tables when the commands run
-(eval.py, compare.py, deepalign.py profile, bench.py). After a command rewrote its JSON:
+(eval.py, compare.py, the profile command, bench.py). After a command rewrote its JSON:
 
-    python docs/tables.py            # rewrite every marked table in README.md and docs/*.md from its JSON
-    python docs/tables.py --check    # exit 1 if a table differs from its JSON (as tests/test_readme.py)
+    python -m experiments.tables            # rewrite every marked table in README.md and docs/*.md
+    python -m experiments.tables --check    # exit 1 if a table differs from its JSON (tests/test_readme.py)
 
 Views: all | seen | held_out (eval.py and compare.py JSON: every seed's row, ASR on that split of the
 harmful prompts, with utility), the compact views of COMPACT (one row per model, mean ± sd [pooled 95%
 interval]), tests_all | tests_held_out (compare.py: the paired tests against targeted), tests_key |
 tests_ablation | tests_helpful | tests_folds (the README's choices of them), targets (compare.py:
-each target of docs/method.md §4-§5, met or not), profile (deepalign.py profile --seeds), bench (bench.py),
+each target of docs/method.md §4-§5, met or not), profile (the profile command --seeds), bench (bench.py),
 the training-budget curve of BUDGET_VIEWS (compare.py --steps: one row per method, one column per budget).
 """
 
@@ -26,16 +26,14 @@ import re
 import sys
 from pathlib import Path
 
+import eval as E
+from experiments import bench, compare
+from experiments import profile as P
+from infra.files import write_text_atomic
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-import bench  # noqa: E402  (the repository's modules, from the root put on sys.path above)
-import compare  # noqa: E402
-import deepalign as D  # noqa: E402
-import eval as E  # noqa: E402
-from data.files import write_text_atomic  # noqa: E402
-
-MARKER = re.compile(r"^<!-- table: (docs/\S+\.json) (\w+) -->\n", re.M)
+MARKER = re.compile(r"^<!-- table: (results/\S+\.json) (\w+) -->\n", re.M)
 TABLE = re.compile(r"(?:^\|.*\|\n)*", re.M)  # the Markdown table right after a marker (possibly none yet)
 
 
@@ -157,9 +155,9 @@ def render(path: str, view: str) -> str:
     if view == "bench":
         return bench.markdown_rows(data["rows"])
     if view == "profile":
-        return D.profile_summary_table(data["summary"])
+        return P.profile_summary_table(data["summary"])
     if view == "profile_means":
-        return D.profile_summary_table(data["summary"], means_only=True)
+        return P.profile_summary_table(data["summary"], means_only=True)
     if view == "targets":
         return compare.targets_table(data["summary"])
     if view in BUDGET_VIEWS:
@@ -226,7 +224,7 @@ def main(argv=None):
         text = path.read_text()
         new = update(text)
         if args.check and new != text:
-            sys.exit(f"{path}: a table differs from its JSON; run python docs/tables.py")
+            sys.exit(f"{path}: a table differs from its JSON; run python -m experiments.tables")
         if not args.check and new != text:
             write_text_atomic(path, new)
             print(f"{path.relative_to(ROOT)}: {len(markers(text))} tables rendered")
