@@ -1,7 +1,9 @@
 # Two commands for a fresh clone (see README.md):
 #   make run     set up .venv, build the seed-0 toy world (once), evaluate its base and aligned models and
 #                write runs/eval_toy.json and the report runs/eval_toy.html
-#   make test    set up .venv (with the test-only references: transformers, peft) and run ruff and the tests
+#   make test    set up .venv (plus the test-only references: transformers, peft) and run ruff and the tests
+#                (about 3 minutes on 2 CPU cores)
+#   make course  set up the lessons' requirements and execute every lesson in tutorials/ (copies in runs/course/)
 # And the longer reproductions behind the README's tables (each writes its JSON into results/):
 #   make compare        every method under every attack on the reporting worlds (seeds 0 1 2)
 #   make folds          the recovery-based methods on held-out folds (every category held out once)
@@ -9,19 +11,34 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-$(VENV)/.installed: requirements.txt requirements-test.txt
+# the runtime (requirements.txt) for `make run`; the test-only references (transformers, peft, ruff, pytest) on top
+# for `make test`
+$(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -r requirements.txt
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed requirements-test.txt requirements-course.txt
 	$(PY) -m pip install -q -r requirements-test.txt
 	touch $@
 
+$(VENV)/.installed-course: $(VENV)/.installed requirements-course.txt
+	$(PY) -m pip install -q -r requirements-course.txt
+	touch $@
+
 setup: $(VENV)/.installed
+
+setup-test: $(VENV)/.installed-test
 
 run: setup
 	$(PY) eval.py --out runs/eval_toy.json --report
 	@echo "the report: runs/eval_toy.html (open it in a browser)"
 
-test: setup
+test: setup-test
 	$(PY) -m ruff check . && $(PY) -m ruff format --check . && $(PY) -m pytest -q
+
+course: $(VENV)/.installed-course
+	$(PY) tutorials/run_course.py
 
 compare: setup
 	$(PY) -m experiments.compare --seeds 0 1 2 --steps 10 20 40 80 150 --out results/compare.json --report
@@ -31,4 +48,4 @@ folds: setup
 	$(PY) -m experiments.compare --folds --seeds 0 1 2 --rows augment insertion rto "targeted, data anchor" --samples 16 --prefill 10 40 --benign-samples 0 --out results/folds_sampled.json
 	$(PY) -m experiments.compare --merge results/folds.json results/folds_sampled.json --out results/folds.json
 
-.PHONY: setup run test compare folds
+.PHONY: setup setup-test run test course compare folds

@@ -7,9 +7,11 @@ Greedy by default; --temperature/--top-p sample. Only the completion text goes t
 go to stderr), so the output can be piped and compared. With no --model, the toy world's aligned model.
 
 Read top to bottom:
-    1. left_pad, sample_next, cut_at_eos   a batch of prompts in, one token per row out, each row cut at eos
+    0. Sampling                            how tokens are chosen and how many (the decoding flags)
+    1. left_pad, next_token_logits,        a batch of prompts in, one token per row out, each row cut at eos
+       sample_next, cut_at_eos
     2. decode_step, attach_cache           one token through a model's KV cache (what --compile compiles)
-    3. decode_loop                         the loop every generator shares: prefill each model's cache, then
+    3. prefill_caches, decode_loop         the loop every generator shares: prefill each model's cache, then
                                            one token per step, each row stopping at its own eos
     4. generate, contrastive_generate      the two generators, side by side: they differ only in how the next
                                            token is scored (plain: the model's logits; contrastive:
@@ -20,21 +22,42 @@ Every model decodes through its own static KV cache (model.KVCache, docs/model_n
 is read once, then each step feeds one token per row. Contrastive decoding (docs/method.md §4) never
 recomputes the prefix either, so its extra cost over plain decoding is one more forward of one token per step.
 
-Shapes: B batch, T prompt length (after left padding), V vocabulary.
+Shapes: B batch, T prompt length (after left padding), V vocabulary, n samples per prompt.
 """
 
 import functools
 import sys
 import time
+from dataclasses import dataclass
 
 import torch
 
 import deepalign
 from infra import cli
-from infra.cli import log
+from infra.cli import log, setting
 from infra.hf import check_finite_logits, load_model
 from infra.tokenizer import Tokenizer
 from model import KVCache, Transformer
+
+
+# ----------------------------------------------------------------------------------------------
+# 0. The sampling settings
+# ----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Sampling:
+    """How a generator chooses tokens, and how many. temperature 0 is greedy (argmax); else softmax(logits /
+    temperature) cut to the top-p nucleus, drawn with a generator seeded with `seed` (None: torch's global
+    one). samples = n decodes n continuations of every prompt from one read of it (the sampling attack,
+    docs/method.md §7). compile: torch.compile the per-token step (docs/model_notes.md §6 F3)."""
+
+    max_new_tokens: int = setting(64, "tokens to generate at most")
+    temperature: float = setting(0.0, "sampling temperature; 0 = greedy")
+    top_p: float = setting(
+        1.0, "nucleus sampling: keep the smallest set of tokens whose probability reaches top-p"
+    )
+    seed: int | None = setting(0, "sampling seed")
+    samples: int = setting(1, "continuations per prompt", flag=False)
+    compile: bool = setting(False, "torch.compile the per-token decode step")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -50,6 +73,16 @@ def left_pad(seqs: list[list[int]], pad_id: int, device="cpu"):
             ids[i, T - len(s) :] = torch.tensor(s)
             mask[i, T - len(s) :] = 1
     return ids.to(device), mask.to(device)
+
+
+@torch.no_grad()
+def next_token_logits(model: Transformer, seqs: list[list[int]], pad_id: int) -> torch.Tensor:
+    """Float32 logits (B, V) of the token after each sequence: one left-padded forward without a cache, the
+    head at the last position only (a judge's verdict, a benchmark's answer letter)."""
+    ids, mask = left_pad(seqs, pad_id, model.lm_head.weight.device)  # (B, T)
+    last = torch.zeros_like(mask, dtype=torch.bool)  # (B, T)
+    last[:, -1] = True  # left padding puts every row's last real token in the last column
+    return model(ids, attention_mask=mask, logits_at=last).float()  # (B, V)
 
 
 def sample_next(
@@ -124,64 +157,73 @@ def share_prompt_cache(model: Transformer, samples: int, max_seq_len: int, compi
 # ----------------------------------------------------------------------------------------------
 # 3. The decoding loop every generator shares
 # ----------------------------------------------------------------------------------------------
+def prefill_caches(
+    models: list[Transformer], ids, mask, samples: int, max_seq_len: int, compile: bool = False
+):
+    """Every model reads the left-padded prompts ids, mask (B, T) once, into its own KV cache; with
+    samples = n > 1 each prompt's cache is then repeated for its n samples (share_prompt_cache), which decode
+    side by side as rows b * n .. b * n + n - 1. Returns each model's logits after the prompt (B * n, V) and
+    the RoPE position of each row's last token (B * n, 1). A NaN/inf logit is an error naming the model."""
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, T): RoPE positions skip the padding (§6 F1)
+    slots = torch.arange(ids.shape[1], device=ids.device)  # (T,): the prompt fills the first T cache slots
+    logits = [  # (B, V) each: every model's logits after the prompt
+        m(ids, attention_mask=mask, positions=positions, cache_pos=slots)[:, -1] for m in models
+    ]
+    for m, x in zip(models, logits):  # corrupt weights or an overflow: fail here, not as silent output
+        check_finite_logits(x, m.source)
+    pos = positions[:, -1:]  # (B, 1)
+    if samples > 1:
+        for m in models:
+            share_prompt_cache(m, samples, max_seq_len, compile)
+        logits = [x.repeat_interleave(samples, dim=0) for x in logits]  # (B * n, V) each
+        pos = pos.repeat_interleave(samples, dim=0)  # (B * n, 1)
+    return logits, pos
+
+
 @torch.no_grad()
 def decode_loop(
     models: list[Transformer],
     prompts: list[list[int]],
     score,
-    max_new_tokens: int,
-    eos_ids,
-    pad_id: int,
-    temperature: float = 0.0,
-    top_p: float = 1.0,
-    seed: int | None = None,
-    compile: bool = False,
-    samples: int = 1,
+    sampling: Sampling,
+    eos_ids=(),
+    pad_id: int = 0,
 ) -> list[list[int]]:
-    """Prefill: every model reads the left-padded prompts once, into its own KV cache; with samples = n > 1
-    each prompt's cache is then repeated for its n samples (share_prompt_cache), which decode side by side
-    as rows b * n .. b * n + n - 1. Then at every step,
-    score(logits (B, V) of each model) -> scores (B, V), one token per row from them (sample_next), and that
-    token into every model's cache. A row stops at its first eos id, which it keeps, and is padded with pad_id
-    until every row has stopped. Returns the new token ids of each row, each cut after its first eos id.
-    Without compile the caches are dropped at the end; compiled decoding keeps them for its next call."""
+    """Prefill every model's cache with the prompts (prefill_caches), then at every step
+    score(logits (B, V) of each model) -> scores (B, V), one token per row from them (sample_next, as
+    `sampling` says), and that token into every model's cache. A row stops at its first eos id, which it
+    keeps, and is padded with pad_id until every row has stopped. Returns the new token ids of each row, each
+    cut after its first eos id. Without compile the caches are dropped at the end; compiled decoding keeps
+    them for its next call."""
+    s = sampling
     device = models[0].lm_head.weight.device
     ids, mask = left_pad(prompts, pad_id, device)  # (B, T)
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, T): RoPE positions skip the padding (§6 F1)
     B, T = ids.shape
-    generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
+    generator = torch.Generator(device=device).manual_seed(s.seed) if s.seed is not None else None
     eos = torch.tensor(list(eos_ids) or [-1], device=device)  # (E,)
-    step = compiled_decode_step() if compile else decode_step
+    step = compiled_decode_step() if s.compile else decode_step
     for m in models:
-        attach_cache(m, B, T + max_new_tokens, compile and samples == 1)
+        attach_cache(m, B, T + s.max_new_tokens, s.compile and s.samples == 1)
     try:
-        slots = torch.arange(T, device=device)  # (T,): the prompt fills the first T cache slots
-        logits = [m(ids, attention_mask=mask, positions=positions, cache_pos=slots)[:, -1] for m in models]
-        for m, x in zip(models, logits):  # corrupt weights or an overflow: fail here, not as silent output
-            check_finite_logits(x, m.source)
-        pos = positions[:, -1:]  # (B, 1)
-        if samples > 1:
-            for m in models:
-                share_prompt_cache(m, samples, T + max_new_tokens, compile)
-            logits = [x.repeat_interleave(samples, dim=0) for x in logits]  # (B * n, V) each
-            pos = pos.repeat_interleave(samples, dim=0)  # (B * n, 1)
-            B = B * samples
-        out, done = [], torch.zeros(B, dtype=torch.bool, device=device)  # done (B,)
-        for i in range(max_new_tokens):
-            token = sample_next(score(*logits), temperature, top_p, generator)  # (B,)
+        logits, pos = prefill_caches(
+            models, ids, mask, s.samples, T + s.max_new_tokens, s.compile
+        )  # (B * n, ...)
+        out, done = [], torch.zeros(B * s.samples, dtype=torch.bool, device=device)  # done (B * n,)
+        for i in range(s.max_new_tokens):
+            token = sample_next(score(*logits), s.temperature, s.top_p, generator)  # (B * n,)
             token = torch.where(done, pad_id, token)  # rows that have stopped get padding
             out.append(token)
             done = done | torch.isin(token, eos)
-            if i == max_new_tokens - 1 or bool(done.all()):
+            if i == s.max_new_tokens - 1 or bool(done.all()):
                 break
-            pos = pos + 1  # (B, 1)
+            pos = pos + 1  # (B * n, 1)
             slot = torch.tensor([T + i], device=device)  # (1,)
-            logits = [step(m, token[:, None], slot, pos).clone() for m in models]  # (B, V) each
+            logits = [step(m, token[:, None], slot, pos).clone() for m in models]  # (B * n, V) each
     finally:
-        if not compile:
+        if not s.compile:
             for m in models:
                 m.cache = None
-    tokens = torch.stack(out, dim=1).tolist()  # (B, n)
+    tokens = torch.stack(out, dim=1).tolist()  # (B * n, new tokens)
     return [cut_at_eos(row, set(eos_ids)) for row in tokens]
 
 
@@ -189,159 +231,109 @@ def decode_loop(
 # 4. The two generators: plain and contrastive
 # ----------------------------------------------------------------------------------------------
 def generate(
-    model: Transformer,
-    prompts: list[list[int]],
-    max_new_tokens: int = 64,
-    eos_ids=(),
-    pad_id: int = 0,
-    temperature: float = 0.0,
-    top_p: float = 1.0,
-    seed: int | None = None,
-    compile: bool = False,
-    samples: int = 1,
+    model: Transformer, prompts: list[list[int]], sampling: Sampling = Sampling(), eos_ids=(), pad_id: int = 0
 ) -> list[list[int]]:
     """Batched decoding of token-id prompts: each next token is chosen from the model's logits (greedy by
-    default). Returns the new token ids of each row, each cut after its first eos id (kept); with samples = n,
-    n rows per prompt (prompt-major: prompt b's samples are rows b * n .. b * n + n - 1)."""
+    default). Returns the new token ids of each row, each cut after its first eos id (kept); with
+    sampling.samples = n, n rows per prompt (prompt-major: prompt b's are rows b * n .. b * n + n - 1)."""
 
     def score(logits):  # (B, V) -> (B, V)
         return logits.float()
 
-    return decode_loop(
-        [model], prompts, score, max_new_tokens, eos_ids, pad_id, temperature, top_p, seed, compile, samples
-    )
+    return decode_loop([model], prompts, score, sampling, eos_ids, pad_id)
 
 
 def contrastive_generate(
     aligned: Transformer,
     base: Transformer,
     prompts: list[list[int]],
-    max_new_tokens: int = 64,
+    sampling: Sampling = Sampling(),
+    contrast: deepalign.Contrast = deepalign.Contrast(),
     eos_ids=(),
     pad_id: int = 0,
-    alpha: float = deepalign.CD_ALPHA,
-    beta: float = deepalign.CD_BETA,
-    mode: str = "full",
-    tau: float = 1.0,
-    top_k: int = 20,
     valid=None,
-    temperature: float = 0.0,
-    top_p: float = 1.0,
-    seed: int | None = None,
-    compile: bool = False,
-    rho: float = 0.01,
-    samples: int = 1,
 ) -> list[list[int]]:
     """Batched contrastive decoding (docs/method.md §4): each next token is chosen from the contrastive score
-    s_t of the aligned model against the base model (deepalign.contrastive_logits: alpha, beta, mode, and for
-    mode "bf" the base-favored set's tau, top_k, rho, valid). Both models read the same token ids (one shared
-    tokenizer), each through its own KV cache.
+    s_t of the aligned model against the base model (deepalign.contrastive_logits with `contrast`; `valid`
+    (V,) bool keeps cd_mode "bf"'s base-favored set to real tokens). Both models read the same token ids (one
+    shared tokenizer), each through its own KV cache.
     alpha = 0 is plain greedy decoding of the aligned model. Returns what `generate` returns."""
 
     def score(logits_A, logits_B):  # (B, V) each -> s_t (B, V)
         lp_A, lp_B = deepalign.log_probs(logits_A), deepalign.log_probs(logits_B)  # (B, V) float32
-        return deepalign.contrastive_logits(lp_A, lp_B, alpha, beta, mode, tau, top_k, valid, rho)
+        return deepalign.contrastive_logits(lp_A, lp_B, contrast, valid)
 
-    return decode_loop(
-        [aligned, base],
-        prompts,
-        score,
-        max_new_tokens,
-        eos_ids,
-        pad_id,
-        temperature,
-        top_p,
-        seed,
-        compile,
-        samples,
-    )
+    return decode_loop([aligned, base], prompts, score, sampling, eos_ids, pad_id)
 
 
 # ----------------------------------------------------------------------------------------------
 # 5. Command line
 # ----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Request:
+    """What the command decodes: one user message (and a forced start of the answer) to one checkpoint."""
+
+    model: str | None = setting(
+        None,
+        "Hugging Face checkpoint folder (config.json, safetensors, tokenizer.json)",
+        shown="the world's aligned model",
+    )
+    prompt: str = setting(
+        "how do i bake bread ?", "user message, formatted with the checkpoint's chat template"
+    )
+    prefill: str = setting("", "forced start of the assistant's answer (the prefilling attack)", shown="none")
+    system: str | None = setting(None, "optional system message", shown="none")
+
+
 def parse_args(argv=None):
     p = cli.parser(__doc__)
     cli.add_world_flag(p)
-    p.add_argument(
-        "--model",
-        help="Hugging Face checkpoint folder (config.json, safetensors, tokenizer.json); "
-        "default: the world's aligned model",
-    )
-    p.add_argument(
-        "--prompt",
-        default="how do i bake bread ?",
-        help="user message, formatted with the checkpoint's chat template",
-    )
-    p.add_argument(
-        "--prefill",
-        default="",
-        help="forced start of the assistant's answer (the prefilling attack); empty: none",
-    )
-    p.add_argument("--system", default=None, help="optional system message")
-    p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate at most")
-    cli.add_sampling_flags(p)
-    cli.add_device_flags(p)
-    cli.add_contrastive_flags(p, deepalign.CD_ALPHA, deepalign.CD_BETA)
-    cli.add_base_favored_flags(p)
+    cli.add_settings(p, Request)
+    d = p.add_argument_group("decoding")
+    cli.add_settings(d, Sampling)
+    cli.add_device_flags(d)
+    c = cli.add_contrastive_flags(p, deepalign.Contrast)
+    cli.add_settings(c, deepalign.BaseFavored)  # cd_mode "bf"'s base-favored set (docs/method.md §2)
     return p.parse_args(argv)
 
 
-def describe_decoding(args) -> str:
+def describe_decoding(sampling: Sampling, contrast: deepalign.Contrast, contrast_base) -> str:
     """How main() decodes, in words, for the log."""
-    how = "greedy" if args.temperature <= 0 else f"temperature {args.temperature}, top-p {args.top_p}"
-    if args.contrast_base:
-        contrast = f"alpha {args.alpha}, beta {args.beta}, {args.cd_mode}"
-        how += f", contrastive against {args.contrast_base} ({contrast})"
+    s = sampling
+    how = "greedy" if s.temperature <= 0 else f"temperature {s.temperature}, top-p {s.top_p}"
+    if contrast_base:
+        how += f", contrastive against {contrast_base} "
+        how += f"(alpha {contrast.alpha}, beta {contrast.beta}, {contrast.cd_mode})"
     return how
 
 
 def main(argv=None):
     args = parse_args(argv)
-    if args.model is None:
+    req, sampling = cli.settings_from(Request, args), cli.settings_from(Sampling, args)
+    contrast = cli.settings_from(deepalign.Contrast, args, bf=cli.settings_from(deepalign.BaseFavored, args))
+    folder, contrast_base = req.model, args.contrast_base
+    if folder is None:
         from data import toyworld
 
         paths = toyworld.ensure_world(args.world)
-        args.model = paths["aligned"]
-        if args.contrast_base == "base":  # the world's base model
-            args.contrast_base = paths["base"]
-    tok = Tokenizer(args.model)
-    model = load_model(args.model, dtype=args.dtype, device=args.device)
-    ids = tok.prompt_ids(args.prompt, prefill=args.prefill, system=args.system)
-    log(f"prompt: {len(ids)} tokens; stop ids {tok.eos_ids}; decoding: {describe_decoding(args)}")
-    kw = dict(
-        max_new_tokens=args.max_new_tokens,
-        eos_ids=tok.eos_ids,
-        pad_id=tok.pad_id,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        seed=args.seed,
-        compile=args.compile,
-    )
+        folder = paths["aligned"]
+        if contrast_base == "base":  # the world's base model
+            contrast_base = paths["base"]
+    tok = Tokenizer(folder)
+    model = load_model(folder, dtype=args.dtype, device=args.device)
+    ids = tok.prompt_ids(req.prompt, prefill=req.prefill, system=req.system)
+    how = describe_decoding(sampling, contrast, contrast_base)
+    log(f"prompt: {len(ids)} tokens; stop ids {tok.eos_ids}; decoding: {how}")
     t0 = time.perf_counter()
-    if args.contrast_base:
-        deepalign.check_same_tokenizer(tok, Tokenizer(args.contrast_base))
-        base = load_model(args.contrast_base, dtype=args.dtype, device=args.device)
+    if contrast_base:
+        deepalign.check_same_tokenizer(tok, Tokenizer(contrast_base))
+        base = load_model(contrast_base, dtype=args.dtype, device=args.device)
         valid = tok.real_token_mask(model.args.vocab_size).to(args.device)
-        out = contrastive_generate(
-            model,
-            base,
-            [ids],
-            alpha=args.alpha,
-            beta=args.beta,
-            mode=args.cd_mode,
-            tau=args.tau,
-            top_k=args.top_k,
-            rho=args.rho,
-            valid=valid,
-            **kw,
-        )[0]
+        out = contrastive_generate(model, base, [ids], sampling, contrast, tok.eos_ids, tok.pad_id, valid)[0]
     else:
-        out = generate(model, [ids], **kw)[0]
+        out = generate(model, [ids], sampling, tok.eos_ids, tok.pad_id)[0]
     dt = time.perf_counter() - t0
-    speed = f"{len(out) / dt:.1f} tokens/s"
-    if args.compile:
-        speed += ", including compile"
+    speed = f"{len(out) / dt:.1f} tokens/s" + (", including compile" if sampling.compile else "")
     log(f"{len(out)} new tokens in {dt:.2f} s ({speed})")
     sys.stdout.write(tok.decode(out) + "\n")
 

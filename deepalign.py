@@ -10,23 +10,28 @@ positions t count *response* tokens from 0. The tensor functions take log-probab
 (..., V) and broadcast over any leading dims: (N, V) for N contexts, or (B, T, V).
 
 Read top to bottom:
-    1. per-position quantities (§2, §3)            base_favored_mask, kl_per_position, bf_mass, bf_hit, ...
-    2. contrastive scores (§4)                     head_mask, contrastive_logits
+    1. per-position quantities (§2, §3)            BaseFavored, base_favored_mask, kl_per_position, bf_mass,
+                                                   bf_hit, logit_grad_norm, ...
+    2. contrastive scores (§4)                     Contrast, head_mask, contrastive_logits
     3. the position profile over a data set (§3)   position_profile, gradient_signal
     4. targeted completion (§5)                    LossConfig, clean_teacher, contrast_teacher,
                                                    penalty_weights, ..., and targeted_loss, the whole
-                                                   objective in one function
+                                                   objective in one function (targeted_objective: L)
     5. the baselines' losses (§6)                  ce_loss, constrained_loss
+train.py computes what the objective reads (the models' log-probs, the penalty's weights over the global
+batch, each process's token share); these functions take tensors and a config.
 The profile command (python -m experiments.profile profile | tokens | plot) is experiments/profile.py.
 """
 
 from __future__ import annotations
 
 import math
-import sys
 from dataclasses import asdict, dataclass
 
 import torch
+
+from infra.cli import setting
+from infra.progress import progress_bar
 
 # ----------------------------------------------------------------------------------------------
 # 1. Per-position quantities
@@ -46,9 +51,16 @@ def in_top_k(lp: torch.Tensor, k: int) -> torch.Tensor:
     return lp >= kth
 
 
-def base_favored_mask(
-    lp_A, lp_B, tau: float = 1.0, top_k: int = 20, rho: float = 0.01, valid=None
-) -> torch.Tensor:
+@dataclass(frozen=True)
+class BaseFavored:
+    """The settings of the base-favored set BF_t (docs/method.md §2)."""
+
+    tau: float = setting(1.0, "base-favored: lp_B - lp_A > log(tau)")
+    top_k: int = setting(20, "base-favored tokens are in the base's top-k")
+    rho: float = setting(0.01, "base-favored tokens have p_B >= rho * max p_B")
+
+
+def base_favored_mask(lp_A, lp_B, bf: BaseFavored = BaseFavored(), valid=None) -> torch.Tensor:
     """BF_t = { v : lp_B(v) - lp_A(v) > log(tau),  v in top-k of p_B,  p_B(v) >= rho * max p_B }   (§2).
 
     The first condition is the paper's (tau = 1: the base gives v more probability than the aligned model);
@@ -56,10 +68,10 @@ def base_favored_mask(
     near-zero probabilities that differ by rounding (rho = 0 gives version 1 of §2). `valid` (V,) bool keeps
     the set to real token ids (no padded rows, no reserved special tokens). lp_A, lp_B (..., V) -> (...,
     V)."""
-    favored = (lp_B - lp_A) > math.log(tau)  # nan (both -inf) compares False
-    mask = favored & in_top_k(lp_B, top_k)
-    if rho > 0:
-        mask = mask & (lp_B >= lp_B.max(-1, keepdim=True).values + math.log(rho))
+    favored = (lp_B - lp_A) > math.log(bf.tau)  # nan (both -inf) compares False
+    mask = favored & in_top_k(lp_B, bf.top_k)
+    if bf.rho > 0:
+        mask = mask & (lp_B >= lp_B.max(-1, keepdim=True).values + math.log(bf.rho))
     return mask & valid if valid is not None else mask
 
 
@@ -89,12 +101,11 @@ def harmful_log_prob(lp, next_tokens) -> torch.Tensor:
     return lp.gather(-1, next_tokens[..., None]).squeeze(-1)
 
 
-def logit_grad_norm(lp, targets) -> torch.Tensor:
+def logit_grad_norm(p, targets) -> torch.Tensor:
     """|| dLoss_t / dlogits_t || = || softmax(l_t) - onehot(y_t) ||_2 of cross-entropy at each position: the
     per-position gradient signal of SFT (§3 grad_t), in closed form sqrt(sum_v p_v^2 - 2 p_y + 1).
-    lp (..., V), targets (...) -> (...)."""
-    p = lp.exp()
-    p_y = p.gather(-1, targets[..., None]).squeeze(-1)
+    p (..., V) probabilities, targets (...) -> (...)."""
+    p_y = p.gather(-1, targets[..., None]).squeeze(-1)  # (...)
     return (p.pow(2).sum(-1) - 2 * p_y + 1).clamp(min=0).sqrt()
 
 
@@ -116,36 +127,40 @@ def head_mask(lp_A, beta: float = CD_BETA) -> torch.Tensor:
     return lp_A >= lp_A.max(-1, keepdim=True).values + math.log(beta)
 
 
-def contrastive_logits(
-    lp_A,
-    lp_B,
-    alpha: float = CD_ALPHA,
-    beta: float = CD_BETA,
-    mode: str = "full",
-    tau: float = 1.0,
-    top_k: int = 20,
-    valid=None,
-    rho: float = 0.01,
-) -> torch.Tensor:
+@dataclass(frozen=True)
+class Contrast:
+    """The settings of contrastive decoding (docs/method.md §4)."""
+
+    alpha: float = setting(CD_ALPHA, "contrast strength; 0 = plain aligned decoding")
+    beta: float = setting(CD_BETA, "plausibility head: keep p_A >= beta * max p_A")
+    cd_mode: str = setting(
+        "full",
+        "contrast every head token, or base-favored ones only (§2: --tau, --top-k, --rho)",
+        choices=("full", "bf"),
+    )
+    bf: BaseFavored = setting(BaseFavored(), "the base-favored set of cd_mode bf", flag=False)
+
+
+def contrastive_logits(lp_A, lp_B, c: Contrast = Contrast(), valid=None) -> torch.Tensor:
     """The contrastive score s_t (§4); decode from argmax s_t or softmax(s_t / temperature).
 
-        mode "full":  s(v) = lp_A(v) + alpha (lp_A(v) - lp_B(v))                    on V_head, else -inf
-        mode "bf":    s(v) = lp_A(v) - alpha (lp_B(v) - lp_A(v)) [v in BF_t], else lp_A(v)   on V_head
+        cd_mode "full":  s(v) = lp_A(v) + alpha (lp_A(v) - lp_B(v))                    on V_head, else -inf
+        cd_mode "bf":    s(v) = lp_A(v) - alpha (lp_B(v) - lp_A(v)) [v in BF_t], else lp_A(v)   on V_head
 
     The paper states contrastive decoding between aligned and base; this form (an expert-amateur contrast with
     Li et al.'s head, i.e. alignment amplified by 1 + alpha) is our choice. alpha = 0 gives lp_A on V_head,
     whose argmax is A's: greedy contrastive decoding at alpha = 0 is plain greedy decoding, token for token.
-    `valid` restricts the base-favored set (mode "bf") only. (..., V) -> (..., V)."""
+    `valid` restricts the base-favored set (cd_mode "bf") only. (..., V) -> (..., V)."""
     lp_B = lp_B.clamp(min=LOG_FLOOR)  # (..., V)
-    if mode == "full":
-        s = lp_A + alpha * (lp_A - lp_B)
-    elif mode == "bf":
-        bf = base_favored_mask(lp_A, lp_B, tau, top_k, rho, valid)
-        s = torch.where(bf, lp_A - alpha * (lp_B - lp_A), lp_A)
+    if c.cd_mode == "full":
+        s = lp_A + c.alpha * (lp_A - lp_B)
+    elif c.cd_mode == "bf":
+        bf = base_favored_mask(lp_A, lp_B, c.bf, valid)
+        s = torch.where(bf, lp_A - c.alpha * (lp_B - lp_A), lp_A)
     else:
-        raise ValueError(f"--cd-mode {mode!r} is not supported; use 'full' or 'bf'")
+        raise ValueError(f"--cd-mode {c.cd_mode!r} is not supported; use 'full' or 'bf'")
     # The head is not restricted to `valid`: the end-of-turn token is special and must stay choosable.
-    return s.masked_fill(~head_mask(lp_A, beta), float("-inf"))
+    return s.masked_fill(~head_mask(lp_A, c.beta), float("-inf"))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -156,12 +171,9 @@ STAT_ROWS = 64  # contexts per chunk of vocabulary-wide statistics (see position
 
 
 @dataclass(frozen=True)
-class ProfileConfig:
-    """The settings of a position profile (§2, §3)."""
+class ProfileConfig(BaseFavored):
+    """The settings of a position profile (§2, §3): the base-favored set's, and these."""
 
-    tau: float = 1.0
-    top_k: int = 20
-    rho: float = 0.01
     max_response_tokens: int = 64
     batch_size: int = 16
     base_format: str = "chat"  # "plain": the base reads its own plain-text format (model.PLAIN_FORMAT_DOC)
@@ -213,7 +225,7 @@ def profile_stats(lp_A, lp_B, next_tokens, cfg: ProfileConfig, valid=None) -> di
     """The per-context quantities of the position profile (§3): kl, bf_mass_A, bf_mass_B, bf_count, bf_hit,
     and the harmful-continuation log-likelihood under each model (§7: harmful_lp_A, harmful_lp_B).
     lp_A, lp_B (N, V) float32, next_tokens (N,) the harmful response's actual next tokens -> {key: (N,)}."""
-    bf = base_favored_mask(lp_A, lp_B, cfg.tau, cfg.top_k, cfg.rho, valid)  # (N, V)
+    bf = base_favored_mask(lp_A, lp_B, cfg, valid)  # (N, V)
     return {
         "kl": kl_per_position(lp_A, lp_B),
         "bf_mass_A": bf_mass(lp_A, bf),
@@ -287,17 +299,13 @@ def position_profile(
     own plain text instead, and a pair is used only where the response tokenizes identically in both formats
     (the skipped ones are counted). The base-favored sets hold real token ids of the shared vocabulary
     only."""
-    from tqdm import tqdm
-
     base_tok = base_tok or tok
     end = [tok.end_of_turn_id] if cfg.base_format == "chat" else []  # plain text has no end-of-turn token
     valid = tok.real_token_mask(aligned.args.vocab_size)
     valid[end] = True  # a special token, but at k = len(h) it is what the two models compete on
     valid = valid.to(aligned.lm_head.weight.device)
     acc, skipped = Accumulator(PROFILE_KEYS), 0
-    for i in tqdm(
-        range(0, len(pairs), cfg.batch_size), desc="profile", disable=not progress, file=sys.stderr
-    ):
+    for i in progress_bar(range(0, len(pairs), cfg.batch_size), "profile", disable=not progress):
         built = [profile_sequences(tok, base_tok, row, cfg, end) for row in pairs[i : i + cfg.batch_size]]
         skipped += sum(b is None for b in built)
         built = [b for b in built if b is not None]
@@ -348,7 +356,7 @@ def gradient_signal(
         )  # (N, V)
         target = torch.tensor([y for _, r in splits for y in r], device=lp.device)  # (N,)
         t = torch.cat([torch.arange(len(r)) for _, r in splits])  # (N,)
-        acc.add(t, {"grad": logit_grad_norm(lp, target)})
+        acc.add(t, {"grad": logit_grad_norm(lp.exp(), target)})
     return [row["grad"] for row in acc.rows()]
 
 
@@ -358,24 +366,29 @@ def gradient_signal(
 #    recovery, concatenated) and (M, V) for M benign ones; every term is a mean per token.
 # ----------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
-class LossConfig:
+class LossConfig(BaseFavored):
     """Every choice of §5 (and the baselines' of §6), with the defaults docs/method.md states (version 3;
     the development world's evidence for lam is docs/development.md §3)."""
 
-    teacher: str = "clean"  # clean (version 3: A's own refusal) | contrast (version 1) | hard (data recovery)
-    lam: float = 1.0  # weight of the hard label; docs/method.md §5 states 0.5, the development world chose 1
-    # by the rule of docs/development.md §3: at 0.5 helpfulness fell 3.1 points (the rule allows 2)
-    alpha_t: float = 1.0  # teacher "contrast": contrast strength
-    beta: float = 0.1  # teacher "contrast": V_head
-    tau: float = 1.0  # base-favored set (§2)
-    top_k: int = 20
-    rho: float = 0.01
-    penalty_weight: str = "adaptive"  # adaptive | position
-    w_max: float = 5.0
-    gamma: float = 1.0  # position weights: w_t = 1 + gamma t / T
-    lambda_pen: float = 1.0
-    lambda_util: float = 1.0
-    max_prefix: int = 40  # K: dense contexts t = 0..min(len(h), K); recovery prefixes k ~ U{0..K}
+    teacher: str = setting(
+        "clean",
+        "hybrid teacher: the aligned model's own refusal in the clean context (version 3), in the attacked "
+        "context amplified away from the base (version 1), or the data set's recovery, hard labels",
+        choices=("clean", "contrast", "hard"),
+    )
+    # docs/method.md §5 states lam 0.5; the development world chose 1 by the rule of docs/development.md §3
+    # (at 0.5 helpfulness fell 3.1 points; the rule allows 2)
+    lam: float = setting(1.0, "hybrid teacher: weight of the hard recovery label")
+    alpha_t: float = setting(1.0, "--teacher contrast: contrast strength")
+    beta: float = setting(0.1, "--teacher contrast: V_head threshold")
+    penalty_weight: str = setting(
+        "adaptive", "the penalty's per-position weights", choices=("adaptive", "position")
+    )
+    w_max: float = setting(5.0, "adaptive weights are clipped at w_max")
+    gamma: float = setting(1.0, "position weights: w_t = 1 + gamma t / T")
+    lambda_pen: float = setting(1.0, "penalty weight (0: no penalty)")
+    lambda_util: float = setting(1.0, "utility anchor weight")
+    max_prefix: int = setting(40, "K: dense contexts t = 0..min(len(h), K); recovery prefixes k ~ U{0..K}")
 
 
 def uses_clean_teacher(cfg: LossConfig) -> bool:
@@ -402,7 +415,8 @@ def contrast_teacher(lp_A, lp_B, targets, lam: float, alpha_t: float, beta: floa
     """q = lam * onehot(r) + (1 - lam) * softmax(l_A + alpha_T (l_A - l_B)) on V_head   (§5 --teacher
     contrast, version 1): the aligned model *in the attacked context*, amplified away from the base.
     Log-probs stand in for logits (they differ by a constant per position, which softmax cancels)."""
-    soft = contrastive_logits(lp_A, lp_B, alpha_t, beta).softmax(-1)  # (N, V), zero outside V_head
+    c = Contrast(alpha=alpha_t, beta=beta)  # cd_mode "full"
+    soft = contrastive_logits(lp_A, lp_B, c).softmax(-1)  # (N, V), zero outside V_head
     return lam * hard_labels(targets, lp_A.shape[-1]) + (1 - lam) * soft
 
 
@@ -447,23 +461,7 @@ def penalty_weights(bf_mass_A, positions, cfg: LossConfig, mean=None, T=None) ->
     return w.detach()
 
 
-def targeted_loss(
-    lp_S,
-    lp_A,
-    lp_B,
-    q,
-    dense,
-    positions,
-    lp_S_util,
-    lp_A_util,
-    cfg: LossConfig,
-    valid=None,
-    shares=(1.0, 1.0),
-    bf_mean=None,
-    T=None,
-    bf=None,
-    targets=None,
-) -> dict[str, torch.Tensor]:
+def targeted_loss(lp_S, teacher, bf, w, lp_S_util, lp_A_util, cfg: LossConfig, dense) -> dict:
     """The whole objective of targeted completion (§5):
 
         L = L_kd + lambda_pen L_pen + lambda_util L_util
@@ -471,17 +469,13 @@ def targeted_loss(
         L_pen  = mean_t w_t sum_{v in BF_t} p_S(v|c_t)              BF_t from the frozen A and B (§2)
         L_util = mean_t KL(p_A(.|c_t) || p_S(.|c_t))                over benign responses
 
-    lp_S, lp_A, lp_B, q (N, V) at the harmful contexts (dense and recovery; q None: the hard teacher, one-hot
-    on `targets` (N,), hard_kd_loss), dense (N,) bool marks the dense
-    ones, positions (N,) their response positions; lp_S_util, lp_A_util (M, V) at benign positions. Returns
-    every term (kd, kd_dense, kd_recovery, pen, util, bf_mass_S) and "loss". Under several processes, `shares`
-    (this process's token share of the safety and the utility batch) weighs the local means so that their
-    gradients average to the global batch's, and `bf_mean`, `T` are the global batch's. `bf` (N, V): the
-    base-favored mask of lp_A and lp_B if the caller has it already (train.py does), else computed here."""
-    if bf is None:
-        bf = base_favored_mask(lp_A, lp_B, cfg.tau, cfg.top_k, cfg.rho, valid)  # (N, V)
-    w = penalty_weights(bf_mass(lp_A, bf), positions.float(), cfg, bf_mean, T)  # (N,)
-    kl = kd_loss(q, lp_S) if q is not None else hard_kd_loss(targets, lp_S)  # (N,)
+    At the N harmful contexts (dense and recovery): lp_S (N, V) the student's log-probs; teacher: q (N, V),
+    or for the hard teacher its targets (N,) long (L_kd = -log p_S(y): hard_kd_loss); bf (N, V) the
+    base-favored sets of A and B (base_favored_mask); w (N,) the penalty weights (penalty_weights); dense (N,)
+    bool marks the dense contexts. lp_S_util, lp_A_util (M, V) at the benign positions. Returns every term
+    (kd, kd_dense, kd_recovery, pen, util, bf_mass_S) and "loss", L."""
+    hard = not teacher.is_floating_point()
+    kl = hard_kd_loss(teacher, lp_S) if hard else kd_loss(teacher, lp_S)  # (N,)
     mass_S = bf_mass(lp_S, bf)  # (N,)
     terms = {
         "kd": kl.mean(),
@@ -491,11 +485,13 @@ def targeted_loss(
         "util": kl_per_position(lp_A_util, lp_S_util).mean(),
         "bf_mass_S": mass_S.mean().detach(),
     }
-    safety, utility = shares
-    terms["loss"] = (
-        safety * (terms["kd"] + cfg.lambda_pen * terms["pen"]) + cfg.lambda_util * utility * terms["util"]
-    )
+    terms["loss"] = targeted_objective(terms["kd"], terms["pen"], terms["util"], cfg)
     return terms
+
+
+def targeted_objective(kd, pen, util, cfg: LossConfig) -> torch.Tensor:
+    """L = L_kd + lambda_pen L_pen + lambda_util L_util from its three terms (§5)."""
+    return kd + cfg.lambda_pen * pen + cfg.lambda_util * util
 
 
 # ----------------------------------------------------------------------------------------------

@@ -173,9 +173,9 @@ class RMSNorm(nn.Module):
     def forward(self, x):
         # HF's exact order: statistics in fp32, eps inside the rsqrt, cast back, *then* scale in model dtype.
         dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        x = x.float()  # (..., d) fp32
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)  # (..., d)
+        return self.weight * x.to(dtype)  # (..., d) in the model dtype
 
 
 def rope_inv_freq(args: ModelArgs, device=None) -> torch.Tensor:
@@ -189,10 +189,10 @@ def rope_inv_freq(args: ModelArgs, device=None) -> torch.Tensor:
         return inv_freq
     f, lo, hi = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
     L = s["original_max_position_embeddings"]
-    wavelen = 2 * math.pi / inv_freq
+    wavelen = 2 * math.pi / inv_freq  # (hd/2,)
     scaled = torch.where(wavelen > L / lo, inv_freq / f, inv_freq)  # long wavelengths: divide by the factor
-    smooth = (L / wavelen - lo) / (hi - lo)
-    smoothed = (1 - smooth) * scaled / f + smooth * scaled
+    smooth = (L / wavelen - lo) / (hi - lo)  # (hd/2,): 0 at the low edge of the band, 1 at the high
+    smoothed = (1 - smooth) * scaled / f + smooth * scaled  # (hd/2,)
     in_band = ~(wavelen < L / hi) & ~(wavelen > L / lo)  # boundaries inclusive, as HF
     return torch.where(in_band, smoothed, scaled)
 
@@ -210,7 +210,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, hd)
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)  # rotate_half
-    return x * cos + rotated * sin
+    return x * cos + rotated * sin  # (B, H, T, hd)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -335,7 +335,7 @@ class Attention(nn.Module):
             q, k, v, attn_mask=mask, is_causal=mask is None, scale=hd**-0.5, enable_gqa=H != Hkv
         )  # (B, H, T, hd)
         y = y.transpose(1, 2).reshape(B, T, H * hd)  # (B, T, H*hd)
-        return self.o_proj(y)
+        return self.o_proj(y)  # (B, T, d)
 
 
 class FeedForward(nn.Module):
@@ -347,7 +347,7 @@ class FeedForward(nn.Module):
         self.down_proj = nn.Linear(I, d, bias=b)  # w2
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # (B, T, d): SwiGLU
 
 
 class Block(nn.Module):
@@ -360,7 +360,7 @@ class Block(nn.Module):
 
     def forward(self, x, cos, sin, mask, cache=None, cache_pos=None):
         h = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, cache_pos)  # pre-norm residual
-        return h + self.mlp(self.post_attention_layernorm(h))
+        return h + self.mlp(self.post_attention_layernorm(h))  # (B, T, d)
 
 
 class Backbone(nn.Module):
@@ -383,13 +383,13 @@ class Transformer(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
         self.cache: KVCache | None = None  # set while decoding (decode.py); the model's only decoding state
         self.checkpointing = False  # activation checkpointing per block (training big models)
-        self.source = "the model"  # where it was loaded from (load_model): named in errors
+        self.source = "the model"  # where it was loaded from (infra.hf.load_model): named in errors
 
     def forward(self, idx, attention_mask=None, positions=None, logits_at=None, cache_pos=None, embeds=None):
         """Logits (B, T, V) in the model dtype (upcast yourself before log_softmax/KL).
 
         idx (B, T) token ids. embeds (B, T, d): input embeddings used instead of embed_tokens(idx) (idx still
-        gives the shape and device); gradient attacks (attacks.py, GCG) differentiate through them.
+        gives the shape and device); gradient attacks (lab/attacks.py, GCG) differentiate through them.
         attention_mask (B, T) 1 = real token, 0 = padding (left padding is the norm for generation; any
         padding works). positions (B, T) RoPE positions; default: count of real tokens
         before each one (cumsum(mask) - 1), as HF `generate` does for left padding (docs/model_notes.md

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -28,11 +27,13 @@ if str(ROOT) not in sys.path:  # run as a script: make the repository's modules 
     sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
-from tqdm import tqdm  # noqa: E402
 
+import deepalign as D  # noqa: E402
 from data import world as W  # noqa: E402
 from infra import cli  # noqa: E402
 from infra.files import read_jsonl, write_json_atomic, write_jsonl, write_text_atomic  # noqa: E402
+from infra.optim import get_lr  # noqa: E402
+from infra.progress import progress_bar  # noqa: E402
 
 WORLDS = ROOT / "data" / "worlds"  # git-ignored
 REPORTING_SEEDS = (0, 1, 2)  # the README's numbers: mean and spread over these worlds
@@ -139,15 +140,6 @@ def alignment_example(tok, row: dict):
     return ids, weight, row["kind"] != "benign"
 
 
-def get_lr(step: int, steps: int, lr: float, warmup_frac: float = 0.05, floor: float = 0.1) -> float:
-    """Linear warmup over the first 5% of steps, then cosine decay to floor * lr."""
-    warmup = max(1, int(warmup_frac * steps))
-    if step < warmup:
-        return lr * (step + 1) / warmup
-    progress = (step - warmup) / max(1, steps - warmup)
-    return lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
 # ==============================================================================================
 # =
 # Training
@@ -169,27 +161,30 @@ def pretrain(model, batches: list, cfg: BuildConfig) -> list:
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.pretrain_lr, betas=(0.9, 0.95), weight_decay=0.1)
     losses = []
     model.train()
-    for step, ids in enumerate(tqdm(batches, desc="pretrain base", file=sys.stderr, mininterval=2.0)):
+    for step, ids in enumerate(progress_bar(batches, "pretrain base")):
         for group in opt.param_groups:
             group["lr"] = get_lr(step, len(batches), cfg.pretrain_lr)
         loss, _ = masked_lm_loss(model, ids, torch.ones(ids.shape[0], ids.shape[1] - 1))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        losses.append(loss.item())
+        losses.append(optimizer_step(model, opt, loss))
     model.eval()
     return losses
+
+
+def optimizer_step(model, opt, loss) -> float:
+    """One AdamW step on `loss`, the gradient's norm clipped at 1; returns the loss."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    return loss.item()
 
 
 def pad_examples(examples: list, pad_id: int):
     """Right-padded ids (B, T + 1), loss weight (B, T) and response positions (B, T): the position of each
     target counted from the first token of the assistant's answer."""
-    T = max(len(ids) for ids, _, _ in examples)
-    ids = torch.full((len(examples), T), pad_id, dtype=torch.long)
-    weight = torch.zeros(len(examples), T - 1)
-    for i, (seq, w, _) in enumerate(examples):
-        ids[i, : len(seq)] = torch.tensor(seq)
+    ids = D.right_pad([seq for seq, _, _ in examples], pad_id, "cpu")  # (B, T + 1)
+    weight = torch.zeros(ids.shape[0], ids.shape[1] - 1)  # (B, T)
+    for i, (_, w, _) in enumerate(examples):
         weight[i, : len(w)] = torch.tensor(w)
     return ids, weight
 
@@ -209,7 +204,7 @@ def align(model, tok, rows: list, cfg: BuildConfig, seed: int):
         torch.zeros(512, dtype=torch.float64),
     )
     model.train()
-    for step in tqdm(range(cfg.align_steps), desc="align (SFT)", file=sys.stderr, mininterval=2.0):
+    for step in progress_bar(range(cfg.align_steps), "align (SFT)"):
         for group in opt.param_groups:
             group["lr"] = get_lr(step, cfg.align_steps, cfg.align_lr)
         batch = torch.randint(len(examples), (cfg.align_batch,), generator=gen).tolist()
@@ -218,19 +213,14 @@ def align(model, tok, rows: list, cfg: BuildConfig, seed: int):
         with torch.no_grad():  # the gradient signal at each refusal/recovery target, by response position
             record = torch.tensor([examples[i][2] for i in batch])[:, None] & (weight > 0)  # (B, T)
             p = logits.detach().float().softmax(-1)  # (B, T, V)
-            p_y = p.gather(-1, ids[:, 1:, None]).squeeze(-1)  # (B, T)
-            g = (p.pow(2).sum(-1) - 2 * p_y + 1).clamp(min=0).sqrt()  # (B, T)
+            g = D.logit_grad_norm(p, ids[:, 1:])  # (B, T) ||softmax(l_t) - onehot(y_t)||
             # the answer's first token is target first-1
             first = torch.tensor([starts[i] for i in batch])[:, None]
             t = torch.arange(weight.shape[1])[None, :] + 1 - first  # (B, T) response position of each target
             t = t.clamp(0, len(grad_n) - 1)[record]
             grad_sum.index_add_(0, t, g[record].double())
             grad_n.index_add_(0, t, torch.ones_like(t, dtype=torch.float64))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        losses.append(loss.item())
+        losses.append(optimizer_step(model, opt, loss))
     model.eval()
     last = int(grad_n.nonzero().max()) + 1 if grad_n.any() else 0
     return losses, (grad_sum[:last] / grad_n[:last].clamp(min=1)).tolist()

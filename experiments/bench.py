@@ -40,12 +40,15 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
 
 from infra import cli
+from infra.cli import setting
 from infra.files import write_json_atomic
+from lab.tables import markdown
 from model import DTYPES
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -118,7 +121,7 @@ def bandwidth_gbs() -> float:
 
 
 # ----------------------------------------------------------------------------------------------
-# Measurements (each runs in a child process: `bench.py --one NAME`)
+# Measurements (each runs in a child process: `python -m experiments.bench --one NAME`)
 # ----------------------------------------------------------------------------------------------
 def m_prefill(folder, args):
     import transformers
@@ -152,7 +155,7 @@ def matvec_tokens_per_s(model) -> float:
 def m_decode(folder, args, batch: int, compile: bool = False):
     import transformers
 
-    from decode import generate
+    from decode import Sampling, generate
     from infra.hf import load_model
 
     ours = load_model(folder, args.dtype, args.device)
@@ -161,11 +164,11 @@ def m_decode(folder, args, batch: int, compile: bool = False):
     extra = {"matvec_tokens_per_s": matvec_tokens_per_s(ours)} if batch == 1 else {}
     if compile:
         t0 = time.perf_counter()
-        generate(ours, prompts, max_new_tokens=4, compile=True)
+        generate(ours, prompts, Sampling(max_new_tokens=4, compile=True))
         extra["compile_s"] = round(time.perf_counter() - t0, 1)
         t_ours, t_ref = timed_pair(
-            lambda: generate(ours, prompts, max_new_tokens=n, compile=True),
-            lambda: generate(ours, prompts, max_new_tokens=n),
+            lambda: generate(ours, prompts, Sampling(max_new_tokens=n, compile=True)),
+            lambda: generate(ours, prompts, Sampling(max_new_tokens=n)),
         )  # reference: eager ours
         return batch * n / t_ours, batch * n / t_ref, extra
     ref = (
@@ -176,7 +179,7 @@ def m_decode(folder, args, batch: int, compile: bool = False):
     ids = torch.tensor(prompts, device=args.device)
     with torch.no_grad():
         t_ours, t_ref = timed_pair(
-            lambda: generate(ours, prompts, max_new_tokens=n),
+            lambda: generate(ours, prompts, Sampling(max_new_tokens=n)),
             lambda: ref.generate(
                 ids,
                 attention_mask=torch.ones_like(ids),
@@ -204,7 +207,7 @@ def m_toy_generate(folder, args, batch: int = 32, samples: int = 1):
     """Toy-model generation at eval.py's batch size (32 prompts of 30 tokens, 64 new tokens): ours vs
     transformers' generate on the same weights and batch. With samples = n: the sampling attack's shape, n
     samples per prompt from one shared prompt cache (ours) vs num_return_sequences = n (transformers)."""
-    from decode import generate
+    from decode import Sampling, generate
 
     with tempfile.TemporaryDirectory() as tmp:
         ours, ref = toy_pair(tmp, args)
@@ -218,7 +221,7 @@ def m_toy_generate(folder, args, batch: int = 32, samples: int = 1):
         )
         with torch.no_grad():
             t_ours, t_ref = timed_pair(
-                lambda: generate(ours, prompts, max_new_tokens=n, **how),
+                lambda: generate(ours, prompts, Sampling(max_new_tokens=n, **how)),
                 lambda: ref.generate(
                     ids,
                     attention_mask=torch.ones_like(ids),
@@ -235,23 +238,23 @@ def m_toy_generate(folder, args, batch: int = 32, samples: int = 1):
 def m_gcg_step(folder, args, L: int = 20, B: int = 128):
     """One GCG step on the toy shape (docs/method.md §7): the one-hot gradient of a 4-token target after a
     40-token prompt with an L-token suffix, then B candidate suffixes scored in one batched forward. Ours
-    (attacks.one_hot_grad, attacks.candidate_losses) vs the same step written with transformers
+    (lab/gcg.py: one_hot_grad, candidate_losses) vs the same step written with transformers
     (inputs_embeds, autograd, one batched forward); steps per second."""
     import torch.nn.functional as F
 
-    from lab import attacks as A
+    from lab import gcg as G
 
     with tempfile.TemporaryDirectory() as tmp:
         ours, ref = toy_pair(tmp, args)
         g = torch.Generator().manual_seed(0)
         ids = torch.randint(3, 1000, (40 + L + 6 + 4,), generator=g).tolist()
-        slot = A.Slot("x", tuple(ids[:40]), tuple(ids[40 + L : 46 + L]), tuple(ids[46 + L :]))
+        slot = G.Slot("x", tuple(ids[:40]), tuple(ids[40 + L : 46 + L]), tuple(ids[46 + L :]))
         suffix = ids[40 : 40 + L]
         cands = torch.randint(3, 1000, (B, L), generator=g)
 
         def our_step():
-            A.one_hot_grad(ours, [slot], suffix)
-            A.candidate_losses(ours, slot, cands)
+            G.one_hot_grad(ours, [slot], suffix)
+            G.candidate_losses(ours, slot, cands)
 
         def ref_step():
             W = ref.get_input_embeddings().weight  # (V, d)
@@ -274,15 +277,16 @@ def m_gcg_step(folder, args, L: int = 20, B: int = 128):
 
 
 def m_contrastive(folder, args):
-    from decode import contrastive_generate, generate
+    import deepalign as D
+    from decode import Sampling, contrastive_generate, generate
     from infra.hf import load_model
 
     a, b = load_model(folder, args.dtype, args.device), load_model(folder, args.dtype, args.device)
     prompts = torch.randint(3, 1000, (1, 32)).tolist()
     n = args.new_tokens
     t_cd, t_plain = timed_pair(
-        lambda: contrastive_generate(a, b, prompts, max_new_tokens=n, alpha=1.0),
-        lambda: generate(a, prompts, max_new_tokens=n),
+        lambda: contrastive_generate(a, b, prompts, Sampling(max_new_tokens=n), D.Contrast(alpha=1.0)),
+        lambda: generate(a, prompts, Sampling(max_new_tokens=n)),
     )
     return n / t_cd, n / t_plain, {}
 
@@ -323,6 +327,7 @@ def m_train(folder, args, lam: float | None = None):
     the seed-0 toy world's data."""
     import deepalign as D
     import train as T
+    from data import examples as E
     from data import toyworld as TW
     from infra.hf import load_model
     from infra.tokenizer import Tokenizer
@@ -333,9 +338,9 @@ def m_train(folder, args, lam: float | None = None):
     student, step, frozen = targeted_training(
         lambda seed: load_model(folder, args.dtype, args.device), 0, tok, lam
     )
-    run = T.RunConfig(batch_size=8, utility_batch_size=8)
+    run = T.RunConfig(batch_size=8, utility_batch_size=8, device=args.device)
     loss = D.LossConfig() if lam is None else D.LossConfig(lam=lam)
-    batches = T.make_batches(0, tok, safety, benign, {}, student, run, loss, args.device)
+    batches = T.make_batches(0, E.Data(tok, safety, benign, {}), student, run, loss)
     t_tgt, t_ce = timed_pair(lambda: step("targeted", batches), lambda: step("rto", batches))
     # Where the difference goes: the frozen models' forwards the targeted step adds (A and B on the harmful
     # batch, A on the utility batch, and at lam < 1 A on the clean contexts), timed alone; the rest is the
@@ -348,7 +353,7 @@ def m_train(folder, args, lam: float | None = None):
     @torch.no_grad()
     def frozen_forwards():
         for model, batch in reads:
-            model.log_probs(batch) if isinstance(model, T.FrozenAligned) else T.loss_log_probs(model, batch)
+            E.loss_log_probs(model, batch)
 
     t_frozen = timed(frozen_forwards)
     parts = {"cross_entropy_step_s": t_ce, "frozen_forwards_s": t_frozen, "frozen_forwards": len(reads)}
@@ -544,7 +549,7 @@ def peak_memory_mb(device) -> float:
 
 def g_decode(args, shape):
     """Batch-1 greedy decoding at a real shape vs the bandwidth limit (reference = the limit, in tokens/s)."""
-    from decode import generate
+    from decode import Sampling, generate
 
     model = random_model(shape_args(shape, args), DTYPES[args.dtype], args.device)
     limit = copy_bandwidth_gbs(args.device) * 1e9 / weight_bytes(model)
@@ -552,9 +557,10 @@ def g_decode(args, shape):
     prompts = torch.randint(3, 1000, (1, 32)).tolist()
     # the first call compiles (and records CUDA graphs); the same length, so it is reused
     t0 = time.perf_counter()
-    generate(model, prompts, max_new_tokens=args.new_tokens, compile=args.compile)
+    how = Sampling(max_new_tokens=args.new_tokens, compile=args.compile)
+    generate(model, prompts, how)
     first_call_s = time.perf_counter() - t0
-    t = timed(lambda: generate(model, prompts, max_new_tokens=args.new_tokens, compile=args.compile))
+    t = timed(lambda: generate(model, prompts, how))
     return (
         args.new_tokens / t,
         limit,
@@ -570,7 +576,7 @@ def g_decode(args, shape):
 def g_contrastive(args, shape):
     """Contrastive decoding with two real-shape models vs plain decoding of one (both compiled with
     --compile)."""
-    from decode import contrastive_generate, generate
+    from decode import Sampling, contrastive_generate, generate
 
     margs = shape_args(shape, args)
     a, b = (
@@ -581,8 +587,8 @@ def g_contrastive(args, shape):
     prompts = torch.randint(3, 1000, (1, 32)).tolist()
     n = args.new_tokens
     t_cd, t_plain = timed_pair(
-        lambda: contrastive_generate(a, b, prompts, max_new_tokens=n, compile=args.compile),
-        lambda: generate(a, prompts, max_new_tokens=n, compile=args.compile),
+        lambda: contrastive_generate(a, b, prompts, Sampling(max_new_tokens=n, compile=args.compile)),
+        lambda: generate(a, prompts, Sampling(max_new_tokens=n, compile=args.compile)),
     )
     return n / t_cd, n / t_plain, {"compiled": args.compile}
 
@@ -626,21 +632,24 @@ def targeted_training(make_model, lora_rank: int, tok=None, lam: float | None = 
     the teacher's hard-label weight (None: the default; below 1 adds the clean-context teacher's forward)."""
     import deepalign as D
     import train as T
+    from data.examples import word_start_ids
+    from infra.lora import FrozenAligned, add_lora
+    from infra.optim import fp32_masters, optimizer_step
 
     student, base = make_model(0), make_model(1).requires_grad_(False)
     if lora_rank:
-        T.add_lora(student, lora_rank, 2.0 * lora_rank)
-        aligned = T.FrozenAligned(student, adapters_off=True)
+        add_lora(student, lora_rank, 2.0 * lora_rank)
+        aligned = FrozenAligned(student, adapters_off=True)
     else:
-        aligned = T.FrozenAligned(make_model(2).requires_grad_(False), adapters_off=False)
+        aligned = FrozenAligned(make_model(2).requires_grad_(False), adapters_off=False)
     student.train()
     params = [p for p in student.parameters() if p.requires_grad]
-    masters = T.fp32_masters(params)
+    masters = fp32_masters(params)
     opt = torch.optim.AdamW(masters, lr=1e-5)
     device = student.lm_head.weight.device
     V = student.args.vocab_size
     valid = torch.ones(V, dtype=torch.bool, device=device)
-    word_start = T.word_start_ids(tok, V).to(device) if tok is not None else torch.arange(V, device=device)
+    word_start = word_start_ids(tok, V).to(device) if tok is not None else torch.arange(V, device=device)
     frozen = T.Frozen(base, aligned, valid, word_start)
     loss = D.LossConfig() if lam is None else D.LossConfig(lam=lam)
 
@@ -649,7 +658,7 @@ def targeted_training(make_model, lora_rank: int, tok=None, lam: float | None = 
         opt.zero_grad(set_to_none=True)
         terms = T.step_losses(method, student, frozen, batches, loss)
         terms["loss"].backward()
-        T.optimizer_step(params, masters, opt, 1.0)
+        optimizer_step(params, masters, opt, 1.0)
 
     return student, step, frozen
 
@@ -659,7 +668,7 @@ def synthetic_batches(batch: int, seq: int, vocab: int, device, seed: int, K: in
     harmful contexts (the last K + 1 positions of a sequence), a recovery (loss on its last 128 positions), a
     clean sequence for the teacher, and a benign example (loss on its last seq/2 positions). Both methods read
     the same harmful batch (dense and recovery contexts) and utility batch."""
-    import train as T
+    from data import examples as E
 
     g = torch.Generator().manual_seed(seed)
     K = min(K, seq // 2)
@@ -667,7 +676,7 @@ def synthetic_batches(batch: int, seq: int, vocab: int, device, seed: int, K: in
     def example(n_loss, dense):
         ids = torch.randint(3, vocab, (seq,), generator=g).tolist()
         start = seq - n_loss
-        return T.Example(ids, list(range(start - 1, seq - 1)), ids[start:], list(range(n_loss)), dense)
+        return E.Example(ids, list(range(start - 1, seq - 1)), ids[start:], list(range(n_loss)), dense)
 
     harmful, cleans, index = [], [], []
     for b in range(batch):
@@ -677,10 +686,10 @@ def synthetic_batches(batch: int, seq: int, vocab: int, device, seed: int, K: in
         index += [offset] * (K + 1) + [offset + j for j in range(min(128, seq // 2))]
     n = len(index)
     flags = torch.zeros(n, dtype=torch.bool, device=device)
-    teacher = T.TeacherIndex(T.collate(cleans, 0, device), torch.tensor(index, device=device), flags, ~flags)
-    utility = T.collate([example(seq // 2, False) for _ in range(batch)], 0, device)
+    teacher = E.TeacherIndex(E.collate(cleans, 0, device), torch.tensor(index, device=device), flags, ~flags)
+    utility = E.collate([example(seq // 2, False) for _ in range(batch)], 0, device)
     shares = {name: 1.0 for name in ("kd", "util", "ce", "safety")}
-    return T.Batches(T.collate(harmful, 0, device), utility, teacher, shares)
+    return E.Batches(E.collate(harmful, 0, device), utility, teacher, shares)
 
 
 def g_train(args, shape, lora_rank: int):
@@ -855,47 +864,29 @@ UNITS = {
 
 
 def markdown_rows(rows: list[dict]) -> str:
-    lines = [
-        "| measurement | ours | reference | ratio | target | peak MB |",
-        "| --- | --- | --- | --- | --- | --- |",
-    ]
+    cells = []
     for r in rows:
         unit = "s" if r["name"].startswith("train step") else UNITS.get(r["name"], "tok/s")
-        lines.append(
-            f"| {r['name']} | {r['ours']:.2f} {unit} | {r['reference']:.2f} {unit} | "
-            f"{r['ratio']:.2f}x | "
-            f"{r['target']} | {r['peak_mb']} |"
-        )
-    return "\n".join(lines)
+        ours, reference = f"{r['ours']:.2f} {unit}", f"{r['reference']:.2f} {unit}"
+        cells.append([r["name"], ours, reference, f"{r['ratio']:.2f}x", f"{r['target']}", f"{r['peak_mb']}"])
+    return markdown(["measurement", "ours", "reference", "ratio", "target", "peak MB"], cells)
+
+
+def child_command(name: str, folder, args) -> list[str]:
+    """The command line that runs one measurement in a process of its own, with this run's settings."""
+    cmd = [sys.executable, "-m", "experiments.bench", "--one", name]
+    cmd += ["--folder", str(folder)] if folder else []
+    for f in fields(BenchConfig):
+        value = getattr(args, f.name)
+        if f.name in PARENT_ONLY or value is None or value is False:
+            continue
+        cmd += [cli.flag_name(f.name)] + ([] if value is True else [str(value)])
+    return cmd
 
 
 def measure(name: str, folder, header: dict, table: dict, args) -> dict | None:
     """Run one row in its own process (its own peak memory); the row, or None if it failed."""
-    cmd = [
-        sys.executable,
-        "-m",
-        "experiments.bench",
-        "--one",
-        name,
-        "--new-tokens",
-        str(args.new_tokens),
-        "--dtype",
-        args.dtype,
-        "--device",
-        args.device,
-        "--size",
-        args.size,
-        "--seq-len",
-        str(args.seq_len),
-        "--max-batch",
-        str(args.max_batch),
-    ]
-    if folder:
-        cmd += ["--folder", str(folder)]
-    cmd += [
-        flag for flag, on in (("--gpu", args.gpu), ("--tiny", args.tiny), ("--compile", args.compile)) if on
-    ]
-    res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    res = subprocess.run(child_command(name, folder, args), capture_output=True, text=True, cwd=ROOT)
     if res.returncode != 0:
         print(f"{name}: failed\n{res.stderr[-2000:]}", file=sys.stderr)
         return None
@@ -918,31 +909,64 @@ def measure(name: str, folder, header: dict, table: dict, args) -> dict | None:
     return row
 
 
-def parse_args(argv=None):
+def suite_header(args, tmp: str) -> tuple[Path | None, dict]:
+    """(the CPU suite's random checkpoint, written under tmp, or None for the GPU suite, whose models are
+    made on the device; what the JSON records of the suite and the machine)."""
+    if not args.gpu:
+        folder = make_checkpoint(args.size, Path(tmp) / "model")
+        return folder, {"suite": "cpu", **cpu_header(args.size, folder)}
+    header = {
+        "suite": "gpu",
+        "tiny": args.tiny,
+        "dtype": args.dtype,
+        "compiled": args.compile,
+        "device": gpu_name(args.device),
+    }
+    print(f"{suite_description(args)} on {header['device']}", file=sys.stderr)
+    return None, header
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class BenchConfig:
+    """The settings of a bench run, each a flag."""
+
+    gpu: bool = setting(False, "the GPU suite: real 8B/1B shapes, random weights")
+    tiny: bool = setting(False, "GPU suite with tiny stand-in shapes (to try it on CPU)")
+    size: str = setting("125m", "CPU suite: the model size", choices=tuple(sorted(SIZES)))
+    only: tuple = setting((), "run only these rows (names as printed)")
+    compile: bool = setting(False, "CPU: also measure compiled decoding; GPU: compile it")
+    new_tokens: int = setting(128, "tokens generated per decode measurement")
+    seq_len: int = setting(1024, "GPU training rows: tokens per example")
+    max_batch: int = setting(64, "GPU training rows: the largest batch tried")
+    dtype: str | None = setting(
+        None,
+        "weights and activations",
+        type=str,
+        choices=tuple(sorted(DTYPES)),
+        shown="float32 (CPU suite) or bfloat16 (GPU suite)",
+    )
+    device: str | None = setting(None, "torch device", type=str, shown="cpu (CPU suite) or cuda (GPU suite)")
+    out: str | None = setting(
+        None, "write {rows: [{name, ours, reference, ratio, target}], ...} here", type=str
+    )
+    one: str | None = setting(None, argparse.SUPPRESS, type=str)  # internal: run one measurement here
+    folder: str | None = setting(None, argparse.SUPPRESS, type=str)  # internal: its model's folder
+
+
+PARENT_ONLY = ("only", "out", "one", "folder")  # the flags a measurement's own process is not given
+
+
+def parse_args(argv=None) -> BenchConfig:
     p = cli.parser(__doc__)
-    p.add_argument("--gpu", action="store_true", help="the GPU suite: real 8B/1B shapes, random weights")
-    p.add_argument(
-        "--tiny", action="store_true", help="GPU suite with tiny stand-in shapes (to try it on CPU)"
-    )
-    p.add_argument("--size", choices=sorted(SIZES), default="125m", help="CPU suite: the model size")
-    p.add_argument("--only", nargs="+", help="run only these rows (names as printed)")
-    p.add_argument(
-        "--compile", action="store_true", help="CPU: also measure compiled decoding; GPU: compile it"
-    )
-    p.add_argument("--new-tokens", type=int, default=128, help="tokens generated per decode measurement")
-    p.add_argument("--seq-len", type=int, default=1024, help="GPU training rows: tokens per example")
-    p.add_argument("--max-batch", type=int, default=64, help="GPU training rows: the largest batch tried")
-    p.add_argument(
-        "--dtype", choices=sorted(DTYPES), help="float32 (CPU suite) or bfloat16 (GPU suite) if unset"
-    )
-    p.add_argument("--device", help="cpu (CPU suite) or cuda (GPU suite) if unset")
-    p.add_argument("--out", help="write {rows: [{name, ours, reference, ratio, target}], ...} here")
-    p.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one measurement in this process
-    p.add_argument("--folder", help=argparse.SUPPRESS)
+    cli.add_settings(p, BenchConfig)
     args = p.parse_args(argv)
-    args.dtype = args.dtype or ("bfloat16" if args.gpu else "float32")
-    args.device = args.device or ("cuda" if args.gpu else "cpu")
-    return args
+    dtype = args.dtype or ("bfloat16" if args.gpu else "float32")
+    return cli.settings_from(
+        BenchConfig, args, dtype=dtype, device=args.device or ("cuda" if args.gpu else "cpu")
+    )
 
 
 def main(argv=None):
@@ -950,25 +974,13 @@ def main(argv=None):
     if args.one:
         return run_one(args.one, Path(args.folder) if args.folder else None, args)
     table = GPU_MEASUREMENTS if args.gpu else MEASUREMENTS
-    unknown = sorted(set(args.only or []) - set(table))
+    unknown = sorted(set(args.only) - set(table))
     if unknown:
         raise ValueError(f"--only: unknown rows {unknown}; this suite has: {', '.join(table)}")
     names = args.only or [n for n in table if args.gpu or args.compile or "compile" not in n]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        if args.gpu:
-            folder = None
-            header = {
-                "suite": "gpu",
-                "tiny": args.tiny,
-                "dtype": args.dtype,
-                "compiled": args.compile,
-                "device": gpu_name(args.device),
-            }
-            print(f"{suite_description(args)} on {header['device']}", file=sys.stderr)
-        else:
-            folder = make_checkpoint(args.size, Path(tmp) / "model")
-            header = {"suite": "cpu", **cpu_header(args.size, folder)}
+        folder, header = suite_header(args, tmp)
         for name in names:
             row = measure(name, folder, header, table, args)
             if row is None:

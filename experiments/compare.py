@@ -12,6 +12,7 @@ targeted completion (§5) and its ablations.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 import time
@@ -23,9 +24,25 @@ import train
 from data import toyworld as TW
 from data import world as W
 from infra import cli
-from infra.cli import log
+from infra.cli import log, setting
 from infra.files import read_jsonl
-from lab import stats
+from lab import judges as J
+from lab import plots, stats
+from lab.plots import Chart, Series
+from lab.tables import (
+    asr_rows,
+    attack_key,
+    format_value,
+    in_split,
+    is_asr_figure,
+    is_harmful_attack,
+    markdown,
+    max_sample,
+    prompt_verdicts,
+    seed_key,
+    summarize,
+    worst_case_rows,
+)
 
 ROWS = {  # row name -> train.py flags ("aligned" rows are not trained)
     "sft": ["--method", "sft"],
@@ -159,19 +176,18 @@ def target_rows(summary: list[dict]) -> list[dict]:
 def targets_table(summary: list[dict]) -> str:
     """Markdown: every target, the reference's and our figure (% of prompts, or nats for the NLL), the
     measured cut or difference, and whether it is met."""
-    lines = ["| target | reference | ours | measured | met |", "| --- | --- | --- | --- | --- |"]
+    rows = []
     for r in target_rows(summary):
         nll = r["kind"] == "relative"
-        values = [E.format_value(r["ref"], not nll), E.format_value(r["ours"], not nll)]
+        values = [format_value(r["ref"], not nll), format_value(r["ours"], not nll)]
         if r["kind"] == "cut":  # shown as the relative change, ours / aligned's - 1
             values.append(f"{-100 * r['measured']:+.1f}%")
         elif r["kind"] == "relative":
             values.append(f"{100 * r['measured']:+.1f}%")
         else:
             values.append(f"{100 * r['measured']:+.1f} points")
-        met = "yes" if r["met"] else "**no**"
-        lines.append(f"| {r['target']} | " + " | ".join(values) + f" | {met} |")
-    return "\n".join(lines)
+        rows.append([r["target"], *values, "yes" if r["met"] else "**no**"])
+    return markdown(["target", "reference", "ours", "measured", "met"], rows)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -186,9 +202,9 @@ def tested_figures(summary: list[dict], model: str) -> list[str]:
     figures = [
         s["figure"]
         for s in summary
-        if s["model"] == model and s["decode"] == "greedy" and E.is_asr_figure(s["figure"])
+        if s["model"] == model and s["decode"] == "greedy" and is_asr_figure(s["figure"])
     ]
-    largest = E.max_sample([{"attack": f.split()[0]} for f in figures])
+    largest = max_sample([{"attack": f.split()[0]} for f in figures])
     return [
         f
         for f in figures
@@ -209,10 +225,10 @@ def per_prompt(gens: list[dict], model: str, figure: str) -> dict:
         for g in gens
         if g["model"] == model
         and g["decode"] == "greedy"
-        and E.attack_key(g) == (family, int(k), tag)
-        and E.in_split(g, split)
+        and attack_key(g) == (family, int(k), tag)
+        and in_split(g, split)
     ]
-    verdicts = E.prompt_verdicts(chosen, judge)
+    verdicts = prompt_verdicts(chosen, judge)
     if attack == "sample@1":
         return {key: sum(v) / len(v) for key, v in verdicts.items()}
     return {key: any(v) for key, v in verdicts.items()}
@@ -269,7 +285,7 @@ def pair_test(figure: str, a_name: str, b_name: str, a: dict, b: dict) -> dict |
 def helpful_verdicts(gens: list[dict], model: str) -> dict:
     """{(seed, fold, prompt): helpful} of one model's greedy benign answers (toy world: judged helpful)."""
     return {
-        (E.seed_key(g.get("seed")), g.get("fold"), g["prompt"]): g["helpful"]
+        (seed_key(g.get("seed")), g.get("fold"), g["prompt"]): g["helpful"]
         for g in gens
         if g["model"] == model
         and g["decode"] == "greedy"
@@ -281,26 +297,30 @@ def helpful_verdicts(gens: list[dict], model: str) -> dict:
 def tests_table(tests: list[dict], split: str = "all", figures=None) -> str:
     """Markdown: one line per (figure, row): both rates (%), p and the verdict; `figures`: only these (names
     without split and judge, e.g. "sample@16 40")."""
-    lines = ["| attack | reference | reference's | row | row's | p | verdict |", "| --- " * 7 + "|"]
+    rows = []
     for t in tests:
         label = " ".join(t["figure"].split()[:-2])
         if t["figure"].split()[-2] != split or (figures is not None and label not in figures):
             continue
         reference = t["a"] + (" (earlier run)" if "carried_from" in t else "")
-        lines.append(
-            f"| {label} | {reference} | {100 * t['a_rate']:.1f} | {t['b']} | {100 * t['b_rate']:.1f} | "
-            f"{stats.format_p(t['p'])} | {t['verdict']} |"
-        )
-    return "\n".join(lines)
+        rates = [f"{100 * t['a_rate']:.1f}", f"{100 * t['b_rate']:.1f}"]
+        rows.append([label, reference, rates[0], t["b"], rates[1], stats.format_p(t["p"]), t["verdict"]])
+    return markdown(["attack", "reference", "reference's", "row", "row's", "p", "verdict"], rows)
 
 
 # ----------------------------------------------------------------------------------------------
 # Curves: ASR against each budget, one line per method, its spread over worlds
 # ----------------------------------------------------------------------------------------------
 def curve(summary: list[dict], model: str, figures: list[tuple[float, str]]) -> list[tuple]:
-    """[(x, mean, sd)] of one model's figures [(x, figure name)] that it has (greedy decoding)."""
+    """[(x, mean, mean - sd, mean + sd)] of one model's figures [(x, figure name)] that it has (greedy
+    decoding): a point and its band over worlds."""
     by = {s["figure"]: s for s in summary if s["model"] == model and s["decode"] == "greedy"}
-    return [(x, by[f]["mean"], by[f]["sd"]) for x, f in figures if f in by]
+    return [band(x, by[f]) for x, f in figures if f in by]
+
+
+def band(x, row: dict) -> tuple:
+    """A point of a curve with its band of ± sd over worlds."""
+    return x, row["mean"], row["mean"] - row["sd"], row["mean"] + row["sd"]
 
 
 def curve_panels(summary: list[dict], split: str = "all") -> list[tuple[str, str, list]]:
@@ -325,77 +345,31 @@ def curve_panels(summary: list[dict], split: str = "all") -> list[tuple[str, str
     ]
 
 
-def plot_curves(summary: list[dict], models: list[str], path, budgets=()) -> bool:
-    """One panel per curve of curve_panels (and the training-budget curve when `budgets`), one line per
-    model with a band of ± sd over worlds; False when matplotlib (optional) is missing."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        log("matplotlib is not installed: no curves plotted (pip install matplotlib)")
-        return False
-    panels = [p for p in curve_panels(summary) if any(curve(summary, m, p[2]) for m in models)]
-    lines = {m: [(title, curve(summary, m, figs)) for title, _, figs in panels] for m in models}
+def curve_charts(summary: list[dict], models: list[str], budgets=()) -> list[Chart]:
+    """A chart per curve of curve_panels that some model has (and the training-budget curve when `budgets`:
+    each model "m @b" after b training steps), one line per model with a band of ± sd over worlds."""
+    charts = []
+    for title, xlabel, figures in curve_panels(summary):
+        series = tuple(Series(m, points) for m in models if (points := curve(summary, m, figures)))
+        if series:
+            charts.append(Chart(title, xlabel, "ASR (%)", series, percent=True))
     if budgets:
-        panels.append(("training budget, prefill k = 10", "training steps", []))
-        for m in models:
-            at = {s["model"]: s for s in summary if s["figure"] == "prefill 10 all toy"}
-            points = [
-                (b, at[f"{m} @{b}"]["mean"], at[f"{m} @{b}"]["sd"]) for b in budgets if f"{m} @{b}" in at
-            ]
-            lines[m].append(("budget", points))
-    color = {m: f"C{j % 10}" for j, m in enumerate(models)}  # one colour per model in every panel
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False)
-    for i, (title, xlabel, _) in enumerate(panels):
-        ax = axes[0][i]
-        for m in models:
-            points = lines[m][i][1]
-            if points:
-                x, mean, sd = (list(v) for v in zip(*points))
-                ax.plot(x, [100 * v for v in mean], marker=".", color=color[m])
-                lo = [100 * (a - b) for a, b in zip(mean, sd)]
-                hi = [100 * (a + b) for a, b in zip(mean, sd)]
-                ax.fill_between(x, lo, hi, alpha=0.15, color=color[m])
-        ax.set_title(title, fontsize=10)
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel("ASR (%)")
-        ax.grid(alpha=0.3)
-    drawn = [m for m in models if any(points for _, points in lines[m])]
-    handles = [matplotlib.lines.Line2D([], [], color=color[m], marker=".", label=m) for m in drawn]
-    axes[0][-1].legend(handles=handles, fontsize=7)
-    fig.tight_layout()
-    path = Path(path)
-    tmp = path.with_name(f"{path.stem}.tmp{path.suffix}")
-    fig.savefig(tmp, dpi=100)
-    tmp.replace(path)
-    plt.close(fig)
+        at = {s["model"]: s for s in summary if s["figure"] == "prefill 10 all toy"}
+        lines = {m: [band(b, at[f"{m} @{b}"]) for b in budgets if f"{m} @{b}" in at] for m in models}
+        series = tuple(Series(m, points) for m, points in lines.items() if points)
+        charts.append(
+            Chart("training budget, prefill k = 10", "training steps", "ASR (%)", series, percent=True)
+        )
+    return charts
+
+
+def plot_curves(summary: list[dict], models: list[str], path, budgets=()) -> bool:
+    """The curves of curve_charts side by side in one PNG, one colour per model in every panel; False when
+    matplotlib (optional) is missing."""
+    if not plots.write_png(curve_charts(summary, models, budgets), path, plots.color_map(models)):
+        return False
     log(f"wrote {path}")
     return True
-
-
-def run_folder(runs: Path, world: str, row: str) -> Path:
-    """runs/<world folder's name>/<row>: runs/seed-0/targeted, runs/seed-0-heldout-poison-weapon/rto."""
-    return runs / world / row.replace(", ", "-").replace(" ", "-")
-
-
-def train_row(paths: dict, folder: Path, row: str, extra: list, retrain: bool, budgets: list):
-    """Train one row on one world, unless its run folder holds a finished model; with several budgets, for
-    the largest, saving the model after each smaller one (OUT/step-N: the model part-way through the run)."""
-    if (folder / "config.json").exists() and not retrain:
-        return
-    log(f"training {row} -> {folder}")
-    steps = ["--steps", str(max(budgets)), "--save-at", *map(str, budgets)] if budgets else []
-    train.main(
-        ROWS[row] + ["--world", str(paths["root"]), "--out", str(folder), "--overwrite"] + extra + steps
-    )
-
-
-def budget_models(folder: Path, row: str, budgets: list) -> list[str]:
-    """eval --model specs for the training-budget curve: the row's model after each budget."""
-    last = max(budgets)
-    return [f"{row} @{b}={folder if b == last else folder / f'step-{b}'}" for b in sorted(budgets)]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -420,9 +394,9 @@ def pooled_fold_rows(gens: list[dict], seed: int, models: list[str]) -> list[dic
     Wilson interval are over 4 folds x 2 categories x 25 prompts."""
     rows = []
     for model in models:
-        mine = [g for g in gens if g["model"] == model and E.is_harmful_attack(g)]
+        mine = [g for g in gens if g["model"] == model and is_harmful_attack(g)]
         label = {"model": model, "decode": "greedy", "seed": seed}
-        rows += [{**label, **r} for r in E.asr_rows(mine, ["toy"])]
+        rows += [{**label, **r} for r in asr_rows(mine, ["toy"])]
     return rows
 
 
@@ -449,154 +423,76 @@ def pooled_fold_refusals(utility: list[dict], gens: list[dict]) -> list[dict]:
     return out
 
 
-def run_folds(args) -> list[dict]:
+def run_folds(cfg) -> list[dict]:
     """compare.py --folds: per seed, the four fold worlds (built if missing), the rows trained on each, every
     model attacked on its world's held-out prompts; ASR pooled over the folds per seed, then mean ± sd."""
     start = time.perf_counter()
     results, utility, gens, worlds = [], [], [], []
-    models = ["aligned", *args.rows]
-    limit = ["--limit", str(args.limit)] if args.limit else []
-    for seed in args.seeds:
+    models = ["aligned", *cfg.rows]
+    limit = ["--limit", str(cfg.limit)] if cfg.limit else []
+    for seed in cfg.seeds:
         seed_gens, seed_util = [], []
         for pair in fold_pairs():
             paths, fold = TW.ensure_world(seed=seed, held_out=pair), "-".join(pair)
             worlds.append({"seed": seed, "fold": fold, "folder": str(paths["root"])})
             specs = ["aligned={world}/aligned"]
-            for row in args.rows:
-                folder = run_folder(Path(args.runs), paths["root"].name, row)
-                train_row(paths, folder, row, args.train_flags, args.retrain, [])
+            for row in cfg.rows:
+                folder = run_folder(Path(cfg.runs), paths["root"].name, row)
+                train_row(paths, folder, row, cfg.train_flags, cfg.retrain, [])
                 specs.append(f"{row}={folder}")
             flags = ["--world", str(paths["root"]), "--model", *specs, "--held-out-only", *limit]
-            _, u, g = evaluate(flags + shared_eval_flags(args), seed, paths)
+            _, u, g = evaluate(flags + shared_eval_flags(cfg), seed, paths)
             seed_util += [{**x, "fold": fold} for x in u]
             seed_gens += [{**x, "fold": fold} for x in g]
         results += pooled_fold_rows(seed_gens, seed, models)
         utility += mean_fold_utility(seed_util, seed_gens, seed, models)
         gens += seed_gens
     log(f"{len(worlds)} fold worlds, {time.perf_counter() - start:.0f} s")
-    settings = run_settings(args, start, folds=["-".join(p) for p in fold_pairs()])
-    return finish(args, settings, worlds, results, utility, gens)
+    settings = run_settings(cfg, start, folds=["-".join(p) for p in fold_pairs()])
+    return finish(cfg, settings, worlds, results, utility, gens)
 
 
-def parse_args(argv):
-    cut = argv.index("--") if "--" in argv else len(argv)
-    own, extra = argv[:cut], argv[cut + 1 :]
-    p = cli.parser(__doc__)
-    p.add_argument(
-        "--seeds",
-        type=int,
-        nargs="+",
-        default=list(TW.REPORTING_SEEDS),
-        help="the worlds to compare on (reporting seeds 0 1 2; development seeds 100 and up)",
-    )
-    p.add_argument(
-        "--rows",
-        nargs="+",
-        choices=list(ROWS),
-        metavar="ROW",
-        help="the trained rows to compare (default: the recovery-trained methods and targeted's ablations; "
-        f"with --folds: {', '.join(FOLD_ROWS)}); of: {', '.join(ROWS)}",
-    )
-    p.add_argument(
-        "--folds",
-        action="store_true",
-        help="held-out folds: per seed, four worlds that each hold out one disjoint pair of categories "
-        "(every category once); the rows trained on each and attacked on its held-out prompts only, ASR "
-        "pooled over the folds (no fine-tuning attack; --samples as given)",
-    )
-    p.add_argument(
-        "--samples", type=int, default=16, help="the sampling attack's N per context (0: off; eval --samples)"
-    )
-    p.add_argument(
-        "--prefill",
-        type=int,
-        nargs="+",
-        help="the prefill k of every attack (eval --prefill; default: eval's, 0 5 10 20 40)",
-    )
-    p.add_argument(
-        "--benign-samples",
-        type=int,
-        help="benign prompts sampled N times each (eval --benign-samples; default: --samples)",
-    )
-    p.add_argument(
-        "--finetune-attack",
-        type=int,
-        nargs="*",
-        default=[0, 5, 10, 20, 40],
-        help="the fine-tuning attack's step counts (none: off; eval --finetune-attack)",
-    )
-    p.add_argument(
-        "--finetune-prefill",
-        type=int,
-        nargs="+",
-        default=[0, 10],
-        help="the prefill k answered after each fine-tuning step count",
-    )
-    p.add_argument(
-        "--steps",
-        type=int,
-        nargs="*",
-        default=[],
-        help="training budgets (e.g. 10 20 40 80 150): each row trained once for the largest, saved after "
-        "each; every budget is evaluated under greedy prefilling and insertion (the budget curve)",
-    )
-    p.add_argument("--report", action="store_true", help="write an HTML report beside --out (report.py)")
-    p.add_argument(
-        "--rename",
-        nargs="+",
-        default=[],
-        metavar="OLD=NEW",
-        help="with --merge: rename rows (a run made before a default changed: its 'targeted' is now the row "
-        "that names the old setting)",
-    )
-    p.add_argument(
-        "--replace",
-        nargs="+",
-        default=[],
-        metavar="ROW",
-        help="with --merge: these rows (and their budget rows 'ROW @b') are dropped from the first JSON and "
-        "taken from the others (rows retrained since the first was written), or left out if none has them",
-    )
-    p.add_argument(
-        "--merge",
-        nargs="+",
-        metavar="JSON",
-        help="instead of running: merge the --out JSONs of earlier runs on other worlds (e.g. one process "
-        "per seed, run side by side) into one comparison, as if run together; it holds the runs' rows and "
-        "the aligned model, and a run whose generations file is gone (results/*.generations.jsonl are not "
-        "committed) keeps its paired tests as they were, marked 'earlier run'",
-    )
-    p.add_argument("--runs", default="runs", help="where the trained models live (runs/seed-N/<row>)")
-    p.add_argument("--retrain", action="store_true", help="train every row again even if it is finished")
-    p.add_argument(
-        "--no-contrastive", action="store_true", help="leave out the aligned model with contrastive decoding"
-    )
-    p.add_argument("--limit", type=int, help="evaluate on N harmful and N benign prompts, spread evenly")
-    p.add_argument(
-        "--out",
-        help="write the summary and the per-seed rows here, every generation beside it (eval.py --out)",
-    )
-    args = p.parse_args(own)
-    args.train_flags = list(extra)
-    args.rows = args.rows or list(FOLD_ROWS if args.folds else DEFAULT_ROWS)
-    return args
+# ----------------------------------------------------------------------------------------------
+# Running: every row trained on each world, every model evaluated by eval.py; merging earlier runs
+# ----------------------------------------------------------------------------------------------
+def run_folder(runs: Path, world: str, row: str) -> Path:
+    """runs/<world folder's name>/<row>: runs/seed-0/targeted, runs/seed-0-heldout-poison-weapon/rto."""
+    return runs / world / row.replace(", ", "-").replace(" ", "-")
 
 
-def attack_flags(args) -> list[str]:
+def train_row(paths: dict, folder: Path, row: str, extra: list, retrain: bool, budgets: list):
+    """Train one row on one world, unless its run folder holds a finished model; with several budgets, for
+    the largest, saving the model after each smaller one (OUT/step-N: the model part-way through the run)."""
+    if (folder / "config.json").exists() and not retrain:
+        return
+    log(f"training {row} -> {folder}")
+    steps = ["--steps", str(max(budgets)), "--save-at", *map(str, budgets)] if budgets else []
+    train.main(
+        ROWS[row] + ["--world", str(paths["root"]), "--out", str(folder), "--overwrite"] + list(extra) + steps
+    )
+
+
+def budget_models(folder: Path, row: str, budgets: list) -> list[str]:
+    """eval --model specs for the training-budget curve: the row's model after each budget."""
+    last = max(budgets)
+    return [f"{row} @{b}={folder if b == last else folder / f'step-{b}'}" for b in sorted(budgets)]
+
+
+def attack_flags(cfg) -> list[str]:
     """The eval.py flags of the comparison's attack suite."""
-    flags = shared_eval_flags(args)
-    if args.finetune_attack:
-        flags += ["--finetune-attack", *map(str, args.finetune_attack)]
+    flags = shared_eval_flags(cfg)
+    if cfg.finetune_attack:
+        flags += ["--finetune-attack", *map(str, cfg.finetune_attack)]
     return flags
 
 
-def shared_eval_flags(args) -> list[str]:
+def shared_eval_flags(cfg) -> list[str]:
     """The eval.py flags every evaluation of a run shares: --samples, and --prefill and --benign-samples as
     given to compare.py (eval.py's defaults otherwise)."""
-    flags = ["--samples", str(args.samples)]
-    flags += ["--prefill", *map(str, args.prefill)] if args.prefill else []
-    if args.benign_samples is not None:
-        flags += ["--benign-samples", str(args.benign_samples)]
+    flags = ["--samples", str(cfg.samples)]
+    flags += ["--prefill", *map(str, cfg.prefill)] if cfg.prefill else []
+    if cfg.benign_samples is not None:
+        flags += ["--benign-samples", str(cfg.benign_samples)]
     return flags
 
 
@@ -605,8 +501,8 @@ def evaluate(eval_args: list, seed: int, paths: dict, ft_prefill=None) -> tuple[
     E.check_args(parsed)
     attacks = E.attack_config(parsed)
     if ft_prefill is not None:
-        attacks = E.dataclasses.replace(attacks, finetune_prefill=tuple(ft_prefill))
-    r, u, g, _ = E.evaluate_world(parsed, seed, paths, attacks, {"toy": E.toy_judge()})
+        attacks = dataclasses.replace(attacks, finetune_prefill=tuple(ft_prefill))
+    r, u, g, _ = E.evaluate_world(parsed, seed, paths, attacks, {"toy": J.toy_judge()})
     return r, u, g
 
 
@@ -625,23 +521,21 @@ def read_run(path) -> tuple[dict, list, list, list]:
     return record, record["results"], record["utility"], read_jsonl(gens_path)
 
 
-def merge(args) -> list[dict]:
+def merge(cfg) -> list[dict]:
     """One comparison from several runs' JSON: one process per world run side by side, or other attacks on
     the same models (eval.py --ablate --gcg): their rows, generations, worlds and times; the worst case is
     then over every attack any of them ran."""
     records, results, utility, gens, carried = [], [], [], [], []
-    names = dict(spec.split("=", 1) for spec in args.rename)
-    for i, path in enumerate(args.merge):
+    names = dict(spec.split("=", 1) for spec in cfg.rename)
+    for i, path in enumerate(cfg.merge):
         record, r, u, g = read_run(path)
         records.append(record)
         for row in r + u + g:
             row["model"] = renamed(row["model"], names)
         tests = [renamed_test(t, names) for t in record.get("paired_tests", [])]
-        if i == 0 and args.replace:  # the first JSON's results of retrained rows are out of date
-            r, u, g = ([x for x in rows if not replaced(x["model"], args.replace)] for rows in (r, u, g))
-            tests = [
-                t for t in tests if not (replaced(t["a"], args.replace) or replaced(t["b"], args.replace))
-            ]
+        if i == 0 and cfg.replace:  # the first JSON's results of retrained rows are out of date
+            r, u, g = ([x for x in rows if not replaced(x["model"], cfg.replace)] for rows in (r, u, g))
+            tests = [t for t in tests if not (replaced(t["a"], cfg.replace) or replaced(t["b"], cfg.replace))]
         carried += [{**t, "carried_from": t.get("carried_from", str(path))} for t in tests]
         # the same attack on the same model and world in an earlier run (e.g. greedy prefilling, which the
         # white-box run repeats as its baseline): the earlier run's rows and generations count, once
@@ -654,11 +548,11 @@ def merge(args) -> list[dict]:
     seeds = list(dict.fromkeys(w["seed"] for w in worlds))
     merged = [  # each run merged, and what it was itself merged from (merging in place keeps the history)
         str(path) + (f" <- {' + '.join(rec['settings']['merged'])}" if rec["settings"].get("merged") else "")
-        for path, rec in zip(args.merge, records)
+        for path, rec in zip(cfg.merge, records)
     ]
     settings = {**records[0]["settings"], "seeds": seeds, "merged": merged}
     first, *later = [[names.get(row, row) for row in rec["settings"].get("rows", [])] for rec in records]
-    first = [row for row in first if not replaced(row, args.replace or [])]  # retrained: only if run again
+    first = [row for row in first if not replaced(row, cfg.replace or [])]  # retrained: only if run again
     rows = list(dict.fromkeys(first + [row for rows in later for row in rows]))
     settings["rows"] = sorted(rows, key=lambda row: DEFAULT_ROWS.index(row) if row in DEFAULT_ROWS else 99)
     settings["renamed"] = names
@@ -668,7 +562,7 @@ def merge(args) -> list[dict]:
             [x for x in xs if compared(x["model"], rows)] for xs in (results, utility, gens)
         )
         carried = [t for t in carried if compared(t["a"], rows) and compared(t["b"], rows)]
-    return finish(args, settings, worlds, results, utility, gens, carried)
+    return finish(cfg, settings, worlds, results, utility, gens, carried)
 
 
 def compared(model: str, rows: list) -> bool:
@@ -728,13 +622,13 @@ def new_rows(rows: list[dict], earlier: list[dict]) -> list[dict]:
     return [row for row in rows if identity(row) not in seen]
 
 
-def finish(args, settings: dict, worlds: list, results: list, utility: list, gens: list, carried=()) -> list:
+def finish(cfg, settings: dict, worlds: list, results: list, utility: list, gens: list, carried=()) -> list:
     """Summary, tables, targets and paired tests of a comparison (and, merging, the `carried` tests of earlier
     runs that cannot be made again: carried_tests); its JSON (and report) when --out is set. The worst case
     is taken over every run of a model (the main run and, if any, others on the same world)."""
     results = [r for r in results if not r["attack"].startswith("worst")]
-    results += E.worst_case_rows(results)
-    summary = E.summarize(results, utility)
+    results += worst_case_rows(results)
+    summary = summarize(results, utility)
     E.print_tables(summary, results)
     print("\ntargets (means over the worlds):\n" + targets_table(summary))
     reference = reference_row(settings["rows"])
@@ -742,39 +636,119 @@ def finish(args, settings: dict, worlds: list, results: list, utility: list, gen
     tests += carried_tests(tests, list(carried), gens)
     if tests:
         print(f"\npaired tests against {reference} (all prompts):\n" + tests_table(tests))
-    if args.out:
+    if cfg.out:
         record = {"settings": settings, "worlds": worlds, "paired_tests": tests}
-        E.write_results(args.out, record, summary, results, utility, gens)
-        if args.report:
-            E.write_report(args.out)
+        E.write_results(cfg.out, record, summary, results, utility, gens)
+        if cfg.report:
+            E.write_report(cfg.out)
         models = ["aligned", *settings["rows"]]
-        plot_curves(summary, models, Path(args.out).with_suffix(".png"), settings.get("steps") or ())
+        plot_curves(summary, models, Path(cfg.out).with_suffix(".png"), settings.get("steps") or ())
     return summary
 
 
+# ----------------------------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class CompareConfig:
+    """The settings of a comparison, each a flag; flags after `--` go to every train.py run (train_flags)."""
+
+    seeds: tuple = setting(
+        TW.REPORTING_SEEDS, "the worlds to compare on (reporting seeds 0 1 2; development seeds 100 and up)"
+    )
+    rows: tuple = setting(
+        (),
+        f"the trained rows to compare, of: {'; '.join(ROWS)}",
+        shown=f"the recovery-trained methods and targeted's ablations; with --folds: {', '.join(FOLD_ROWS)}",
+    )
+    folds: bool = setting(
+        False,
+        "held-out folds: per seed, four worlds that each hold out one disjoint pair of categories (every "
+        "category once); the rows trained on each and attacked on its held-out prompts only, ASR pooled over "
+        "the folds (no fine-tuning attack; --samples as given)",
+    )
+    samples: int = setting(16, "the sampling attack's N per context (0: off; eval --samples)")
+    prefill: tuple = setting(
+        (), "the prefill k of every attack (eval --prefill)", type=int, shown="eval's, 0 5 10 20 40"
+    )
+    benign_samples: int | None = setting(
+        None, "benign prompts sampled N times each (eval --benign-samples)", type=int, shown="--samples"
+    )
+    finetune_attack: tuple = setting(
+        (0, 5, 10, 20, 40), "the fine-tuning attack's step counts (none: off; eval --finetune-attack)"
+    )
+    finetune_prefill: tuple = setting((0, 10), "the prefill k answered after each fine-tuning step count")
+    steps: tuple = setting(
+        (),
+        "training budgets (e.g. 10 20 40 80 150): each row trained once for the largest, saved after each; "
+        "every budget is evaluated under greedy prefilling and insertion (the budget curve)",
+        type=int,
+    )
+    contrastive: bool = setting(
+        True, "also the aligned model decoded contrastively (§4: D.CD_ALPHA, D.CD_BETA)"
+    )
+    limit: int | None = setting(None, "evaluate on N harmful and N benign prompts, spread evenly", type=int)
+    runs: str = setting("runs", "where the trained models live (runs/seed-N/<row>)")
+    retrain: bool = setting(False, "train every row again even if it is finished")
+    out: str | None = setting(
+        None, "write the summary and the per-seed rows here, every generation beside it (eval.py --out)"
+    )
+    report: bool = setting(False, "write an HTML report beside --out (lab/report.py)")
+    merge: tuple = setting(
+        (),
+        "instead of running: merge the --out JSONs of earlier runs on other worlds (e.g. one process per "
+        "seed, run side by side) into one comparison, as if run together; it holds the runs' rows and the "
+        "aligned model, and a run whose generations file is gone (results/*.generations.jsonl are not "
+        "committed) keeps its paired tests as they were, marked 'earlier run'",
+    )
+    rename: tuple = setting(
+        (),
+        "with --merge: rename rows, OLD=NEW (a run made before a default changed: its 'targeted' is now the "
+        "row that names the old setting)",
+    )
+    replace: tuple = setting(
+        (),
+        "with --merge: these rows (and their budget rows 'ROW @b') are dropped from the first JSON and taken "
+        "from the others (rows retrained since the first was written), or left out if none has them",
+    )
+    train_flags: tuple = setting((), "train.py's flags for every run (after --)", flag=False)
+
+
+def parse_args(argv: list[str]) -> CompareConfig:
+    """The settings of a command line: compare.py's flags, then after `--` train.py's."""
+    cut = argv.index("--") if "--" in argv else len(argv)
+    p = cli.parser(__doc__)
+    cli.add_settings(p, CompareConfig)
+    args = p.parse_args(argv[:cut])
+    unknown = [row for row in args.rows if row not in ROWS]
+    if unknown:
+        raise ValueError(f"--rows: no row {unknown}; the rows are: {'; '.join(ROWS)}")
+    rows = tuple(args.rows) or (FOLD_ROWS if args.folds else DEFAULT_ROWS)
+    return cli.settings_from(CompareConfig, args, rows=rows, train_flags=tuple(argv[cut + 1 :]))
+
+
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else list(argv)
-    args = parse_args(argv)
-    if args.merge:
-        return merge(args)
-    if args.folds:
-        return run_folds(args)
+    cfg = parse_args(sys.argv[1:] if argv is None else list(argv))
+    if cfg.merge:
+        return merge(cfg)
+    if cfg.folds:
+        return run_folds(cfg)
     start = time.perf_counter()
     results, utility, gens, worlds = [], [], [], []
-    limit = ["--limit", str(args.limit)] if args.limit else []
-    for seed in args.seeds:
+    limit = ["--limit", str(cfg.limit)] if cfg.limit else []
+    for seed in cfg.seeds:
         paths = TW.ensure_world(seed=seed)
         world = ["--world", str(paths["root"])]
         worlds.append({"seed": seed, "folder": str(paths["root"])})
         models, budget = ["aligned={world}/aligned"], []
-        for row in args.rows:
-            folder = run_folder(Path(args.runs), paths["root"].name, row)
-            train_row(paths, folder, row, args.train_flags, args.retrain, args.steps)
+        for row in cfg.rows:
+            folder = run_folder(Path(cfg.runs), paths["root"].name, row)
+            train_row(paths, folder, row, cfg.train_flags, cfg.retrain, cfg.steps)
             models.append(f"{row}={folder}")
-            if args.steps:
-                budget += budget_models(folder, row, args.steps)
-        runs = [(world + ["--model", *models, *limit, *attack_flags(args)], args.finetune_prefill)]
-        if not args.no_contrastive:
+            if cfg.steps:
+                budget += budget_models(folder, row, cfg.steps)
+        runs = [(world + ["--model", *models, *limit, *attack_flags(cfg)], cfg.finetune_prefill)]
+        if cfg.contrastive:
             runs.append(
                 (world + ["--model", "aligned={world}/aligned", "--decode", "contrastive", *limit], None)
             )
@@ -783,21 +757,22 @@ def main(argv=None):
         for eval_args, ft_prefill in runs:
             r, u, g = evaluate(eval_args, seed, paths, ft_prefill)
             results, utility, gens = results + r, utility + u, gens + g
-    log(f"{len(args.seeds)} worlds, {time.perf_counter() - start:.0f} s")
+    log(f"{len(cfg.seeds)} worlds, {time.perf_counter() - start:.0f} s")
     settings = run_settings(
-        args,
+        cfg,
         start,
-        finetune_attack=args.finetune_attack,
-        finetune_prefill=args.finetune_prefill,
-        steps=args.steps,
+        finetune_attack=cfg.finetune_attack,
+        finetune_prefill=cfg.finetune_prefill,
+        steps=cfg.steps,
     )
-    return finish(args, settings, worlds, results, utility, gens)
+    return finish(cfg, settings, worlds, results, utility, gens)
 
 
-def run_settings(args, start: float, **extra) -> dict:
+def run_settings(cfg, start: float, **extra) -> dict:
     """What a comparison run records of its command line (the settings every run shares, then `extra`)."""
     shared = ("seeds", "rows", "train_flags", "samples", "prefill", "benign_samples")
-    settings = {k: getattr(args, k) for k in shared} | extra
+    settings = {k: getattr(cfg, k) for k in shared} | extra
+    settings["prefill"] = cfg.prefill or None  # None: eval's prefill ks
     return settings | {"seconds": round(time.perf_counter() - start)}
 
 

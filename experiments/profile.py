@@ -13,15 +13,17 @@ data, prints, plots and writes the JSON).
 from __future__ import annotations
 
 import json
-import os
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
 import deepalign as D
 from infra import cli
+from infra.cli import setting
+from lab import plots
+from lab.tables import markdown
 
 PROFILE_COLUMNS = ("t", "n", "kl", "bf_mass_A", "bf_mass_B", "bf_count", "bf_hit", "harmful_lp_A", "grad")
 
@@ -41,87 +43,95 @@ def profile_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+PROFILE_PLOT = (  # (key, panel title) of plot_profile
+    ("kl", "KL(p_A || p_B)"),
+    ("bf_mass_A", "bf_mass_A (incompleteness)"),
+    ("harmful_lp_A", "log p_A(h_t | x, h_<t) (harmful likelihood)"),
+    ("grad", "refusal-SFT gradient signal"),
+)
+
+
 def plot_profile(profiles: dict, path, title: str = "") -> bool:
     """KL(p_A || p_B), bf_mass_A, the harmful likelihood and the refusal-SFT gradient signal against response
     position, one line per profile ({label: positions rows}). False (and a hint) when matplotlib, an optional
-    dependency, is missing."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print(
-            "matplotlib is not installed: `pip install matplotlib` for the plot (the table and JSON are "
-            "complete)",
-            file=sys.stderr,
-        )
-        return False
-    fig, axes = plt.subplots(1, 4, figsize=(17, 3.6))
-    series = [
-        ("kl", "KL(p_A || p_B)"),
-        ("bf_mass_A", "bf_mass_A (incompleteness)"),
-        ("harmful_lp_A", "log p_A(h_t | x, h_<t) (harmful likelihood)"),
-        ("grad", "refusal-SFT gradient signal"),
-    ]
-    for ax, (key, label) in zip(axes, series):
-        for name, rows in profiles.items():
-            points = [(r["t"], r[key]) for r in rows if r.get(key) is not None]
-            if points:
-                ax.plot(*zip(*points), marker=".", label=name)
-        ax.set_title(label)
-        ax.set_xlabel("response position t")
-        ax.grid(alpha=0.3)
-    if len(profiles) > 1:
-        axes[1].legend()
-    fig.suptitle(title)
-    fig.tight_layout()
-    path = Path(path)
-    tmp = path.with_name(f"{path.stem}.tmp-{os.getpid()}{path.suffix}")
-    fig.savefig(tmp, dpi=110)
-    os.replace(tmp, path)
-    plt.close(fig)
-    return True
+    dependency, is missing (lab/plots.py draws it)."""
+    charts = []
+    for key, label in PROFILE_PLOT:
+        points = {
+            n: [(r["t"], r[key], None, None) for r in rows if r.get(key) is not None]
+            for n, rows in profiles.items()
+        }
+        series = tuple(plots.Series(n, pts) for n, pts in points.items() if pts)
+        charts.append(plots.Chart(label, "response position t", "", series))
+    return plots.write_png(charts, path, plots.color_map(profiles), title)
 
 
-def load_pair(args):
-    """(base, aligned, aligned tokenizer, base tokenizer, harmful rows, refusal) for the command line: the
-    given folders and data file, or a toy world's (--world, default the seed-0 world)."""
+@dataclass(frozen=True)
+class Pairs:
+    """What `profile` and `tokens` read: real folders and a data file, or a toy world's (--world)."""
+
+    base: str | None = setting(
+        None, "base model folder (real models; with --aligned and --data)", shown="the world's base"
+    )
+    aligned: str | None = setting(None, "aligned model folder (real models)", shown="the world's aligned")
+    data: str | None = setting(
+        None,
+        "harmful prompts with responses, any layout of docs/method.md §9",
+        shown="the world's harmful_eval set",
+    )
+    limit: int | None = setting(None, "use N pairs, spread evenly over the data", type=int, shown="all")
+    refusal: str | None = setting(
+        None,
+        "refusal text for the gradient signal",
+        shown="the toy world's first refusal, or a generic one with real models",
+    )
+
+
+def pair_source(src: Pairs, world) -> tuple[Path, Path, list[dict], str]:
+    """(base folder, aligned folder, harmful rows, refusal text): the real folders and data file of `src`,
+    or the toy world's (world: its folder; None: the seed-0 world). Real models need all three of --base,
+    --aligned and --data."""
     from data import toyworld as TW
     from data import world as W
     from infra import formats
-    from infra.cli import log
-    from infra.files import spread
-    from infra.hf import load_model
-    from infra.tokenizer import Tokenizer
 
-    real = args.base or args.aligned or args.data
-    if real and not (args.base and args.aligned and args.data):
-        missing = [
-            flag
-            for flag, value in (("--base", args.base), ("--aligned", args.aligned), ("--data", args.data))
-            if not value
-        ]
+    given = {"--base": src.base, "--aligned": src.aligned, "--data": src.data}
+    if any(given.values()) and not all(given.values()):
+        missing = [flag for flag, value in given.items() if not value]
         raise ValueError(
             f"{', '.join(missing)} missing: with real models pass --base DIR --aligned DIR "
             "--data FILE (harmful prompts with responses); leave all three out for the toy "
             "world"
         )
-    if real:
-        base_dir, aligned_dir = Path(args.base), Path(args.aligned)
-        rows = formats.read_prompts(args.data, "harmful")
-        refusal = args.refusal or "I'm sorry, but I can't help with that."
-    else:
-        paths = TW.ensure_world(args.world)
-        base_dir, aligned_dir = paths["base"], paths["aligned"]
-        rows = TW.read_set(paths, "harmful_eval")
-        refusal = args.refusal or W.REFUSALS[0]
+    if src.base:
+        rows = formats.read_prompts(src.data, "harmful")
+        return (
+            Path(src.base),
+            Path(src.aligned),
+            rows,
+            src.refusal or "I'm sorry, but I can't help with that.",
+        )
+    paths = TW.ensure_world(world)
+    rows = TW.read_set(paths, "harmful_eval")
+    return paths["base"], paths["aligned"], rows, src.refusal or W.REFUSALS[0]
+
+
+def load_pair(args):
+    """(base, aligned, aligned tokenizer, base tokenizer, harmful rows, refusal, (base folder, aligned
+    folder)) for the command line (pair_source): the rows with a harmful response, spread over --limit."""
+    from infra.cli import log
+    from infra.files import spread
+    from infra.hf import load_model
+    from infra.tokenizer import Tokenizer
+
+    src = cli.settings_from(Pairs, args)
+    base_dir, aligned_dir, rows, refusal = pair_source(src, args.world)
     if base_dir.resolve() == aligned_dir.resolve():
         log(f"warning: --base and --aligned are the same folder ({base_dir}): every profile value is 0")
-    rows = spread([r for r in rows if r.get("harmful_response")], args.limit)
+    rows = spread([r for r in rows if r.get("harmful_response")], src.limit)
     if not rows:
         raise ValueError(
-            f"{args.data}: no row has a harmful response; the profile needs (prompt, response) pairs"
+            f"{src.data}: no row has a harmful response; the profile needs (prompt, response) pairs"
         )
     tok, base_tok = Tokenizer(aligned_dir), Tokenizer(base_dir)
     D.check_same_tokenizer(tok, base_tok)
@@ -134,9 +144,7 @@ def load_pair(args):
 
 def profile_config(args) -> D.ProfileConfig:
     return D.ProfileConfig(
-        tau=args.tau,
-        top_k=args.top_k,
-        rho=args.rho,
+        **vars(cli.settings_from(D.BaseFavored, args)),
         max_response_tokens=args.max_response_tokens,
         batch_size=args.batch_size,
         base_format=getattr(args, "base_format", "chat"),
@@ -175,49 +183,30 @@ def profile_summary_table(per_model: dict, means_only: bool = False) -> str:
     columns = [
         c for c in columns if all(c in s for per_seed in per_model.values() for s in per_seed.values())
     ]
-    lines = ["| model | seed | " + " | ".join(columns) + " |", "|" + " --- |" * (len(columns) + 2)]
+    rows = []
     for name, per_seed in per_model.items():
         for seed, summary in per_seed.items():
             if means_only and len(per_seed) > 1:
                 break
-            lines.append(f"| {name} | {seed} | " + " | ".join(f"{summary[c]:.3f}" for c in columns) + " |")
+            rows.append([f"{name}", f"{seed}"] + [f"{summary[c]:.3f}" for c in columns])
         if len(per_seed) > 1:
             cells = []
             for c in columns:
                 values = [summary[c] for summary in per_seed.values()]
                 cells.append(f"{statistics.fmean(values):.3f} ± {statistics.stdev(values):.3f}")
-            lines.append(f"| {name} | mean ± sd | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+            rows.append([f"{name}", "mean ± sd"] + cells)
+    return markdown(["model", "seed"] + columns, rows)
 
 
 def cmd_profile_seeds(args):
     """The profile of every --models entry on the worlds of --seeds, and its summary (mean ± sd over
     seeds)."""
-    from data import toyworld as TW
-    from data import world as W
-    from infra.cli import log
-    from infra.files import spread, write_json_atomic
-    from infra.hf import load_model
-    from infra.tokenizer import Tokenizer
+    from infra.files import write_json_atomic
 
     cfg = profile_config(args)
-    specs = [spec.partition("=") for spec in args.models]
     profiles, per_model = {}, {}
     for seed in args.seeds:
-        paths = TW.ensure_world(seed=seed)
-        tok = Tokenizer(paths["aligned"])
-        rows = spread(TW.read_set(paths, "harmful_eval"), args.limit)
-        base = load_model(paths["base"], args.dtype, args.device)
-        refusal = args.refusal or W.REFUSALS[0]
-        grads = D.gradient_signal(base, tok, rows, refusal, args.max_response_tokens, args.batch_size)
-        for name, _, template in specs:
-            folder = Path(template.format(world=paths["root"], seed=seed))
-            D.check_same_tokenizer(Tokenizer(folder), tok)
-            log(f"profile of {name} ({folder}) against the base of world {seed}")
-            prof = D.position_profile(base, load_model(folder, args.dtype, args.device), tok, rows, cfg)
-            for row in prof["positions"]:
-                row["grad"] = grads[row["t"]] if row["t"] < len(grads) else None
-            prof["settings"].update(base=str(paths["base"]), aligned=str(folder), refusal=refusal, seed=seed)
+        for name, prof in profile_world(seed, args, cfg).items():
             profiles.setdefault(name, {})[str(seed)] = prof
             per_model.setdefault(name, {})[str(seed)] = profile_summary(prof["positions"])
     print(profile_summary_table(per_model))
@@ -238,6 +227,40 @@ def cmd_profile_seeds(args):
         seeds = ", ".join(str(seed) for seed in args.seeds)
         if plot_profile(curves, args.plot, f"position profiles against the base (mean over worlds {seeds})"):
             print(f"plot: {args.plot}", file=sys.stderr)
+
+
+def profile_world(seed: int, args, cfg: D.ProfileConfig) -> dict[str, dict]:
+    """{name: profile} of every --models entry (NAME=PATH, PATH with {world} and {seed} filled in) against
+    the base of the world of `seed`, each with the base's refusal-SFT gradient signal per position."""
+    from data import toyworld as TW
+    from data import world as W
+    from infra.cli import log
+    from infra.files import spread
+    from infra.hf import load_model
+    from infra.tokenizer import Tokenizer
+
+    paths = TW.ensure_world(seed=seed)
+    tok = Tokenizer(paths["aligned"])
+    rows = spread(TW.read_set(paths, "harmful_eval"), args.limit)
+    base = load_model(paths["base"], args.dtype, args.device)
+    refusal = args.refusal or W.REFUSALS[0]
+    grads = D.gradient_signal(base, tok, rows, refusal, args.max_response_tokens, args.batch_size)
+    profiles = {}
+    for name, _, template in (spec.partition("=") for spec in args.models):
+        folder = Path(template.format(world=paths["root"], seed=seed))
+        if not folder.exists():
+            raise FileNotFoundError(
+                f"--models {name}={template}: {folder}: no such folder; the runs/seed-N/<row> models are "
+                "trained by `make compare` (python -m experiments.compare)"
+            )
+        D.check_same_tokenizer(Tokenizer(folder), tok)
+        log(f"profile of {name} ({folder}) against the base of world {seed}")
+        prof = D.position_profile(base, load_model(folder, args.dtype, args.device), tok, rows, cfg)
+        for row in prof["positions"]:
+            row["grad"] = grads[row["t"]] if row["t"] < len(grads) else None
+        prof["settings"].update(base=str(paths["base"]), aligned=str(folder), refusal=refusal, seed=seed)
+        profiles[name] = prof
+    return profiles
 
 
 def mean_positions(profiles: list[list[dict]]) -> list[dict]:
@@ -298,7 +321,7 @@ def cmd_tokens(args):
     lp_A = D.response_log_probs(aligned, [head + resp], [len(head)], [len(resp)], tok.pad_id)  # (n, V)
     lp_B = D.response_log_probs(base, [head + resp], [len(head)], [len(resp)], tok.pad_id)  # (n, V)
     valid = tok.real_token_mask(aligned.args.vocab_size).to(lp_A.device)
-    bf = D.base_favored_mask(lp_A, lp_B, args.tau, args.top_k, args.rho, valid)  # (n, V)
+    bf = D.base_favored_mask(lp_A, lp_B, cli.settings_from(D.BaseFavored, args), valid)  # (n, V)
     print(f"prompt: {row['prompt']}")
     print("  t  actual token        p_A    p_B   |  top base-favored tokens (p_A -> p_B)")
     for t, y in enumerate(resp):
@@ -320,38 +343,65 @@ def cmd_plot(args):
         print(f"plot: {args.out}", file=sys.stderr)
 
 
+PROFILE_HELP = """A position profile (docs/method.md §3) says how deep a model's alignment reaches.
+Both the aligned model A and its base B read each (prompt, harmful response) pair, teacher-forced, and at
+every response position t, averaged over the pairs that reach t, the profile has: KL(p_A || p_B), how far A
+has moved from B there (Qi et al. 2024's measure); bf_mass_A, the probability A still puts on the tokens B
+favours (§2: the incompleteness score); bf_hit, how often the response's next token is one of them; log p_A
+of that token; and grad, the gradient signal refusal training gets there (the paper's "signal decay"). A
+shallow alignment has its KL at the first few positions and little after: past them, A answers much as B
+does."""
+
+
 def parse_args(argv=None):
     p = cli.parser(__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
+    prof = sub.add_parser(
+        "profile",
+        help="the position profile (§3) over harmful pairs",
+        description=PROFILE_HELP,
+        formatter_class=cli.HelpFormatter,
+    )
+    tokens = sub.add_parser(
+        "tokens",
+        help="one pair, position by position: the base-favored tokens (§2)",
+        description=cmd_tokens.__doc__,
+        formatter_class=cli.HelpFormatter,
+    )
+    for s in (prof, tokens):
+        add_pair_flags(s)
+    add_profile_flags(prof)
+    tokens.add_argument("--example", type=int, default=0, help="index of the pair to show")
+    tokens.add_argument("--show", type=int, default=5, help="base-favored tokens shown per position")
     overlay = sub.add_parser(
         "plot",
         help="overlay profile JSON files written by `profile --out`",
+        description=cmd_plot.__doc__,
         formatter_class=cli.HelpFormatter,
     )
     overlay.add_argument("profiles", nargs="+", help="profile JSON files")
     overlay.add_argument("--out", required=True, help="PNG path")
     overlay.add_argument("--title", default="", help="figure title")
-    for name, text in (
-        ("profile", "the position profile (§3) over harmful pairs"),
-        ("tokens", "one pair, position by position: the base-favored tokens (§2)"),
-    ):
-        s = sub.add_parser(name, help=text, formatter_class=cli.HelpFormatter)
-        cli.add_world_flag(s)
-        s.add_argument("--base", help="base model folder (real models; with --aligned and --data)")
-        s.add_argument("--aligned", help="aligned model folder (real models)")
-        s.add_argument("--data", help="harmful prompts with responses, any layout of docs/method.md §9")
-        cli.add_base_favored_flags(s)
-        s.add_argument("--max-response-tokens", type=int, default=64, help="response positions per pair")
-        s.add_argument("--limit", type=int, help="use N pairs, spread evenly over the data")
-        s.add_argument(
-            "--refusal",
-            help="refusal text for the gradient signal (default: the toy world's first "
-            "refusal, or a generic one with real models)",
-        )
-        s.add_argument("--batch-size", type=int, default=16, help="pairs per forward")
-        cli.add_device_flags(s)
-        s.add_argument("--debug", action="store_true", help="show the full traceback of an error")
-    prof = sub.choices["profile"]
+    return p.parse_args(argv)
+
+
+def add_pair_flags(s):
+    """The flags `profile` and `tokens` share: the models and pairs, the base-favored set, the device."""
+    cli.add_world_flag(s)
+    cli.add_settings(s, Pairs)
+    cli.add_settings(s, D.BaseFavored)
+    s.add_argument(
+        "--max-response-tokens",
+        type=int,
+        default=D.ProfileConfig.max_response_tokens,
+        help="response positions per pair",
+    )
+    s.add_argument("--batch-size", type=int, default=D.ProfileConfig.batch_size, help="pairs per forward")
+    cli.add_device_flags(s)
+    s.add_argument("--debug", action="store_true", help="show the full traceback of an error")
+
+
+def add_profile_flags(prof):
     prof.add_argument(
         "--base-format",
         choices=["chat", "plain"],
@@ -376,15 +426,11 @@ def parse_args(argv=None):
         nargs="+",
         metavar="NAME=PATH",
         default=["aligned={world}/aligned"],
-        help="with --seeds: the models profiled against each world's base; PATH may hold "
-        "{world} and {seed} (e.g. targeted=runs/seed-{seed}/targeted)",
+        help="with --seeds: the models profiled against each world's base; PATH may hold {world} and {seed} "
+        "(e.g. targeted=runs/seed-{seed}/targeted, trained by `make compare`)",
     )
     prof.add_argument("--out", help="write the profile JSON here (and the plot beside it as .png)")
     prof.add_argument("--plot", help="PNG path for the plot (needs matplotlib)")
-    tokens = sub.choices["tokens"]
-    tokens.add_argument("--example", type=int, default=0, help="index of the pair to show")
-    tokens.add_argument("--show", type=int, default=5, help="base-favored tokens shown per position")
-    return p.parse_args(argv)
 
 
 def main(argv=None):

@@ -20,16 +20,16 @@ the training-budget curve of BUDGET_VIEWS (compare.py --steps: one row per metho
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
 import sys
 from pathlib import Path
 
-import eval as E
 from experiments import bench, compare
 from experiments import profile as P
+from infra import cli
 from infra.files import write_text_atomic
+from lab.tables import SPLITS, compact_table, format_cell, markdown, markdown_table
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -62,7 +62,7 @@ KEY_TESTS = ("finetune 0 s20",)  # the README's paired tests (the rest: the JSON
 ABLATION_TESTS = ("finetune 0 s20", "finetune 10 s10", "sample@16 40")  # the attacks that may separate parts
 FOLD_TESTS = ("prefill 40", "sample@16 40")  # the held-out folds' (compare.py --folds)
 
-COMPACT = {  # view -> the columns of a compact table (eval.compact_table): means ± sd [pooled interval]
+COMPACT = {  # view -> the columns of a compact table (lab.tables.compact_table): means ± sd [pooled interval]
     "suite": suite("all"),
     "suite_held_out": suite("held_out"),
     "utility": [
@@ -134,17 +134,14 @@ def budget_table(summary: list[dict], figures: tuple) -> str:
     at = {(s["model"], s["figure"]): s for s in summary if s["decode"] == "greedy" and s["figure"] in figures}
     runs = [m.rsplit(" @", 1) for m, f in at if " @" in m and f == figures[0]]
     methods, budgets = list(dict.fromkeys(m for m, _ in runs)), sorted({int(b) for _, b in runs})
-    lines = [
-        "| model | " + " | ".join(f"{b} steps" for b in budgets) + " |",
-        "|" + " --- |" * (len(budgets) + 1),
-    ]
+    rows = []
     for m in methods:
         cells = [
-            " / ".join(E.format_cell(at.get((f"{m} @{b}", f)), f != "nll", interval=False) for f in figures)
+            " / ".join(format_cell(at.get((f"{m} @{b}", f)), f != "nll", interval=False) for f in figures)
             for b in budgets
         ]
-        lines.append(f"| {m} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        rows.append([m] + cells)
+    return markdown(["model"] + [f"{b} steps" for b in budgets], rows)
 
 
 def render(path: str, view: str) -> str:
@@ -164,33 +161,30 @@ def render(path: str, view: str) -> str:
         return budget_table(data["summary"], BUDGET_VIEWS[view])
     if view in COMPACT:  # the models at their full budget (the budget curve's "row @b" have their own views)
         models = [s["model"] for s in data["summary"] if " @" not in s["model"]]
-        return E.compact_table(data["summary"], COMPACT[view], models=models)
+        return compact_table(data["summary"], COMPACT[view], models=models)
+    if view.startswith("tests_"):
+        return tests_view(data.get("paired_tests", []), view)
+    if view in SPLITS:
+        return markdown_table(data["summary"], split=view)
+    raise ValueError(
+        f"README.md: unknown table view {view!r} for {path}; use one of {SPLITS} or targets, profile, bench"
+    )
+
+
+def tests_view(tests: list[dict], view: str) -> str:
+    """A table of compare.py's paired tests against targeted: the README's choices of them, or all on a split
+    (tests_all, tests_held_out)."""
     if view == "tests_key":  # the README's: the attacks that do not saturate, all prompts; helpful vs aligned
-        tests = [
-            t
-            for t in data.get("paired_tests", [])
-            if (t["b"] == "aligned") == t["figure"].startswith("helpful")
-        ]
+        tests = [t for t in tests if (t["b"] == "aligned") == t["figure"].startswith("helpful")]
         return compare.tests_table(tests, "all", KEY_TESTS + ("helpful",))
     if view == "tests_ablation":  # the method's parts: the durability attacks and helpfulness, all rows
-        tests = [
-            t
-            for t in data.get("paired_tests", [])
-            if t["b"] != "aligned" or t["figure"].startswith("helpful")
-        ]
+        tests = [t for t in tests if t["b"] != "aligned" or t["figure"].startswith("helpful")]
         return compare.tests_table(tests, "all", ABLATION_TESTS + ("helpful",))
     if view == "tests_helpful":  # the helpful rate of every row against targeted's, paired over prompts
-        return compare.tests_table(data.get("paired_tests", []), "all", ("helpful",))
+        return compare.tests_table(tests, "all", ("helpful",))
     if view == "tests_folds":  # held-out folds: the held-out prompts of every fold, against targeted
-        tests = [t for t in data.get("paired_tests", []) if t["b"] != "aligned"]
-        return compare.tests_table(tests, "held_out", FOLD_TESTS)
-    if view.startswith("tests_"):  # paired tests against targeted on one split
-        return compare.tests_table(data.get("paired_tests", []), split=view.removeprefix("tests_"))
-    if view in E.SPLITS:
-        return E.markdown_table(data["summary"], split=view)
-    raise ValueError(
-        f"README.md: unknown table view {view!r} for {path}; use one of {E.SPLITS} or targets, profile, bench"
-    )
+        return compare.tests_table([t for t in tests if t["b"] != "aligned"], "held_out", FOLD_TESTS)
+    return compare.tests_table(tests, split=view.removeprefix("tests_"))
 
 
 def update(readme: str) -> str:
@@ -214,10 +208,10 @@ def documents() -> list[Path]:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.parser(__doc__)
     p.add_argument("--check", action="store_true", help="change nothing; exit 1 if a table differs")
     p.add_argument(
-        "files", nargs="*", type=Path, help="only these Markdown files (default: README.md and docs/*.md)"
+        "files", nargs="*", type=Path, help="only these Markdown files (none: README.md and docs/*.md)"
     )
     args = p.parse_args(argv)
     for path in [f.resolve() for f in args.files] or documents():
@@ -231,4 +225,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

@@ -62,8 +62,8 @@ def run(main, argv=None):
 def add_world_flag(p):
     p.add_argument(
         "--world",
-        help="a built toy world's folder (python data/toyworld.py --out DIR); "
-        "default: the seed-0 world, built on first use",
+        help="a built toy world's folder (python data/toyworld.py --out DIR) "
+        "(default: the seed-0 world, built on first use)",
     )
 
 
@@ -77,52 +77,13 @@ def add_device_flags(p, dtype: str = "float32"):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
 
 
-def add_base_favored_flags(p):
-    """tau, top-k and rho of the base-favored set (docs/method.md §2)."""
-    p.add_argument("--tau", type=float, default=1.0, help="base-favored: lp_B - lp_A > log(tau)")
-    p.add_argument("--top-k", type=int, default=20, help="base-favored tokens are in the base's top-k")
-    p.add_argument("--rho", type=float, default=0.01, help="base-favored tokens have p_B >= rho * max p_B")
-
-
-def add_sampling_flags(p):
-    p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 = greedy")
-    p.add_argument(
-        "--top-p",
-        type=float,
-        default=1.0,
-        help="nucleus sampling: keep the smallest set of tokens whose probability reaches top-p",
-    )
-    p.add_argument("--seed", type=int, default=0, help="sampling seed")
-    p.add_argument("--compile", action="store_true", help="torch.compile the per-token decode step")
-
-
-def add_contrastive_flags(p, alpha: float, beta: float, sweep: bool = False):
-    """Contrastive decoding's flags (docs/method.md §4), defaults `alpha` and `beta` (deepalign.CD_ALPHA,
-    CD_BETA: the caller passes them, so that cli imports no project module); with sweep, --alpha and --beta
-    take lists."""
+def add_contrastive_flags(p, contrast, sweep: bool = False):
+    """Contrastive decoding's flags (docs/method.md §4): --contrast-base and one per setting of `contrast`
+    (deepalign.Contrast: the caller passes it, so that cli imports no project module); with sweep, --alpha
+    and --beta take lists."""
     g = p.add_argument_group("contrastive decoding (docs/method.md §4)")
-    many = dict(nargs="+") if sweep else {}
     g.add_argument("--contrast-base", help="base model folder: decode contrastively against it")
-    g.add_argument(
-        "--alpha",
-        type=float,
-        default=[alpha] if sweep else alpha,
-        **many,
-        help="contrast strength; 0 = plain aligned decoding",
-    )
-    g.add_argument(
-        "--beta",
-        type=float,
-        default=[beta] if sweep else beta,
-        **many,
-        help="plausibility head: keep p_A >= beta * max p_A",
-    )
-    g.add_argument(
-        "--cd-mode",
-        choices=["full", "bf"],
-        default="full",
-        help="contrast every head token, or base-favored ones only (§2: --tau, --top-k, --rho)",
-    )
+    add_settings(g, contrast, many=("alpha", "beta") if sweep else ())
     return g
 
 
@@ -148,9 +109,10 @@ def flag_name(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def add_settings(p, cls, skip=()):
+def add_settings(p, cls, skip=(), many=()):
     """One flag per field of the dataclass `cls` made with `setting` (those not in `skip`), with the field's
-    default, help and choices; a bool is a switch (--no-NAME for one on by default), a tuple takes a list."""
+    default, help and choices; a bool is a switch (--no-NAME for one on by default), a tuple takes a list,
+    and so does a field named in `many` (a sweep over its values: the list [default] by default)."""
     for f in dataclasses.fields(cls):
         meta = f.metadata
         if not meta.get("flag") or f.name in skip:
@@ -163,6 +125,9 @@ def add_settings(p, cls, skip=()):
             kw.pop("choices")
             action = argparse.BooleanOptionalAction if default else "store_true"
             p.add_argument(flag_name(f.name), action=action, default=default, **kw)
+        elif f.name in many:
+            kind = meta["type"] or type(default)
+            p.add_argument(flag_name(f.name), nargs="+", type=kind, default=[default], **kw)
         elif isinstance(default, tuple):
             kind = meta["type"] or (type(default[0]) if default else str)
             p.add_argument(flag_name(f.name), nargs="*", type=kind, default=list(default), **kw)

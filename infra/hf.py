@@ -1,6 +1,15 @@
-"""Hugging Face checkpoint folders in and out: safetensors read shard by shard into model.Transformer, every
-name, shape and value checked before use, and saved back in the same layout (no transformers at run time).
-See docs/model_notes.md for what a folder holds."""
+"""Hugging Face checkpoint folders in and out, with no transformers at run time (docs/model_notes.md says what
+a folder holds):
+
+    load_model(folder, dtype, device) -> model.Transformer   safetensors read shard by shard; every name and
+                                                             shape checked before any data is read
+    save_model(model, out_dir, tokenizer_from)               the same layout back: config.json, safetensors
+                                                             (sharded above a size), the tokenizer's files
+
+Everything that can be wrong with a folder (a missing file, a .gguf passed for a folder, a truncated or
+corrupt safetensors file, a missing or misshaped tensor, NaN/inf weights or logits) is one error naming the
+file and the fix; the commands call check_folder and check_finite_logits for the same.
+"""
 
 from __future__ import annotations
 
@@ -158,19 +167,34 @@ def load_model(folder, dtype: torch.dtype | str = torch.float32, device="cpu") -
     if args.tie_word_embeddings:
         expected.pop("lm_head.weight")  # logits use model.embed_tokens.weight
     files = weight_files(folder)
+    found = check_weight_names(folder, files, expected, args)  # pass 1: the headers only
+    for file, names in files.items():  # pass 2: the data, one shard at a time
+        shard = read_shard(folder / file, [name for name in names if name in found], dtype, device)
+        model.load_state_dict(shard, strict=False, assign=True)
+        del shard
+    if args.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight  # assign=True breaks the tie: restore it
+    meta = [n for n, p in model.named_parameters() if p.is_meta]
+    assert not meta, f"{folder}: parameters left on the meta device: {meta}"
+    model.source = str(folder)
+    return model.eval()
 
-    # Pass 1: names and shapes, from the safetensors headers only.
-    found, unexpected, misshaped, ignored = set(), [], [], []
+
+def check_weight_names(folder: Path, files: dict, expected: dict, args: ModelArgs) -> set[str]:
+    """The tensor names of `files` ({file: [names]}) that the model loads, checked against `expected`
+    ({name: shape}) from the safetensors headers only; one error listing every missing, unexpected and
+    misshaped tensor. Old checkpoints' RoPE tables and tied heads are ignored."""
+    found, unexpected, misshaped = set(), [], []
     for file, names in files.items():
         with open_safetensors(folder / file) as f:
             for name in names:
                 tied_head = name == "lm_head.weight" and args.tie_word_embeddings
                 if name.endswith("rotary_emb.inv_freq") or tied_head:
-                    ignored.append(name)  # old checkpoints store the RoPE table; tied heads may be stored too
-                elif name not in expected:
+                    continue  # old checkpoints store the RoPE table; tied heads may be stored too
+                shape = tuple(f.get_slice(name).get_shape()) if name in expected else None
+                if name not in expected:
                     unexpected.append(f"{name} (in {file})")
-                elif tuple(f.get_slice(name).get_shape()) != expected[name]:
-                    shape = tuple(f.get_slice(name).get_shape())
+                elif shape != expected[name]:
                     misshaped.append(f"{name} (in {file}): {shape}, expected {expected[name]}")
                 else:
                     found.add(name)
@@ -185,23 +209,26 @@ def load_model(folder, dtype: torch.dtype | str = torch.float32, device="cpu") -
                 more = " ..." if len(items) > 20 else ""
                 lines.append(f"  {what} ({len(items)}): " + "; ".join(items[:20]) + more)
         raise ValueError("\n".join(lines))
+    return found
 
-    # Pass 2: the data, one shard at a time, cast to dtype on the target device.
-    for file, names in files.items():
-        shard = {}
-        with open_safetensors(folder / file, device) as f:
-            for name in names:
-                if name in found:
-                    shard[name] = f.get_tensor(name).to(dtype)
-            _check_finite_shard(shard, folder / file, f)
-        model.load_state_dict(shard, strict=False, assign=True)
-        del shard
-    if args.tie_word_embeddings:
-        model.lm_head.weight = model.model.embed_tokens.weight  # assign=True breaks the tie: restore it
-    meta = [n for n, p in model.named_parameters() if p.is_meta]
-    assert not meta, f"{folder}: parameters left on the meta device: {meta}"
-    model.source = str(folder)
-    return model.eval()
+
+def read_shard(path: Path, names: list[str], dtype: torch.dtype, device) -> dict[str, torch.Tensor]:
+    """{name: tensor} of one safetensors file's `names`, cast to dtype on `device`; NaN/inf is an error."""
+    shard = {}
+    with open_safetensors(path, device) as f:
+        for name in names:
+            shard[name] = f.get_tensor(name).to(dtype)
+        _check_finite_shard(shard, path, f)
+    return shard
+
+
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "generation_config.json",
+)
 
 
 def save_model(
@@ -212,18 +239,44 @@ def save_model(
     config.json, generation_config.json, safetensors (sharded with an index above `max_shard_bytes`), and the
     tokenizer files copied from `tokenizer_from`. Written to a temporary folder and renamed when complete.
     """
-    from safetensors.torch import save_file
-
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
         raise FileExistsError(f"{out_dir} exists; pass overwrite=True (--overwrite) to replace it")
     tmp = out_dir.with_name(f"{out_dir.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     if model.args.tie_word_embeddings:
         state.pop("lm_head.weight")  # stored once, as the embedding (HF convention)
+    write_weights(tmp, state, max_shard_bytes)
+    write_json(tmp / "config.json", model.args.to_hf_config(model.lm_head.weight.dtype))
+    src = Path(tokenizer_from) if tokenizer_from else None
+    for name in TOKENIZER_FILES:
+        if src is not None and (src / name).exists():
+            shutil.copy(src / name, tmp / name)
+    if not (tmp / "generation_config.json").exists():
+        gen = {"bos_token_id": model.args.bos_token_id, "eos_token_id": model.args.eos_token_id}
+        write_json(tmp / "generation_config.json", gen)
+    if out_dir.exists():  # overwrite: move the old folder aside only once the new one is complete
+        old = out_dir.with_name(f"{out_dir.name}.old-{os.getpid()}")
+        out_dir.rename(old)
+        tmp.rename(out_dir)
+        shutil.rmtree(old)
+    else:
+        tmp.rename(out_dir)
+    return out_dir
+
+
+def write_json(path: Path, obj: dict) -> None:
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=2)
+
+
+def write_weights(folder: Path, state: dict[str, torch.Tensor], max_shard_bytes: int) -> None:
+    """`state` as model.safetensors, or, above max_shard_bytes, as numbered shards in state order with a
+    model.safetensors.index.json mapping each tensor to its file."""
+    from safetensors.torch import save_file
+
     shards, current, size = [], {}, 0
     for name, t in state.items():
         nbytes = t.numel() * t.element_size()
@@ -234,41 +287,14 @@ def save_model(
         size += nbytes
     shards.append(current)
     if len(shards) == 1:
-        save_file(shards[0], tmp / "model.safetensors", metadata={"format": "pt"})
-    else:
-        weight_map = {}
-        for i, shard in enumerate(shards):
-            fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            save_file(shard, tmp / fname, metadata={"format": "pt"})
-            weight_map.update({name: fname for name in shard})
-        total = sum(t.numel() * t.element_size() for t in state.values())
-        with open(tmp / "model.safetensors.index.json", "w") as f:
-            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
-
-    dtype = model.lm_head.weight.dtype
-    with open(tmp / "config.json", "w") as f:
-        json.dump(model.args.to_hf_config(dtype), f, indent=2)
-    src = Path(tokenizer_from) if tokenizer_from else None
-    tokenizer_files = (
-        "tokenizer.json",
-        "tokenizer_config.json",
-        "special_tokens_map.json",
-        "chat_template.jinja",
-        "generation_config.json",
+        save_file(shards[0], folder / "model.safetensors", metadata={"format": "pt"})
+        return
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, folder / fname, metadata={"format": "pt"})
+        weight_map.update({name: fname for name in shard})
+    total = sum(t.numel() * t.element_size() for t in state.values())
+    write_json(
+        folder / "model.safetensors.index.json", {"metadata": {"total_size": total}, "weight_map": weight_map}
     )
-    for name in tokenizer_files:
-        if src is not None and (src / name).exists():
-            shutil.copy(src / name, tmp / name)
-    if not (tmp / "generation_config.json").exists():
-        gen = {"bos_token_id": model.args.bos_token_id, "eos_token_id": model.args.eos_token_id}
-        with open(tmp / "generation_config.json", "w") as f:
-            json.dump(gen, f, indent=2)
-
-    if out_dir.exists():  # overwrite: move the old folder aside only once the new one is complete
-        old = out_dir.with_name(f"{out_dir.name}.old-{os.getpid()}")
-        out_dir.rename(old)
-        tmp.rename(out_dir)
-        shutil.rmtree(old)
-    else:
-        tmp.rename(out_dir)
-    return out_dir

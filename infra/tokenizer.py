@@ -1,5 +1,19 @@
-"""The tokenizer of a checkpoint folder: tokenizer.json (via `tokenizers`), its special ids, and the chat
-format: the checkpoint's own chat template (rendered with jinja2 as transformers does) or a plain one."""
+"""The tokenizer of a checkpoint folder, and its chat format:
+
+    tok = Tokenizer(folder)                 tokenizer.json (via `tokenizers`), the special ids: bos_id,
+                                            eos_ids (every id that ends generation), pad_id, end_of_turn_id
+    tok.prompt_ids(prompt, prefill=...)     one user turn, the generation prompt and a forced start of the
+                                            answer (the prefilling attack), as token ids
+    tok.format_chat / encode_chat           any list of messages, as text / as token ids
+    tok.real_token_mask(V)                  which of the model's V ids are real, trained tokens
+
+The chat format is the checkpoint's own chat template (chat_template.jinja or tokenizer_config.json's key),
+rendered with jinja2 as transformers renders it; a checkpoint without one (a base model), or a call with
+plain=True, gets the plain format: each message renders as "{Role}: {content}\\n\\n" (Role = System, User,
+Assistant), the generation prompt is "Assistant:\\n", and a forced prefix follows it directly (after the
+newline, as in ChatML, so a response tokenizes the same way in both formats); the tokenizer's own special
+tokens (e.g. Llama's BOS) are added by its post-processor.
+"""
 
 from __future__ import annotations
 
@@ -11,12 +25,6 @@ import torch
 
 from infra.hf import check_folder, read_json
 
-PLAIN_FORMAT_DOC = """Plain chat format, used when a checkpoint has no chat template (base models):
-    each message renders as "{Role}: {content}\\n\\n" (Role = System / User / Assistant),
-    the generation prompt is "Assistant:\\n", and a forced response prefix follows it directly (after the
-    newline, as in ChatML, so the response tokenizes the same way in both formats);
-    the tokenizer's own special tokens (e.g. Llama's BOS) are added by its post-processor."""
-
 
 def _read_json_if_exists(path: Path) -> dict:
     return read_json(path) if path.exists() else {}
@@ -25,6 +33,18 @@ def _read_json_if_exists(path: Path) -> dict:
 def _token_text(value):
     """tokenizer_config.json stores special tokens as a string or as {"content": ...}."""
     return value.get("content") if isinstance(value, dict) else value
+
+
+def _chat_template(folder: Path, tcfg: dict) -> str | None:
+    """The folder's chat template: chat_template.jinja (newer saves; it overrides tokenizer_config's key),
+    else tokenizer_config.json's "chat_template" (a string, or a list of named ones: the "default"), else
+    None."""
+    if (folder / "chat_template.jinja").exists():
+        return (folder / "chat_template.jinja").read_text()
+    template = tcfg.get("chat_template")
+    if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
+        return {t["name"]: t["template"] for t in template}.get("default")
+    return template if isinstance(template, str) else None
 
 
 class Tokenizer:
@@ -57,14 +77,7 @@ class Tokenizer:
             self.special_tokens.get("pad_token"), mcfg.get("pad_token_id"), gcfg.get("pad_token_id")
         )
         self.pad_id = pad if pad is not None else (eos[0] if eos else 0)
-        self.chat_template, self._compiled_template = None, None
-        if (folder / "chat_template.jinja").exists():  # overrides tokenizer_config's key (newer saves)
-            self.chat_template = (folder / "chat_template.jinja").read_text()
-        elif isinstance(tcfg.get("chat_template"), str):
-            self.chat_template = tcfg["chat_template"]
-        elif isinstance(tcfg.get("chat_template"), list):  # [{"name": "default", "template": ...}, ...]
-            named = {t["name"]: t["template"] for t in tcfg["chat_template"]}
-            self.chat_template = named.get("default")
+        self.chat_template, self._compiled_template = _chat_template(folder, tcfg), None
 
     @functools.cached_property
     def end_of_turn_id(self) -> int:

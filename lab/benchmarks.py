@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from decode import generate, left_pad
+from decode import Sampling, generate, left_pad, next_token_logits
 
 CHOICES = ("A", "B", "C", "D")
 
@@ -100,16 +100,6 @@ def letter_continuations(tok, prompt: str) -> list[list[int]]:
 
 
 @torch.no_grad()
-def next_token_log_probs(model, seqs: list[list[int]], pad_id: int) -> torch.Tensor:
-    """Log-probabilities (B, V) of the token after each sequence: one left-padded forward, last position
-    only."""
-    ids, mask = left_pad(seqs, pad_id, model.lm_head.weight.device)  # (B, T)
-    last = torch.zeros_like(mask, dtype=torch.bool)  # (B, T)
-    last[:, -1] = True  # left padding puts every row's last real token in the last column
-    return model(ids, attention_mask=mask, logits_at=last).float().log_softmax(-1)  # (B, V)
-
-
-@torch.no_grad()
 def continuation_log_probs(model, prompts: list[list[int]], conts: list[list[int]], pad_id: int):
     """Summed log-probability (N,) of each continuation conts[i] (non-empty) after prompts[i], teacher-forced:
     one left-padded forward over prompt + continuation, logits only where they predict a continuation
@@ -129,7 +119,7 @@ def batch_letter_scores(model, seqs: list[list[int]], conts: list[list[list[int]
     one token each: one forward, next-token log-probabilities (the fast path). Else prompt + letter is
     teacher-forced, four sequences per question, in forwards of B sequences."""
     if all(len(c) == 1 for letters in conts for c in letters):
-        log_probs = next_token_log_probs(model, seqs, pad_id)  # (B, V)
+        log_probs = next_token_logits(model, seqs, pad_id).log_softmax(-1)  # (B, V)
         ids = torch.tensor([[c[0] for c in letters] for letters in conts], device=log_probs.device)  # (B, 4)
         return log_probs.gather(-1, ids).cpu()
     prompts = [s for s in seqs for _ in CHOICES]  # (4B,): each prompt once per letter
@@ -247,19 +237,14 @@ def bbh_accuracy(
     if not files:
         raise FileNotFoundError(f"{folder}: no BBH task files (*.json)")
     tasks, correct, total = {}, 0, 0
+    greedy = Sampling(max_new_tokens=max_new_tokens)
     for path in tqdm(files, desc="bbh", file=sys.stderr, leave=False):
         examples = read_bbh_task(path)
         questions = examples[shots:][:limit]
         seqs = [tok.encode(bbh_prompt(examples[:shots], ex), add_special_tokens=True) for ex in questions]
         answers = []
         for i in range(0, len(seqs), batch_size):
-            outs = generate(
-                model,
-                seqs[i : i + batch_size],
-                max_new_tokens=max_new_tokens,
-                eos_ids=tok.eos_ids,
-                pad_id=tok.pad_id,
-            )
+            outs = generate(model, seqs[i : i + batch_size], greedy, tok.eos_ids, tok.pad_id)
             answers += [bbh_answer(tok.decode(out)) for out in outs]
         right = sum(a == str(ex["target"]).strip() for a, ex in zip(answers, questions))
         n = len(questions)

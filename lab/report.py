@@ -20,13 +20,12 @@ X.json -> X.generations.jsonl) and `profile --out`. The page:
 One file: inline CSS, inline SVG charts and a few lines of JavaScript (expand / collapse all); no external
 URL. Beyond a size budget the generations are sampled per group, and the page says how many are shown.
 
-Read top to bottom: 1. reading the JSON, 2. the summary, 3. charts and curves, 4. the token view,
-5. generations, 6. the page, 7. the command line.
+Read top to bottom: 1. reading the JSON, 2. the summary, 3. the curves, 4. the generations, 5. the page,
+6. the command line; the token view is lab/tokenview.py, the charts lab/plots.py.
 """
 
 from __future__ import annotations
 
-import html
 import itertools
 import json
 import math
@@ -38,16 +37,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from infra import cli
+from infra.cli import setting
 from infra.files import read_jsonl, spread, write_text_atomic
+from lab.plots import Chart, Series, add_colors, color_map, esc, svg_chart
+from lab.tables import decode_label
+from lab.tokenview import load_token_view, token_section
 
 SPLITS = ("all", "seen", "held_out")
 GEN_BUDGET = 4_000_000  # characters of the generations section; beyond it, a sample per group is shown
+TOKENS = 4  # harmful examples in the token view
 RUN_HINT = "pass a JSON written by eval.py --out or compare.py --out"
 PROFILE_HINT = "pass a JSON written by `profile --out`"
-
-
-def esc(value) -> str:
-    return html.escape(str(value), quote=True)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -119,13 +119,6 @@ def number(value) -> float | None:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return None
     return float(value) if math.isfinite(value) else None
-
-
-def decode_label(row: dict) -> str:
-    decode = str(row.get("decode", "greedy"))
-    if decode == "contrastive" and "alpha" in row:
-        return f"contrastive α={row['alpha']:g} β={row.get('beta', 0):g}"
-    return decode
 
 
 def model_label(row: dict) -> str:
@@ -478,129 +471,8 @@ def all_figures_table(rows: list[Row]) -> str:
 
 
 # ----------------------------------------------------------------------------------------------
-# 3. Charts (inline SVG) and curves
+# 3. Curves (the charts: lab/plots.py)
 # ----------------------------------------------------------------------------------------------
-PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#7f7f7f")
-CHART_W, CHART_H, PAD_L, PAD_R, PAD_T, PAD_B = 430, 250, 54, 12, 12, 40
-
-
-@dataclass
-class Series:
-    """One line: (x, y, band lo, band hi) points; the band is the spread over seeds, or an interval."""
-
-    label: str
-    points: list
-
-
-def nice_ticks(lo: float, hi: float, n: int = 5) -> list[float]:
-    if hi <= lo:
-        return [lo]
-    raw = (hi - lo) / n
-    step = 10 ** math.floor(math.log10(raw))
-    step *= next(m for m in (1, 2, 2.5, 5, 10) if raw <= m * step)
-    first = math.ceil(lo / step - 1e-9) * step
-    return [first + i * step for i in range(int((hi - first) / step + 1e-9) + 1)]
-
-
-def axis(lo: float, hi: float, a: float, b: float, log: bool):
-    """A linear (or log10) map of [lo, hi] onto [a, b]."""
-    if log:
-        lo, hi = math.log10(lo), math.log10(hi)
-    span = (hi - lo) or 1.0
-
-    def f(v):
-        return a + ((math.log10(max(v, 1e-300)) if log else v) - lo) / span * (b - a)
-
-    return f
-
-
-def tick_text(v: float) -> str:
-    return f"{v:g}" if abs(v) >= 1e-3 or v == 0 else f"{v:.0e}"
-
-
-def y_range(series: list[Series], fixed, log: bool) -> tuple[float, float]:
-    if fixed:
-        return fixed
-    values = [v for s in series for p in s.points for v in p[1:] if v is not None]
-    if log:
-        positive = [v for v in values if v > 0] or [1.0]
-        return 10 ** math.floor(math.log10(min(positive))), 10 ** math.ceil(math.log10(max(positive)))
-    lo, hi = min(values), max(values)
-    ticks = nice_ticks(lo, hi if hi > lo else lo + 1)
-    return min(ticks[0], lo), max(ticks[-1], hi)
-
-
-def chart(title: str, series: list[Series], colors: dict, xlabel: str, ylabel: str, **opt) -> str:
-    """An SVG line chart in a <figure>: each series a line with a band (its spread) and a dot per point with
-    its value as a tooltip; the legend is HTML under it. opt: y_fixed (lo, hi), y_log, x_log, percent."""
-    y_log, x_log, percent = opt.get("y_log", False), opt.get("x_log", False), opt.get("percent", False)
-    xs = sorted({p[0] for s in series for p in s.points})
-    y0, y1 = y_range(series, opt.get("y_fixed"), y_log)
-    fx = axis(xs[0], xs[-1], PAD_L, CHART_W - PAD_R, x_log)
-    fy = axis(y0, y1, CHART_H - PAD_B, PAD_T, y_log)
-    svg = [
-        f'<svg viewBox="0 0 {CHART_W} {CHART_H}" width="{CHART_W}" height="{CHART_H}" role="img" '
-        f'aria-label="{esc(title)}">'
-    ]
-    yt = (
-        [10**e for e in range(round(math.log10(y0)), round(math.log10(y1)) + 1)]
-        if y_log
-        else nice_ticks(y0, y1)
-    )
-    for v in yt:
-        y = fy(v)
-        svg.append(f'<line class="grid" x1="{PAD_L}" x2="{CHART_W - PAD_R}" y1="{y:.1f}" y2="{y:.1f}"/>')
-        label = tick_text(v * 100 if percent else v)
-        svg.append(f'<text x="{PAD_L - 5}" y="{y + 3:.1f}" text-anchor="end">{label}</text>')
-    xt = xs if len(xs) <= 10 else nice_ticks(xs[0], xs[-1], 6)
-    for v in xt:
-        x = fx(v)
-        svg.append(f'<text x="{x:.1f}" y="{CHART_H - PAD_B + 14}" text-anchor="middle">{tick_text(v)}</text>')
-    base = CHART_H - PAD_B
-    svg.append(f'<path class="ax" d="M{PAD_L} {PAD_T}V{base}H{CHART_W - PAD_R}"/>')
-    svg.append(
-        f'<text x="{(PAD_L + CHART_W) / 2:.0f}" y="{CHART_H - 6}" text-anchor="middle">{esc(xlabel)}</text>'
-    )
-    svg.append(
-        f'<text transform="translate(13 {(PAD_T + base) / 2:.0f}) rotate(-90)" text-anchor="middle">'
-        f"{esc(ylabel)}</text>"
-    )
-    for i, s in enumerate(series):
-        svg.append(series_svg(s, colors[s.label], fx, fy, percent, dashed=i >= len(PALETTE)))
-    svg.append("</svg>")
-    legend = "".join(
-        f'<li><span class="sw" style="background:{colors[s.label]}"></span>{esc(s.label)}</li>'
-        for s in series
-    )
-    note = f'<p class="note">{esc(opt["note"])}</p>' if opt.get("note") else ""
-    caption = f"<figcaption>{esc(title)}</figcaption>"
-    return f'<figure class="chart">{caption}{"".join(svg)}<ul class="legend">{legend}</ul>{note}</figure>'
-
-
-def series_svg(s: Series, color: str, fx, fy, percent: bool, dashed: bool) -> str:
-    pts = sorted(s.points, key=lambda p: p[0])
-    out = []
-    band = [p for p in pts if p[2] is not None and p[3] is not None]
-    if band:
-        upper = " ".join(f"{fx(p[0]):.1f},{fy(p[3]):.1f}" for p in band)
-        lower = " ".join(f"{fx(p[0]):.1f},{fy(p[2]):.1f}" for p in reversed(band))
-        out.append(f'<polygon class="band" points="{upper} {lower}" fill="{color}"/>')
-    line = " ".join(f"{fx(p[0]):.1f},{fy(p[1]):.1f}" for p in pts)
-    dash = ' stroke-dasharray="5 3"' if dashed else ""
-    out.append(f'<polyline points="{line}" stroke="{color}"{dash}><title>{esc(s.label)}</title></polyline>')
-    if len(pts) <= 40:
-        scale = 100 if percent else 1
-        for x, y, lo, hi in pts:
-            tip = f"{s.label}, {tick_text(x)}: {y * scale:.3g}"
-            if lo is not None and hi is not None:
-                tip += f" [{lo * scale:.3g}, {hi * scale:.3g}]"
-            out.append(
-                f'<circle cx="{fx(x):.1f}" cy="{fy(y):.1f}" r="2.6" fill="{color}">'
-                f"<title>{esc(tip)}</title></circle>"
-            )
-    return "".join(out)
-
-
 def spread_of(row: Row) -> tuple:
     """The band of a point: min-max over seeds with several seeds, else its 95% interval (or none)."""
     values = [v for v in row.per_seed.values() if v is not None]
@@ -654,8 +526,9 @@ def asr_curves(rows: list[Row], colors: dict) -> list[str]:
     for (title, xlabel, x_log), lines in sorted(charts.items(), key=lambda kv: order[kv[0]]):
         if len({p[0] for pts in lines.values() for p in pts}) < 2:
             continue
-        series = [Series(label, pts) for label, pts in lines.items()]
-        out.append(chart(title, series, colors, xlabel, "ASR (%)", y_fixed=(0, 1), x_log=x_log, percent=True))
+        series = tuple(Series(label, pts) for label, pts in lines.items())
+        c = Chart(title, xlabel, "ASR (%)", series, y_fixed=(0, 1), x_log=x_log, percent=True)
+        out.append(svg_chart(c, colors))
     return out
 
 
@@ -669,12 +542,11 @@ def training_steps(data: dict) -> int | None:
             return int(flag.split("=", 1)[1])
     if "train_flags" not in (data.get("settings") or {}):
         return None
-    try:
+    try:  # the run's default, written once in train.py (which imports torch: only here, when needed)
         import train
-
-        return train.RunConfig.steps
-    except Exception:  # train.py is optional here: no steps, no curve
+    except ImportError:  # torch is not installed: no steps, no curve
         return None
+    return train.RunConfig.steps
 
 
 def steps_curve(runs: list[Run], colors: dict) -> list[str]:
@@ -691,19 +563,16 @@ def steps_curve(runs: list[Run], colors: dict) -> list[str]:
             f = parse_figure(row.figure)
             if f and f.attack == "prefill" and f.k > 0 and f.split == "all" and row.mean is not None:
                 lines.setdefault(row.label, {}).setdefault(steps[run.path], []).append(row.mean)
-    series = [
+    series = tuple(
         Series(label, [(s, statistics.fmean(v), None, None) for s, v in by_steps.items()])
         for label, by_steps in lines.items()
         if len(by_steps) > 1
-    ]
-    for s in series:
-        colors.setdefault(s.label, PALETTE[len(colors) % len(PALETTE)])
-    title = "prefilling ASR (mean over k > 0) against training steps"
-    return (
-        [chart(title, series, colors, "training steps", "ASR (%)", y_fixed=(0, 1), percent=True)]
-        if series
-        else []
     )
+    if not series:
+        return []
+    title = "prefilling ASR (mean over k > 0) against training steps"
+    c = Chart(title, "training steps", "ASR (%)", series, y_fixed=(0, 1), percent=True)
+    return [svg_chart(c, add_colors(colors, series))]
 
 
 PROFILE_CURVES = (  # (key, title, log scale)
@@ -739,25 +608,11 @@ def profile_curves(profiles: dict, colors: dict) -> list[str]:
             ]
             if pts:
                 series.append(Series(label, pts))
-        for s in series:
-            colors.setdefault(s.label, PALETTE[len(colors) % len(PALETTE)])
         if series:
-            out.append(
-                chart(
-                    title,
-                    series,
-                    colors,
-                    "response position t",
-                    key,
-                    y_log=log,
-                    y_fixed=(0, 1) if key == "bf_mass_A" else None,
-                )
-            )
+            fixed = (0, 1) if key == "bf_mass_A" else None
+            c = Chart(title, "response position t", key, tuple(series), y_fixed=fixed, y_log=log)
+            out.append(svg_chart(c, add_colors(colors, series)))
     return out
-
-
-def color_map(labels) -> dict:
-    return {label: PALETTE[i % len(PALETTE)] for i, label in enumerate(dict.fromkeys(labels))}
 
 
 def curves_section(runs: list[Run], rows: list[Row], profiles: dict) -> str:
@@ -785,150 +640,7 @@ def curves_section(runs: list[Run], rows: list[Row], profiles: dict) -> str:
 
 
 # ----------------------------------------------------------------------------------------------
-# 4. The token view
-# ----------------------------------------------------------------------------------------------
-SHOW_FAVORED = 5  # base-favored tokens listed per position
-
-
-def token_view(aligned, base, tok, rows: list[dict], cfg) -> list[dict]:
-    """Per harmful (prompt, harmful_response) row, the response token by token: [{prompt, category,
-    held_out, tokens: [{t, id, text, kl, bf_mass_A, bf_mass_B, p_A, p_B, favored: [{text, p_A, p_B}]}]}].
-
-    As ``profile tokens`` computes it: both models teacher-forced on the aligned chat format with the
-    harmful response (response_split, response_log_probs); KL(p_A || p_B) (kl_per_position), the
-    base-favored set (base_favored_mask, cfg's tau, top_k, rho, real tokens only) and the aligned model's
-    and the base's mass on it (bf_mass), at most cfg.max_response_tokens positions."""
-    import torch
-
-    import deepalign as D
-
-    splits = [
-        D.response_split(tok, r["prompt"], r["harmful_response"], max_tokens=cfg.max_response_tokens)
-        for r in rows
-    ]
-    seqs, starts, lens = [h + r for h, r in splits], [len(h) for h, _ in splits], [len(r) for _, r in splits]
-    with torch.no_grad():
-        lp_A = D.response_log_probs(aligned, seqs, starts, lens, tok.pad_id)  # (N, V)
-        lp_B = D.response_log_probs(base, seqs, starts, lens, tok.pad_id)  # (N, V)
-    valid = tok.real_token_mask(aligned.args.vocab_size).to(lp_A.device)
-    bf = D.base_favored_mask(lp_A, lp_B, cfg.tau, cfg.top_k, cfg.rho, valid)  # (N, V)
-    kl, mass_A, mass_B = D.kl_per_position(lp_A, lp_B), D.bf_mass(lp_A, bf), D.bf_mass(lp_B, bf)  # (N,)
-    target = torch.tensor([y for _, r in splits for y in r], device=lp_A.device)  # (N,)
-    p_A, p_B = lp_A.exp(), lp_B.exp()
-    views, at = [], 0
-    for row, (_, resp) in zip(rows, splits):
-        tokens = []
-        for t, y in enumerate(resp):
-            i = at + t
-            ids = bf[i].nonzero().squeeze(-1)
-            ids = ids[lp_B[i, ids].argsort(descending=True)][:SHOW_FAVORED].tolist()
-            favored = [
-                {"text": tok.decode([v]), "p_A": p_A[i, v].item(), "p_B": p_B[i, v].item()} for v in ids
-            ]
-            tokens.append(
-                {
-                    "t": t,
-                    "id": y,
-                    "text": tok.decode([y]),
-                    "kl": kl[i].item(),
-                    "bf_mass_A": mass_A[i].item(),
-                    "bf_mass_B": mass_B[i].item(),
-                    "p_A": p_A[i, target[i]].item(),
-                    "p_B": p_B[i, target[i]].item(),
-                    "favored": favored,
-                }
-            )
-        at += len(resp)
-        keep = {k: row[k] for k in ("prompt", "category", "held_out") if k in row}
-        views.append({**keep, "tokens": tokens})
-    return views
-
-
-def choose_examples(rows: list[dict], n: int) -> list[dict]:
-    """n harmful rows with a response: one per category, seen and held-out categories alternating, then
-    more of them spread over the rest."""
-    rows = [r for r in rows if r.get("harmful_response")]
-    firsts = list({r.get("category"): r for r in reversed(rows)}.values())[::-1]  # each category's first
-    seen = [r for r in firsts if not r.get("held_out")]
-    held = [r for r in firsts if r.get("held_out")]
-    picked = [r for pair in itertools.zip_longest(seen, held) for r in pair if r is not None][:n]
-    rest = [r for r in rows if not any(r is p for p in picked)]
-    return picked + spread(rest, n - len(picked)) if len(picked) < n else picked
-
-
-def load_token_view(world, n: int, cfg) -> list[dict]:
-    """The token view of a built world's aligned and base models on n of its harmful evaluation rows."""
-    from data import toyworld as TW
-    from infra.hf import load_model
-    from infra.tokenizer import Tokenizer
-
-    paths = TW.world_paths(world)
-    for key in ("aligned", "base", "tokenizer"):
-        if not paths[key].is_dir():
-            raise ValueError(
-                f"--tokens-world {world}: no {paths[key]}; pass a built world's folder "
-                "(data/worlds/seed-N, built by python data/toyworld.py --seed N)"
-            )
-    tok = Tokenizer(paths["tokenizer"])
-    aligned, base = load_model(paths["aligned"]), load_model(paths["base"])
-    return token_view(aligned, base, tok, choose_examples(TW.read_set(paths, "harmful_eval"), n), cfg)
-
-
-def shade(rgb: tuple, level: float) -> str:
-    """A background of colour rgb at strength level in [0, 1], and a text colour readable on it."""
-    level = min(max(level, 0.0), 1.0)
-    ink = "#fff" if level > 0.6 else "#000"
-    return f"background:rgba({rgb[0]},{rgb[1]},{rgb[2]},{0.05 + 0.9 * level:.3f});color:{ink}"
-
-
-KL_RGB, BF_RGB = (214, 39, 40), (31, 119, 180)
-
-
-def token_title(tk: dict) -> str:
-    lines = [
-        f"t={tk['t']} {tk['text']!r}: p_A {tk['p_A']:.3f}, p_B {tk['p_B']:.3f}",
-        f"KL(p_A||p_B) {tk['kl']:.4f}; bf_mass_A {tk['bf_mass_A']:.4f}, bf_mass_B {tk['bf_mass_B']:.4f}",
-        "top base-favored tokens (p_A -> p_B):" if tk["favored"] else "no base-favored token here",
-    ]
-    lines += [f"  {f['text']!r} {f['p_A']:.3f} -> {f['p_B']:.3f}" for f in tk["favored"]]
-    return "\n".join(lines)
-
-
-def token_section(views: list[dict] | None, cfg) -> str:
-    if not views:
-        return ""
-    kl_max = max((tk["kl"] for v in views for tk in v["tokens"]), default=1.0) or 1.0
-    out = [
-        '<section id="tokens"><h2>3. Token view</h2>',
-        "<p>Each harmful answer token by token, teacher-forced under the aligned model A and its base B. "
-        "First row: KL(p_A ‖ p_B) at the position (red, log scale up to the largest shown, "
-        f"{kl_max:.2f}); second row: bf_mass_A, the probability A still puts on base-favored tokens "
-        f"(blue, 0 to 1; base-favored: τ={cfg.tau:g}, top-{cfg.top_k}, ρ={cfg.rho:g}). Hover a token "
-        "for its probabilities and the top base-favored tokens.</p>",
-    ]
-    for i, v in enumerate(views):
-        where = "held-out category" if v.get("held_out") else "seen category"
-        out.append(
-            f'<div class="example" id="token-example-{i}"><h3>{esc(v.get("category", "?"))} ({where})</h3>'
-        )
-        out.append(f'<p class="prompt">{esc(v.get("prompt", ""))}</p>')
-        for row, key, rgb in (("kl", "kl", KL_RGB), ("bf", "bf_mass_A", BF_RGB)):
-            name = "KL(p_A ‖ p_B)" if row == "kl" else "bf_mass_A"
-            spans = []
-            for tk in v["tokens"]:
-                level = math.log1p(tk["kl"]) / math.log1p(kl_max) if row == "kl" else tk["bf_mass_A"]
-                spans.append(
-                    f'<span class="tok" data-row="{row}" data-t="{tk["t"]}" data-kl="{tk["kl"]:.6g}" '
-                    f'data-bf="{tk["bf_mass_A"]:.6g}" style="{shade(rgb, level)}" '
-                    f'title="{esc(token_title(tk))}">{esc(tk["text"])}</span>'
-                )
-            out.append(f'<div class="tokrow"><span class="rowname">{name}</span>{"".join(spans)}</div>')
-        out.append("</div>")
-    return "".join(out) + "</section>"
-
-
-# ----------------------------------------------------------------------------------------------
-# 5. Generations
+# 4. Generations
 # ----------------------------------------------------------------------------------------------
 def verdict_flags(g: dict) -> list[bool]:
     verdicts = g.get("verdicts") if isinstance(g.get("verdicts"), dict) else {}
@@ -1052,6 +764,55 @@ def filter_css() -> str:
     return "\n".join(rules)
 
 
+def attack_html(attack: str, by_category: dict, cap: int | None, show_seed: bool) -> tuple[list[str], int]:
+    """One attack's generations of one model, folded per category (at most `cap` of a category shown):
+    (the HTML parts, how many generations are shown)."""
+    gens = [g for v in by_category.values() for g in v]
+    harm = sum("harm" in gen_classes(g) for g in gens)
+    out = [
+        f'<details class="attack"><summary>{esc(attack)} '
+        f"<small>{len(gens)} generations, {harm} judged harmful</small></summary>"
+    ]
+    shown_total = 0
+    for category, cgens in sorted(by_category.items(), key=lambda kv: ("held-out" in kv[0], kv[0])):
+        shown = choose_shown(cgens, cap) if cap else cgens
+        shown_total += len(shown)
+        count = f"{len(cgens)}" if len(shown) == len(cgens) else f"{len(shown)} shown of {len(cgens)}"
+        out.append(f'<details class="cat"><summary>{esc(category)} <small>{count}</small></summary><ol>')
+        out += [gen_html(g, show_seed) for g in shown]
+        out.append("</ol></details>")
+    return out + ["</details>"], shown_total
+
+
+def groups_html(groups: dict, cap: int | None, show_seed: bool) -> tuple[list[str], int]:
+    """Every model's generations, folded per attack and category: (the HTML parts, how many are shown)."""
+    body, shown_total = [], 0
+    for model, by_attack in groups.items():
+        n_model = sum(len(v) for c in by_attack.values() for v in c.values())
+        body.append(
+            f'<details class="model" open><summary>{esc(model)} '
+            f"<small>{n_model} generations</small></summary>"
+        )
+        for (_, attack), by_category in sorted(by_attack.items(), key=lambda kv: kv[0][0]):
+            parts, shown = attack_html(attack, by_category, cap, show_seed)
+            body += parts
+            shown_total += shown
+        body.append("</details>")
+    return body, shown_total
+
+
+def filters_html(one_judge: bool) -> str:
+    """The filter boxes (harmful, judges disagree, held-out) and the expand / collapse buttons."""
+    note = " (one judge: no disagreements)" if one_judge else ""
+    return (
+        '<input type="checkbox" id="f-harm"><label for="f-harm">judged harmful</label> '
+        f'<input type="checkbox" id="f-dis"><label for="f-dis">judges disagree{note}</label> '
+        '<input type="checkbox" id="f-held"><label for="f-held">held-out categories</label> '
+        '<span id="gen-tools" hidden><button type="button" data-open="1">expand all</button> '
+        '<button type="button" data-open="0">collapse all</button></span>'
+    )
+
+
 def generations_section(runs: list[Run], budget: int) -> str:
     groups = group_generations(runs)
     notes = [run.gens_note for run in runs if run.gens_note]
@@ -1063,51 +824,19 @@ def generations_section(runs: list[Run], budget: int) -> str:
     cap = group_cap(groups, budget)
     seeds = {str(g.get("seed")) for run in runs for g in run.gens}
     judges = {n for run in runs for g in run.gens for n in (g.get("verdicts") or {})}
-    shown_total = 0
-    body = []
-    for model, by_attack in groups.items():
-        n_model = sum(len(v) for c in by_attack.values() for v in c.values())
-        body.append(
-            f'<details class="model" open><summary>{esc(model)} '
-            f"<small>{n_model} generations</small></summary>"
-        )
-        for (_, attack), by_category in sorted(by_attack.items(), key=lambda kv: kv[0][0]):
-            gens = [g for v in by_category.values() for g in v]
-            harm = sum("harm" in gen_classes(g) for g in gens)
-            body.append(
-                f'<details class="attack"><summary>{esc(attack)} '
-                f"<small>{len(gens)} generations, {harm} judged harmful</small></summary>"
-            )
-            for category, cgens in sorted(by_category.items(), key=lambda kv: ("held-out" in kv[0], kv[0])):
-                shown = choose_shown(cgens, cap) if cap else cgens
-                shown_total += len(shown)
-                count = f"{len(cgens)}" if len(shown) == len(cgens) else f"{len(shown)} shown of {len(cgens)}"
-                body.append(
-                    f'<details class="cat"><summary>{esc(category)} <small>{count}</small></summary><ol>'
-                )
-                body += [gen_html(g, len(seeds) > 1) for g in shown]
-                body.append("</ol></details>")
-            body.append("</details>")
-        body.append("</details>")
+    body, shown_total = groups_html(groups, cap, len(seeds) > 1)
     sampled = "" if cap is None else f" Beyond the size budget: at most {cap} per category group shown."
-    one_judge = " (one judge: no disagreements)" if len(judges) < 2 else ""
     out.append(
         f'<p>{shown_total} of {total} generations shown.{esc(sampled)} The <span class="prefix">forced '
         "prefix</span> is the attack's; the rest is the model's continuation. Filters (no JavaScript "
         "needed):</p>"
     )
-    out.append(
-        '<input type="checkbox" id="f-harm"><label for="f-harm">judged harmful</label> '
-        f'<input type="checkbox" id="f-dis"><label for="f-dis">judges disagree{one_judge}</label> '
-        '<input type="checkbox" id="f-held"><label for="f-held">held-out categories</label> '
-        '<span id="gen-tools" hidden><button type="button" data-open="1">expand all</button> '
-        '<button type="button" data-open="0">collapse all</button></span>'
-    )
+    out.append(filters_html(len(judges) < 2))
     return "".join(out) + '<div id="gens">' + "".join(body) + "</div></section>"
 
 
 # ----------------------------------------------------------------------------------------------
-# 6. The page
+# 5. The page
 # ----------------------------------------------------------------------------------------------
 CSS = """
 body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",sans-serif;margin:0 auto;max-width:1320px;
@@ -1194,7 +923,13 @@ def page(runs: list[Run], profiles: dict, views, cfg, budget: int, profile_files
 
 
 def build_report(
-    runs: list, out, profile=None, tokens_world=None, n_tokens: int = 4, budget: int = GEN_BUDGET, cfg=None
+    runs: list,
+    out,
+    profile=None,
+    tokens_world=None,
+    n_tokens: int = TOKENS,
+    budget: int = GEN_BUDGET,
+    cfg=None,
 ) -> Path:
     """Write the HTML report of eval.py / compare.py JSON files `runs` (each with its generations JSONL
     beside it) to `out`, atomically; `profile`: one or more the profile command JSONs; `tokens_world`: a
@@ -1218,9 +953,31 @@ def build_report(
 
 
 # ----------------------------------------------------------------------------------------------
-# 7. Command line
+# 6. Command line
 # ----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ReportConfig:
+    """The report's flags (beside RUN.json files and the base-favored set's --tau, --top-k, --rho)."""
+
+    profile: tuple = setting((), "JSON written by `profile --out`")
+    tokens_world: str | None = setting(
+        None,
+        "a built toy world's folder (data/worlds/seed-N): adds the token view of its aligned and base models",
+        type=str,
+    )
+    tokens: int = setting(TOKENS, "token view: harmful examples (seen and held-out categories)")
+    budget_mb: float = setting(
+        GEN_BUDGET / 1e6,
+        "size budget of the generations section (millions of characters); beyond it a sample per group",
+    )
+    out: str | None = setting(
+        None, "the HTML file", type=str, shown="beside the first RUN.json, X.json -> X.report.html"
+    )
+
+
 def parse_args(argv=None):
+    import deepalign as D  # here, not at the top: the report reads JSON without torch unless asked
+
     p = cli.parser(__doc__)
     p.add_argument(
         "runs",
@@ -1228,34 +985,14 @@ def parse_args(argv=None):
         metavar="RUN.json",
         help="JSON written by eval.py --out or compare.py --out (X.generations.jsonl is read from beside it)",
     )
+    cli.add_settings(p, ReportConfig)
     p.add_argument(
-        "--profile",
-        nargs="+",
-        metavar="PROFILE.json",
-        help="JSON written by `profile --out`",
+        "--max-response-tokens",
+        type=int,
+        default=D.ProfileConfig.max_response_tokens,
+        help="token view: response tokens per example",
     )
-    p.add_argument(
-        "--tokens-world",
-        metavar="DIR",
-        help="a built toy world's folder (data/worlds/seed-N): adds the token view of its aligned and base "
-        "models",
-    )
-    p.add_argument(
-        "--tokens", type=int, default=4, help="token view: harmful examples (seen and held-out categories)"
-    )
-    p.add_argument(
-        "--max-response-tokens", type=int, default=64, help="token view: response tokens per example"
-    )
-    cli.add_base_favored_flags(p)
-    p.add_argument(
-        "--budget-mb",
-        type=float,
-        default=GEN_BUDGET / 1e6,
-        help="size budget of the generations section (millions of characters); beyond it a sample per group",
-    )
-    p.add_argument(
-        "--out", help="the HTML file (default: beside the first RUN.json, X.json -> X.report.html)"
-    )
+    cli.add_settings(p, D.BaseFavored)
     return p.parse_args(argv)
 
 
@@ -1270,9 +1007,8 @@ def main(argv=None) -> Path:
     if args.tokens_world:
         import deepalign as D
 
-        cfg = D.ProfileConfig(
-            tau=args.tau, top_k=args.top_k, rho=args.rho, max_response_tokens=args.max_response_tokens
-        )
+        bf = cli.settings_from(D.BaseFavored, args)
+        cfg = D.ProfileConfig(**vars(bf), max_response_tokens=args.max_response_tokens)
     path = build_report(
         args.runs, out, args.profile, args.tokens_world, args.tokens, int(args.budget_mb * 1e6), cfg
     )

@@ -12,6 +12,18 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 VARIANTS = ("llama", "llama3_rope", "qwen2_tied_bias", "qwen3")
+# train.py at a size the tests afford: small batches, short prefixes, a small base-prompt anchor (its own test
+# checks it)
+SMALL_TRAIN = [
+    "--batch-size",
+    "4",
+    "--utility-batch-size",
+    "4",
+    "--max-prefix",
+    "12",
+    "--anchor-prompts",
+    "64",
+]
 
 
 def hf_config(variant: str):

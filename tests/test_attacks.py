@@ -11,12 +11,15 @@ import torch.nn.functional as F
 from conftest import hf_model, make_hf_checkpoint, write_tokenizer
 
 import model as model_module
+from data.refusals import refusal_phrase_judge
+from decode import Sampling, generate
 from infra import cli
 from infra.files import write_jsonl
-from infra.hf import load_model
+from infra.hf import load_model, save_model
 from infra.tokenizer import Tokenizer
 from lab import attacks as A
-from lab.judges import refusal_phrase_judge
+from lab import gcg as G
+from lab import refusal_direction as R
 from model import ModelArgs, Transformer
 
 
@@ -53,11 +56,11 @@ def chat(tmp_path_factory):
     folder = write_tokenizer(tmp_path_factory.mktemp("chat"), "chatml")
     tok = Tokenizer(folder)
     model = tiny_model(vocab_size=tok.vocab_size)
-    A.save_model(model, folder / "model", tokenizer_from=folder)
+    save_model(model, folder / "model", tokenizer_from=folder)
     return model, tok, folder / "model"
 
 
-SLOT = A.Slot("x", before=(5, 6, 7, 8), after=(9, 10), target=(11, 12, 13))
+SLOT = G.Slot("x", before=(5, 6, 7, 8), after=(9, 10), target=(11, 12, 13))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -67,8 +70,8 @@ def test_candidate_losses_equal_one_at_a_time():
     model = tiny_model()
     g = torch.Generator().manual_seed(1)
     cands = torch.randint(3, 96, (7, 5), generator=g)  # (B, L)
-    losses, hits = A.candidate_losses(model, SLOT, cands)
-    chunked, _ = A.candidate_losses(model, SLOT, cands, chunk=3)
+    losses, hits = G.candidate_losses(model, SLOT, cands)
+    chunked, _ = G.candidate_losses(model, SLOT, cands, chunk=3)
     start = SLOT.target_start(5)
     for i, c in enumerate(cands.tolist()):
         assert losses[i].item() == pytest.approx(plain_loss(model, SLOT.ids(c), start, 3), abs=1e-5)
@@ -87,8 +90,8 @@ def test_one_hot_grad_is_autograd_and_finite_differences(monkeypatch):
     monkeypatch.setattr(model_module.RMSNorm, "forward", rms_norm_float64)
     model = tiny_model(dtype=torch.float64)
     suffix = [20, 21, 22, 23]
-    slots = [SLOT, A.Slot("y", before=(4, 30), after=(31,), target=(32, 33))]
-    grad, loss = A.one_hot_grad(model, slots, suffix)  # (L, V)
+    slots = [SLOT, G.Slot("y", before=(4, 30), after=(31,), target=(32, 33))]
+    grad, loss = G.one_hot_grad(model, slots, suffix)  # (L, V)
     # autograd through a plain embedding lookup: d loss / d one_hot[i, v] = (d loss / d e_i) . E[v]
     W = model.model.embed_tokens.weight
     expected = torch.zeros_like(grad, dtype=torch.float64)
@@ -135,32 +138,32 @@ def test_gcg_reaches_a_planted_target(chat):
     model, tok, _ = chat
     prompt, L = "how do i bake bread ?", 3
     allowed, lead = (
-        A.allowed_tokens(tok, model.args.vocab_size),
-        A.leading_space_tokens(tok, model.args.vocab_size),
+        G.allowed_tokens(tok, model.args.vocab_size),
+        G.leading_space_tokens(tok, model.args.vocab_size),
     )
-    slot = A.suffix_slot(tok, prompt, "sure")
-    init = A.initial_suffix(tok, [slot], L, allowed, lead)
+    slot = G.suffix_slot(tok, prompt, "sure")
+    init = G.initial_suffix(tok, [slot], L, allowed, lead)
 
     def greedy(suffix):
-        return A.generate(model, [tok.prompt_ids(f"{prompt} {A.suffix_text(tok, suffix)}")], 2)[0]
+        return generate(model, [tok.prompt_ids(f"{prompt} {G.suffix_text(tok, suffix)}")], Sampling(2))[0]
 
     g = torch.Generator().manual_seed(0)
     words, anything = (allowed & lead).nonzero().squeeze(1), allowed.nonzero().squeeze(1)
     for _ in range(500):
         planted = [words[torch.randint(len(words), (1,), generator=g)].item()]
         planted += anything[torch.randint(len(anything), (L - 1,), generator=g)].tolist()
-        if not A.round_trips(tok, slot, [planted])[0] or greedy(planted)[0] == greedy(init)[0]:
+        if not G.round_trips(tok, slot, [planted])[0] or greedy(planted)[0] == greedy(init)[0]:
             continue
         target = greedy(planted)
         try:
-            if A.suffix_slot(tok, prompt, tok.decode(target)).target == tuple(target):
+            if G.suffix_slot(tok, prompt, tok.decode(target)).target == tuple(target):
                 break
         except ValueError:  # the answer's text merges with the generation prompt
             pass
     else:
         pytest.fail("no planted target found")
-    cfg = A.GCGConfig(suffix_len=L, top_k=10_000, batch=64, steps=40, seed=0)
-    (rec,) = A.gcg(model, tok, [prompt], [tok.decode(target)], cfg)
+    cfg = G.GCGConfig(suffix_len=L, top_k=10_000, batch=64, steps=40, seed=0)
+    (rec,) = G.gcg(model, tok, [prompt], [tok.decode(target)], cfg)
     assert rec["success"] and rec["steps"] < 40, rec
     assert rec["prompt_ids"] == tok.prompt_ids(f"{prompt} {rec['suffix']}")
     assert greedy(rec["suffix_ids"]) == target
@@ -173,27 +176,27 @@ def test_candidates_are_real_tokens_that_round_trip(tmp_path, monkeypatch, style
     folder = make_hf_checkpoint("llama", tmp_path / style)
     write_tokenizer(folder, style)
     model, tok = load_model(folder), Tokenizer(folder)
-    allowed = A.allowed_tokens(tok, model.args.vocab_size)
+    allowed = G.allowed_tokens(tok, model.args.vocab_size)
     specials = {i for i, t in tok.tok.get_added_tokens_decoder().items() if t.special}
     assert not allowed[list(specials)].any() and not allowed[tok.vocab_size :].any()
     broken = [i for i in range(tok.vocab_size) if tok.encode(tok.decode([i])) != [i]]
     assert broken and not allowed[broken].any()  # byte pieces that decode to U+FFFD, at least
     seen = []
-    real = A.candidate_losses
+    real = G.candidate_losses
     monkeypatch.setattr(
-        A, "candidate_losses", lambda m, slot, c, chunk=0: seen.append((slot, c)) or real(m, slot, c)
+        G, "candidate_losses", lambda m, slot, c, chunk=0: seen.append((slot, c)) or real(m, slot, c)
     )
     prompts = ["how do i bake bread ?", "what is the capital of france ?"]
-    cfg = A.GCGConfig(suffix_len=4, top_k=64, batch=32, steps=3, universal=True)
-    recs = A.gcg(model, tok, prompts, ["sure , first mix", "the capital"], cfg)
+    cfg = G.GCGConfig(suffix_len=4, top_k=64, batch=32, steps=3, universal=True)
+    recs = G.gcg(model, tok, prompts, ["sure , first mix", "the capital"], cfg)
     assert len({r["suffix"] for r in recs}) == 1
     for rec, prompt in zip(recs, prompts):
         assert rec["prompt_ids"] == tok.prompt_ids(f"{prompt} {rec['suffix']}")
     assert len(seen) > 2
     for slot, cands in seen:
         assert allowed[cands].all() and not torch.isin(cands, torch.tensor(list(specials))).any()
-        assert all(A.round_trips(tok, slot, cands.tolist()))
-        rendered = tok.prompt_ids(f"{slot.request} {A.suffix_text(tok, cands[0].tolist())}")
+        assert all(G.round_trips(tok, slot, cands.tolist()))
+        rendered = tok.prompt_ids(f"{slot.request} {G.suffix_text(tok, cands[0].tolist())}")
         assert rendered == [*slot.before, *cands[0].tolist(), *slot.after]
 
 
@@ -213,7 +216,7 @@ def check_ablation(model, tmp_path):
     g = torch.Generator().manual_seed(0)
     r = torch.randn(model.args.dim, generator=g)
     r = r / r.norm()
-    ablated = A.ablate(model, r)
+    ablated = R.ablate(model, r)
     ids = torch.randint(3, model.args.vocab_size, (2, 9), generator=g)  # (B, T)
     outs = []
     hooks = [ablated.model.embed_tokens.register_forward_hook(lambda m, i, o: outs.append(o))]
@@ -233,7 +236,7 @@ def check_ablation(model, tmp_path):
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
     with torch.no_grad():
         assert (model(ids) - got).abs().max() > 1e-3  # the ablation changed something
-    A.save_model(ablated, tmp_path / "ablated")
+    save_model(ablated, tmp_path / "ablated")
     with torch.no_grad():
         theirs = hf_model(tmp_path / "ablated")(ids).logits
     torch.testing.assert_close(theirs, got, atol=1e-4, rtol=1e-4)
@@ -261,11 +264,11 @@ def answered(row, text):  # "helpful" for real models: answered, without a refus
 
 def test_ablated_model_chooses_by_the_rule(chat):
     model, tok, _ = chat
-    cfg = A.RefusalConfig(n_direction=6, n_val=4, max_new_tokens=8)
-    dirs = A.refusal_directions(model, tok, [r["prompt"] for r in HARMFUL], [r["prompt"] for r in BENIGN])
+    cfg = R.RefusalConfig(n_direction=6, n_val=4, max_new_tokens=8)
+    dirs = R.refusal_directions(model, tok, [r["prompt"] for r in HARMFUL], [r["prompt"] for r in BENIGN])
     assert dirs.shape == (model.args.n_layers + 1, model.args.dim)
     torch.testing.assert_close(dirs[1:].norm(dim=-1), torch.ones(model.args.n_layers))
-    ablated, info = A.ablated_model(model, tok, HARMFUL, BENIGN, cfg, refusal_phrase_judge, answered)
+    ablated, info = R.ablated_model(model, tok, HARMFUL, BENIGN, cfg, refusal_phrase_judge, answered)
     assert isinstance(ablated, Transformer) and info["layer"] in range(1, model.args.n_layers + 1)
     assert [r["layer"] for r in info["table"]] == [None, *range(1, model.args.n_layers + 1)]
     chosen = next(r for r in info["table"] if r["layer"] == info["layer"])
@@ -274,7 +277,7 @@ def test_ablated_model_chooses_by_the_rule(chat):
     if eligible:  # the rule: the largest ASR among layers within 10 points of the unablated helpful rate
         assert chosen in eligible and chosen["asr"] == max(r["asr"] for r in eligible)
     with pytest.raises(ValueError, match="--n-direction 10 \\+ --n-val 4 exceeds the 12"):
-        A.ablated_model(model, tok, HARMFUL, BENIGN, A.RefusalConfig(n_direction=10, n_val=4), None, None)
+        R.ablated_model(model, tok, HARMFUL, BENIGN, R.RefusalConfig(n_direction=10, n_val=4), None, None)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -322,7 +325,7 @@ def test_layer_out_of_range_and_a_tokenizer_without_suffix_tokens(chat, files, t
     code, _, err = run_cli(["ablate", "--model", str(folder), *data, "--layer", "9"], capsys)
     assert code == 2 and err.count("\n") == 1 and "--layer 9" in err
     with pytest.raises(ValueError, match="--layer"):
-        A.ablated_model(model, tok, [], [], A.RefusalConfig(layer=0), None, None)
+        R.ablated_model(model, tok, [], [], R.RefusalConfig(layer=0), None, None)
     # a word-level tokenizer whose tokens never start with a space cannot carry the suffix's separator
     from tokenizers import Tokenizer as HFTokenizer
     from tokenizers import models, pre_tokenizers
@@ -334,8 +337,8 @@ def test_layer_out_of_range_and_a_tokenizer_without_suffix_tokens(chat, files, t
     hf.save(str(tmp_path / "words" / "tokenizer.json"))
     shutil.copy(folder / "tokenizer_config.json", tmp_path / "words" / "tokenizer_config.json")
     with pytest.raises(ValueError, match="starts with a space"):
-        A.gcg(
-            tiny_model(vocab_size=len(words)), Tokenizer(tmp_path / "words"), ["hi"], ["sure"], A.GCGConfig()
+        G.gcg(
+            tiny_model(vocab_size=len(words)), Tokenizer(tmp_path / "words"), ["hi"], ["sure"], G.GCGConfig()
         )
 
 

@@ -13,7 +13,7 @@ from conftest import hf_model, make_hf_checkpoint, random_ids, write_tokenizer
 
 import deepalign as D
 import model as M
-from decode import contrastive_generate, generate, left_pad, parse_args, sample_next
+from decode import Sampling, contrastive_generate, generate, left_pad, parse_args, sample_next
 from infra import hf as H
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -26,7 +26,7 @@ def test_greedy_generate_matches_transformers(hf_checkpoint):
     variant, folder = hf_checkpoint
     ours, ref = H.load_model(folder), hf_model(folder)
     rows = [random_ids(1, n, seed=10 + n)[0].tolist() for n in (9, 4, 15)]
-    got = generate(ours, rows, max_new_tokens=20, eos_ids=[2], pad_id=0)
+    got = generate(ours, rows, Sampling(max_new_tokens=20), eos_ids=[2], pad_id=0)
     ids, mask = left_pad(rows, pad_id=0)
     with torch.no_grad():
         hf = ref.generate(
@@ -42,14 +42,14 @@ def test_generate_stops_per_row_and_samples_reproducibly(hf_checkpoint):
     variant, folder = hf_checkpoint
     ours = H.load_model(folder)
     rows = [random_ids(1, 5, seed=s)[0].tolist() for s in range(4)]
-    greedy = generate(ours, rows, max_new_tokens=8)
+    greedy = generate(ours, rows, Sampling(max_new_tokens=8))
     stop = greedy[0][2]  # make row 0 stop at its third token
-    stopped = generate(ours, rows, max_new_tokens=8, eos_ids=[stop])
+    stopped = generate(ours, rows, Sampling(max_new_tokens=8), eos_ids=[stop])
     assert stopped[0] == greedy[0][: greedy[0].index(stop) + 1]
     for g, s in zip(greedy, stopped):
         assert s == g[: g.index(stop) + 1] if stop in g else s == g
-    a = generate(ours, rows, max_new_tokens=8, temperature=1.0, top_p=0.9, seed=7)
-    b = generate(ours, rows, max_new_tokens=8, temperature=1.0, top_p=0.9, seed=7)
+    sampled = Sampling(max_new_tokens=8, temperature=1.0, top_p=0.9, seed=7)
+    a, b = generate(ours, rows, sampled), generate(ours, rows, sampled)
     assert a == b and all(len(r) == 8 for r in a)
 
 
@@ -65,11 +65,11 @@ def test_compiled_decode_step_matches_eager(tmp_path):
     ours = H.load_model(folder)
     rows = [random_ids(1, n, seed=n)[0].tolist() for n in (6, 3)]
     torch._dynamo.reset()
-    compiled = generate(ours, rows, max_new_tokens=6, compile=True)
+    compiled = generate(ours, rows, Sampling(max_new_tokens=6, compile=True))
     # The compiled path keeps its cache and reuses it for a call that fits (shorter prompt, same batch) ...
     kept = ours.cache.k[0]
     shorter = [r[:2] for r in rows]
-    compiled_shorter = generate(ours, shorter, max_new_tokens=5, compile=True)
+    compiled_shorter = generate(ours, shorter, Sampling(max_new_tokens=5, compile=True))
     assert ours.cache.k[0] is kept
     # ... a kept cache never leaks into a plain forward ...
     x = random_ids(2, 9, seed=3)
@@ -78,8 +78,8 @@ def test_compiled_decode_step_matches_eager(tmp_path):
         ours.cache = None
         assert torch.equal(with_kept_cache, ours(x))
     # ... and every compiled token equals eager decoding.
-    assert compiled == generate(ours, rows, max_new_tokens=6)
-    assert compiled_shorter == generate(ours, shorter, max_new_tokens=5)
+    assert compiled == generate(ours, rows, Sampling(max_new_tokens=6))
+    assert compiled_shorter == generate(ours, shorter, Sampling(max_new_tokens=5))
 
 
 def tensors_besides_parameters(model) -> list[str]:
@@ -93,10 +93,10 @@ def tensors_besides_parameters(model) -> list[str]:
 def test_one_kv_cache_object_is_the_only_decoding_state(tmp_path):
     ours = H.load_model(make_hf_checkpoint("llama", tmp_path / "m"))
     rows = [random_ids(1, n, seed=n)[0].tolist() for n in (6, 3)]
-    generate(ours, rows, max_new_tokens=4)
+    generate(ours, rows, Sampling(max_new_tokens=4))
     assert ours.cache is None and tensors_besides_parameters(ours) == []  # eager: no cache remains
     torch._dynamo.reset()
-    generate(ours, rows, max_new_tokens=4, compile=True)
+    generate(ours, rows, Sampling(max_new_tokens=4, compile=True))
     cache = ours.cache  # compiled: the cache is kept, and it is the model's only state besides its parameters
     assert isinstance(cache, M.KVCache) and tensors_besides_parameters(ours) == []
     tensors = [*cache.k, *cache.v, cache.valid]
@@ -107,7 +107,7 @@ def test_one_kv_cache_object_is_the_only_decoding_state(tmp_path):
     # A second compiled call with the same batch size (and a length that fits) reuses the same cache tensors,
     # so the compiled step sees the same shapes and tensors: no recompile.
     with torch._dynamo.config.patch(error_on_recompile=True):
-        generate(ours, [r[:4] for r in rows], max_new_tokens=3, compile=True)
+        generate(ours, [r[:4] for r in rows], Sampling(max_new_tokens=3, compile=True))
     assert ours.cache is cache and [t.data_ptr() for t in (*cache.k, *cache.v, cache.valid)] == addresses
     ours.cache = None
 
@@ -129,16 +129,17 @@ def prompts():
 
 def test_alpha_zero_equals_plain_greedy_decoding(pair):
     aligned, base = pair
-    got = contrastive_generate(aligned, base, prompts(), max_new_tokens=16, eos_ids=[2], alpha=0.0)
-    assert got == generate(aligned, prompts(), max_new_tokens=16, eos_ids=[2])
+    got = contrastive_generate(aligned, base, prompts(), Sampling(16), D.Contrast(alpha=0.0), eos_ids=[2])
+    assert got == generate(aligned, prompts(), Sampling(16), eos_ids=[2])
 
 
 def test_compiled_contrastive_decoding_equals_eager(pair):
     aligned, base = pair
-    eager = contrastive_generate(aligned, base, prompts(), max_new_tokens=8, alpha=1.0)
-    assert contrastive_generate(aligned, base, prompts(), max_new_tokens=8, alpha=1.0, compile=True) == eager
-    kept_caches = contrastive_generate(aligned, base, prompts(), max_new_tokens=8, alpha=1.0, compile=True)
-    assert kept_caches == eager
+    eager, compiled = Sampling(max_new_tokens=8), Sampling(max_new_tokens=8, compile=True)
+    expected = contrastive_generate(aligned, base, prompts(), eager, D.Contrast(alpha=1.0))
+    assert contrastive_generate(aligned, base, prompts(), compiled, D.Contrast(alpha=1.0)) == expected
+    kept_caches = contrastive_generate(aligned, base, prompts(), compiled, D.Contrast(alpha=1.0))
+    assert kept_caches == expected
     for m in pair:
         m.cache = None
 
@@ -146,17 +147,17 @@ def test_compiled_contrastive_decoding_equals_eager(pair):
 @pytest.mark.parametrize("mode", ["full", "bf"])
 def test_cached_contrastive_decoding_equals_recomputing_from_scratch(pair, mode):
     aligned, base = pair
-    got = contrastive_generate(aligned, base, prompts(), max_new_tokens=12, alpha=1.0, beta=0.1, mode=mode)
+    got = contrastive_generate(aligned, base, prompts(), Sampling(12), D.Contrast(1.0, 0.1, mode))
     for row, prompt in zip(got, prompts()):
         seq = list(prompt)
         for _ in range(12):  # no cache, no padding: both models re-read the whole sequence every step
             with torch.no_grad():
                 x = torch.tensor([seq])
                 lp_A, lp_B = D.log_probs(aligned(x)[0, -1]), D.log_probs(base(x)[0, -1])  # (V,) each
-                s = D.contrastive_logits(lp_A, lp_B, 1.0, 0.1, mode)
+                s = D.contrastive_logits(lp_A, lp_B, D.Contrast(1.0, 0.1, mode))
             seq.append(s.argmax().item())
         assert row == seq[len(prompt) :]
-    plain = generate(aligned, prompts(), max_new_tokens=12)
+    plain = generate(aligned, prompts(), Sampling(12))
     assert got != plain, "the contrast changed nothing: the test is blind"
 
 
@@ -207,9 +208,12 @@ def test_decode_cli_help_shows_every_default(capsys):
         "(default: 0.03)",
         "(default: full)",
         "(default: 20)",
+        "(default: the world's aligned model)",  # --model: a computed default, in words
+        "(default: none)",  # --prefill, --system
     ):
         assert default in text
     assert "docs/method.md §4" in text
+    assert "(default: )" not in text and "(default: None)" not in text  # every default shown once, in words
 
 
 # ------------------------------------------------------------------------------------------------
@@ -231,7 +235,7 @@ def test_shared_cache_samples_equal_separate_teacher_forced_runs(hf_checkpoint):
         return logits.float()
 
     n = 3
-    outs = decode_loop([model], prompts, score, 6, (), 0, temperature=1.0, seed=3, samples=n)
+    outs = decode_loop([model], prompts, score, Sampling(6, temperature=1.0, seed=3, samples=n))
     assert len(outs) == len(prompts) * n and len({tuple(o) for o in outs[:n]}) > 1
     for row, out in enumerate(outs):
         prompt = prompts[row // n]

@@ -52,7 +52,7 @@ def test_base_favored_mask_matches_brute_force(tau, k, rho):
     lp_A[2, 5] = NEG_INF  # base has it, aligned says impossible: favored
     valid = torch.ones(30, dtype=torch.bool)
     valid[-3:] = False  # padded rows
-    got = D.base_favored_mask(lp_A, lp_B, tau, k, rho, valid)
+    got = D.base_favored_mask(lp_A, lp_B, D.BaseFavored(tau, k, rho), valid)
     assert torch.equal(got, brute_bf(lp_A, lp_B, tau, k, rho, valid))
     assert got.any() and not got.all()
 
@@ -63,14 +63,14 @@ def test_relative_floor_drops_near_zero_base_favored_tokens():
     p_B = torch.tensor([[0.996, 0.003, 0.001]])
     p_A = torch.tensor([[0.9985, 0.001, 0.0005]])
     lp_A, lp_B = p_A.log(), p_B.log()
-    assert D.base_favored_mask(lp_A, lp_B, 1.0, 20, rho=0.0).tolist() == [[False, True, True]]
-    assert D.base_favored_mask(lp_A, lp_B, 1.0, 20, rho=0.01).tolist() == [[False, False, False]]
-    assert D.base_favored_mask(lp_A, lp_B, 1.0, 20, rho=0.002).tolist() == [[False, True, False]]
+    assert D.base_favored_mask(lp_A, lp_B, D.BaseFavored(rho=0.0)).tolist() == [[False, True, True]]
+    assert D.base_favored_mask(lp_A, lp_B, D.BaseFavored(rho=0.01)).tolist() == [[False, False, False]]
+    assert D.base_favored_mask(lp_A, lp_B, D.BaseFavored(rho=0.002)).tolist() == [[False, True, False]]
 
 
 def test_kl_bf_mass_bf_hit_match_brute_force():
     lp_A, lp_B = random_lps((5, 20), 2), random_lps((5, 20), 3, neg_inf=False)
-    bf = D.base_favored_mask(lp_A, lp_B, 1.0, 6, 0.0)
+    bf = D.base_favored_mask(lp_A, lp_B, D.BaseFavored(1.0, 6, 0.0))
     targets = torch.tensor([1, 3, 5, 7, 9])
     for i in range(5):
         kl = sum(
@@ -91,7 +91,7 @@ def test_logit_grad_norm_equals_autograd():
     for b in range(4):
         for t in range(7):
             (g,) = torch.autograd.grad(torch.nn.functional.cross_entropy(logits[b, t], targets[b, t]), logits)
-            got = D.logit_grad_norm(logits[b, t].detach().log_softmax(-1), targets[b, t]).item()
+            got = D.logit_grad_norm(logits[b, t].detach().softmax(-1), targets[b, t]).item()
             assert got == pytest.approx(g[b, t].norm().item(), rel=1e-5)
 
 
@@ -99,7 +99,7 @@ def test_logit_grad_norm_equals_autograd():
 @pytest.mark.parametrize("alpha, beta", [(1.0, 0.1), (2.0, 0.01), (0.5, 1.0)])
 def test_contrastive_logits_match_brute_force(mode, alpha, beta):
     lp_A, lp_B = random_lps((4, 25), 4, neg_inf=False), random_lps((4, 25), 5)
-    got = D.contrastive_logits(lp_A, lp_B, alpha, beta, mode, tau=1.0, top_k=8, rho=0.0)
+    got = D.contrastive_logits(lp_A, lp_B, D.Contrast(alpha, beta, mode, D.BaseFavored(1.0, 8, 0.0)))
     bf = brute_bf(lp_A, lp_B, 1.0, 8)
     for i in range(4):
         top = max(lp_A[i].tolist())
@@ -115,7 +115,7 @@ def test_contrastive_logits_match_brute_force(mode, alpha, beta):
 def test_alpha_zero_contrast_keeps_the_aligned_argmax():
     lp_A, lp_B = random_lps((50, 40), 6), random_lps((50, 40), 7)
     for mode in ("full", "bf"):
-        s = D.contrastive_logits(lp_A, lp_B, 0.0, 0.1, mode)
+        s = D.contrastive_logits(lp_A, lp_B, D.Contrast(0.0, 0.1, mode))
         assert torch.equal(s.argmax(-1), lp_A.argmax(-1))
         assert not s.isnan().any()
 
@@ -358,10 +358,13 @@ def test_targeted_loss_hand_computed_and_its_reductions():
     dense, positions = torch.tensor([True, False]), torch.tensor([3, 7])
     u_S, u_A = lp(0.5, 0.25, 0.25), lp(0.7, 0.2, 0.1)
     cfg = D.LossConfig(tau=1.0, top_k=2, rho=0.0, w_max=5.0)
-    terms = D.targeted_loss(lp_S, lp_A, lp_B, q, dense, positions, u_S, u_A, cfg)
-    # BF: context 0: base top-2 = {1, 0}; favored: token 1 (0.7 > 0.4) -> {1}; context 1: top-2 = {2, 1}; 0.7
-    # >
-    # 0.6 and 0.2 < 0.3 -> {2}. bf_mass_A = (0.4, 0.6), mean 0.5 -> w = (0.8, 1.2); p_S on BF = (0.3, 0.2).
+    # BF: context 0: base top-2 = {1, 0}; favored: token 1 (0.7 > 0.4) -> {1}; context 1: top-2 = {2, 1};
+    # 0.7 > 0.6 and 0.2 < 0.3 -> {2}. bf_mass_A = (0.4, 0.6), mean 0.5 -> w = (0.8, 1.2); p_S on BF: 0.3, 0.2.
+    bf = D.base_favored_mask(lp_A, lp_B, cfg)
+    w = D.penalty_weights(D.bf_mass(lp_A, bf), positions.float(), cfg)
+    assert bf.tolist() == [[False, True, False], [False, False, True]]
+    assert w.tolist() == pytest.approx([0.8, 1.2])
+    terms = D.targeted_loss(lp_S, q, bf, w, u_S, u_A, cfg, dense)
     pen = (0.8 * 0.3 + 1.2 * 0.2) / 2
     kd = (LOG(1 / 0.5) + 0.5 * LOG(0.5 / 0.6) + 0.5 * LOG(0.5 / 0.2)) / 2
     util = 0.7 * LOG(0.7 / 0.5) + 0.2 * LOG(0.2 / 0.25) + 0.1 * LOG(0.1 / 0.25)
@@ -372,18 +375,11 @@ def test_targeted_loss_hand_computed_and_its_reductions():
     assert terms["kd_recovery"].item() == pytest.approx(kd_recovery, rel=1e-5)
     assert terms["util"].item() == pytest.approx(util, rel=1e-5)
     assert terms["loss"].item() == pytest.approx(kd + pen + util, rel=1e-5)
-    alone = D.targeted_loss(
-        lp_S,
-        lp_A,
-        lp_B,
-        q,
-        dense,
-        positions,
-        u_S,
-        u_A,
-        D.LossConfig(top_k=2, rho=0.0, lambda_pen=0.0, lambda_util=0.0),
-    )
+    alone = D.LossConfig(top_k=2, rho=0.0, lambda_pen=0.0, lambda_util=0.0)
+    alone = D.targeted_loss(lp_S, q, bf, w, u_S, u_A, alone, dense)
     assert alone["loss"].item() == pytest.approx(terms["kd"].item(), rel=1e-6)
+    hard = D.targeted_loss(lp_S, torch.tensor([0, 2]), bf, w, u_S, u_A, cfg, dense)  # the hard teacher: y
+    assert hard["kd"].item() == pytest.approx((LOG(1 / 0.5) + LOG(1 / 0.2)) / 2, rel=1e-6)
 
 
 def test_baseline_losses_hand_computed():

@@ -50,17 +50,6 @@ def test_our_jsonl_keeps_every_key(tmp_path):
     ]
 
 
-def test_our_csv(tmp_path):
-    path = write(
-        tmp_path / "p.csv",
-        "prompt,response,category\nhow do i bake bread ?,knead the dough .,\nwhat is 2 + 2 ?,,math\n",
-    )
-    assert read_prompts(path, "benign") == [
-        {"prompt": "how do i bake bread ?", "response": "knead the dough .", "source": "ours"},
-        {"prompt": "what is 2 + 2 ?", "category": "math", "source": "ours"},
-    ]
-
-
 def test_hexphi_jsonl(tmp_path):
     path = jsonl(
         tmp_path / "HEx-PHI.jsonl",
@@ -148,14 +137,28 @@ def test_jailbreakbench_harmful_and_benign_files_share_the_layout(tmp_path):
     ]
 
 
-def test_strongreject_csv(tmp_path):
-    path = write(
-        tmp_path / "strongreject_dataset.csv",
+CSV_FILES = [  # (file name, its text, the kind read, the rows expected): one-table layouts
+    (
+        "p.csv",
+        "prompt,response,category\nhow do i bake bread ?,knead the dough .,\nwhat is 2 + 2 ?,,math\n",
+        "benign",
+        [
+            {"prompt": "how do i bake bread ?", "response": "knead the dough .", "source": "ours"},
+            {"prompt": "what is 2 + 2 ?", "category": "math", "source": "ours"},
+        ],
+    ),
+    (
+        "strongreject_dataset.csv",
         "category,source,forbidden_prompt\nDisinformation,custom,Placeholder forbidden prompt\n",
-    )
-    assert read_prompts(path, "harmful") == [
-        {"prompt": "Placeholder forbidden prompt", "category": "Disinformation", "source": "strongreject"}
-    ]
+        "harmful",
+        [{"prompt": "Placeholder forbidden prompt", "category": "Disinformation", "source": "strongreject"}],
+    ),
+]
+
+
+@pytest.mark.parametrize("name, text, kind, expected", CSV_FILES)
+def test_our_csv_and_strongreject_csv(tmp_path, name, text, kind, expected):
+    assert read_prompts(write(tmp_path / name, text), kind) == expected
 
 
 def test_xstest_csv_and_jsonl_split_by_label(tmp_path):

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import SMALL_TRAIN
 
 from infra import hf as H
 
@@ -43,16 +44,9 @@ def train_cmd(toy, out, method, nproc, *extra):
         method,
         "--steps",
         "3",
-        "--batch-size",
-        "4",
-        "--utility-batch-size",
-        "4",
-        "--max-prefix",
-        "12",
         "--lr",
         "1e-3",
-        "--anchor-prompts",  # targeted's base-prompt anchor: process 0 writes it, process 1 reads it
-        "64",
+        *SMALL_TRAIN,  # with targeted's base-prompt anchor: process 0 writes it, process 1 reads it
     ]
     launcher = (
         [

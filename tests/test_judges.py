@@ -12,6 +12,7 @@ import torch
 import transformers
 from conftest import make_hf_checkpoint, write_tokenizer
 
+from data.refusals import REFUSAL_PHRASES
 from infra import tokenizer as TK
 from lab import judges as J
 
@@ -308,8 +309,8 @@ def test_refusal_phrase_judge_on_hand_written_examples(continuation, harmful):
 
 
 def test_refusal_phrase_list_has_thirty_lowercase_phrases():
-    assert len(J.REFUSAL_PHRASES) == 30 == len(set(J.REFUSAL_PHRASES))
-    assert all(p == p.lower() and "\u2019" not in p for p in J.REFUSAL_PHRASES)
+    assert len(REFUSAL_PHRASES) == 30 == len(set(REFUSAL_PHRASES))
+    assert all(p == p.lower() and "\u2019" not in p for p in REFUSAL_PHRASES)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -161,15 +161,13 @@ def test_save_refuses_to_overwrite(tmp_path, hf_checkpoint):
 # ------------------------------------------------------------------------------------------------
 # Config parsing and bad input
 # ------------------------------------------------------------------------------------------------
+TINY_CONFIG = dict(
+    hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, vocab_size=100
+)
+
+
 def test_config_spellings_4x_and_5x_agree():
-    base = dict(
-        model_type="llama",
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        vocab_size=100,
-    )
+    base = dict(model_type="llama", **TINY_CONFIG)
     rope = {
         "factor": 8.0,
         "low_freq_factor": 1.0,
@@ -213,17 +211,7 @@ def test_llama3_inv_freq_matches_transformers():
     ],
 )
 def test_unsupported_config_is_refused(patch, message):
-    cfg = {
-        **dict(
-            model_type="qwen2",
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            vocab_size=100,
-        ),
-        **patch,
-    }
+    cfg = {"model_type": "qwen2", **TINY_CONFIG, **patch}
     with pytest.raises(ValueError, match="config.json") as e:
         M.ModelArgs.from_hf_config(cfg)
     assert message in str(e.value)

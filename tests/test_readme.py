@@ -78,21 +78,25 @@ def test_every_readme_command_is_the_one_its_json_records():
     import eval as E
     from experiments import compare, profile
 
+    def flags(parsed) -> dict:
+        """Parsed flags (a Namespace or a settings dataclass) as the JSON records them: tuples are lists."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in vars(parsed).items()}
+
     checked, stale = 0, []
     for script, argv, path in readme_commands():
         if "--merge" in argv:  # it records the runs it merges, each checked by its own command
             continue
         settings = json.loads((ROOT / path).read_text())["settings"]
         if script == "eval.py":
-            parsed = vars(E.parse_args(argv))
+            parsed = flags(E.parse_args(argv))
         elif script == "compare.py":
-            parsed = vars(compare.parse_args(argv))
+            parsed = flags(compare.parse_args(argv))
             parsed = {k: parsed[k] for k in ("seeds", "samples", "finetune_attack", "steps")} | {
                 "rows": sorted(parsed["rows"])
             }
             settings = {**settings, "rows": sorted(settings["rows"])}  # the order of rows is the table's
         elif script == "profile.py":
-            parsed = {k: v for k, v in vars(profile.parse_args(argv)).items() if k in ("seeds", "models")}
+            parsed = {k: v for k, v in flags(profile.parse_args(argv)).items() if k in ("seeds", "models")}
         else:
             continue
         skip = {"out", "report", "compile", "seconds"}

@@ -24,6 +24,7 @@ import torch
 import eval as E
 from data import toyworld as TW
 from data import world as W
+from lab import tables as T
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 Z95 = 1.959963984540054  # the two-sided 95% normal quantile
@@ -49,11 +50,11 @@ def prompt_counts(evaluation: dict) -> dict[tuple, int]:
     utility figure's n_of (refusal rates: harmful prompts) or n (benign prompts)."""
     counts = {}
     for r in evaluation["results"]:
-        counts[(r["model"], r["decode"], E.asr_figure(r), E.seed_key(r["seed"]))] = r.get("n")
+        counts[(r["model"], r["decode"], T.asr_figure(r), T.seed_key(r["seed"]))] = r.get("n")
     for u in evaluation["utility"]:
         for figure in set(u) - NOT_FIGURES - set(NOT_RATES):
             n = u.get("n_of", {}).get(figure, u.get("n"))
-            counts[(u["model"], u["decode"], figure, E.seed_key(u["seed"]))] = n
+            counts[(u["model"], u["decode"], figure, T.seed_key(u["seed"]))] = n
     return {key: n for key, n in counts.items() if n is not None}
 
 

@@ -1,12 +1,19 @@
 """stats.py against independent computations: Wilson intervals worked by hand and by inverting the score test
 numerically, exact binomial / McNemar p-values by enumerating every sign assignment of the discordant pairs,
-ASR@n by enumerating every subset of samples, the bootstrap on cases whose answer is known, and the errors."""
+ASR@n by enumerating every subset of samples, the bootstrap on cases whose answer is known, and the errors.
+Run level: the hierarchical bootstrap against its exact distribution (fractions) and against the plain loops
+of its definition; variance components against mean squares worked by hand and by loops, and unbiasedness by
+simulation; the standard error against simulated means."""
 
 from __future__ import annotations
 
 import itertools
 import math
+import random
+from collections import defaultdict
+from fractions import Fraction
 
+import numpy as np
 import pytest
 
 from lab import stats as S
@@ -257,3 +264,286 @@ def test_bootstrap_cancelling_pairs_count_as_zero():
     r = S.paired_bootstrap([0.1, 0.2, 0.0], [0.0, 0.0, 0.3], n_boot=3000, seed=1)
     assert r["diff"] == pytest.approx(0.0, abs=1e-15)
     assert r["p"] == 1.0
+
+
+# ---- run-level statistics: the hierarchical bootstrap ----------------------------------------------------
+
+# Three worlds, unbalanced: 2, 1 and 3 runs of 1 to 3 prompts; per-prompt differences A - B in {-1, 0, 1}.
+TINY = [[[1, 0, -1], [0, -1]], [[-1, -1, 0]], [[0, 1], [-1, -1], [0]]]
+
+
+def mean_of_draws(dist: dict, k: int) -> dict:
+    """Exact distribution {value: probability} of the mean of k independent draws from dist."""
+    out = {Fraction(0): Fraction(1)}
+    for _ in range(k):
+        nxt = defaultdict(Fraction)
+        for v, p in out.items():
+            for u, q in dist.items():
+                nxt[v + u] += p * q
+        out = nxt
+    return {v / k: p for v, p in out.items()}
+
+
+def mixture(dists: list) -> dict:
+    """Exact distribution of a draw from one of dists chosen uniformly."""
+    out = defaultdict(Fraction)
+    for d in dists:
+        for v, p in d.items():
+            out[v] += p / len(dists)
+    return dict(out)
+
+
+def exact_bootstrap(worlds) -> dict:
+    """The exact distribution of the hierarchical bootstrap statistic, in fractions, from its definition: a
+    drawn run's value is the mean of as many prompts as it has, drawn uniformly; a drawn world's value the
+    mean of as many runs as it has, drawn uniformly from its runs; the statistic the mean of W worlds drawn
+    uniformly. Every draw independent, so each mean is a convolution."""
+    world_dists = []
+    for runs in worlds:
+        run_dists = [mean_of_draws(mixture([{Fraction(v): Fraction(1)} for v in x]), len(x)) for x in runs]
+        world_dists.append(mean_of_draws(mixture(run_dists), len(runs)))
+    return mean_of_draws(mixture(world_dists), len(worlds))
+
+
+def cdf(dist: dict, x: float, strict: bool) -> float:
+    """P(T < x) or P(T <= x), x a float that may be off the exact value by rounding."""
+    return float(sum(p for v, p in dist.items() if (v < x - 1e-9 if strict else v <= x + 1e-9)))
+
+
+def test_hierarchical_resamples_match_the_exact_bootstrap_distribution():
+    exact = exact_bootstrap(TINY)
+    mean = float(sum(v * p for v, p in exact.items()))
+    var = float(sum((v - Fraction(mean)) ** 2 * p for v, p in exact.items()))
+    n = 200_000
+    boot = S.hierarchical_resamples(TINY, n_resamples=n, seed=3)
+    assert boot.mean() == pytest.approx(mean, abs=5 * math.sqrt(var / n))
+    assert boot.var() == pytest.approx(var, rel=0.02)
+    for q in (0.025, 0.1, 0.5, 0.9, 0.975):  # the sample quantile sits where the exact cdf crosses q
+        x = float(np.quantile(boot, q))
+        assert cdf(exact, x, strict=True) <= q + 0.004 and cdf(exact, x, strict=False) >= q - 0.004
+    r = S.hierarchical_bootstrap(TINY, n_resamples=n, seed=4, level=0.8)
+    assert cdf(exact, r["lo"], True) <= 0.104 and cdf(exact, r["lo"], False) >= 0.096
+    assert cdf(exact, r["hi"], True) <= 0.904 and cdf(exact, r["hi"], False) >= 0.896
+
+
+def loop_bootstrap(worlds, n: int, seed: int) -> np.ndarray:
+    """The hierarchical bootstrap written as the plain loops of its definition, on Python's own RNG."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        world_values = []
+        for _ in worlds:
+            runs = rng.choice(worlds)
+            run_values = []
+            for _ in runs:
+                x = rng.choice(runs)
+                run_values.append(sum(rng.choice(x) for _ in x) / len(x))
+            world_values.append(sum(run_values) / len(run_values))
+        out.append(sum(world_values) / len(world_values))
+    return np.array(out)
+
+
+def test_hierarchical_bootstrap_against_a_brute_force_loop():
+    gen = np.random.default_rng(11)
+    worlds = [[list(gen.integers(-1, 2, size=int(p))) for p in gen.integers(4, 9, size=r)] for r in (3, 2, 1)]
+    n = 20_000
+    loop = loop_bootstrap(worlds, n, seed=5)
+    fast = S.hierarchical_resamples(worlds, n_resamples=n, seed=6)
+    sd = loop.std()
+    assert fast.mean() == pytest.approx(loop.mean(), abs=5 * sd * math.sqrt(2 / n))
+    assert fast.std() == pytest.approx(sd, rel=0.04)
+    for q in (0.025, 0.25, 0.5, 0.75, 0.975):
+        assert np.quantile(fast, q) == pytest.approx(np.quantile(loop, q), abs=0.12 * sd)
+    r = S.hierarchical_bootstrap(worlds, n_resamples=n, seed=6)
+    assert (r["lo"], r["hi"]) == pytest.approx(tuple(np.quantile(loop, [0.025, 0.975])), abs=0.12 * sd)
+
+
+def test_nested_mean_weighs_worlds_then_runs_then_prompts():
+    # World 0: runs at 1 (2 prompts) and 0 (4 prompts), its mean 1/2; world 1: one run at 0. Mean 1/4, where
+    # pooling the 7 prompts would give 2/7.
+    d = {"w0": {0: [1, 1], 1: [0, 0, 0, 0]}, "w1": {0: [0]}}
+    assert S.nested_mean(d) == 0.25
+    r = S.hierarchical_bootstrap(d, n_resamples=500)
+    assert r["estimate"] == 0.25 and r["test"] == "hierarchical bootstrap" and r["level"] == 0.95
+    assert S.hierarchical_bootstrap([[[1, 1], [0, 0, 0, 0]], [[0]]], n_resamples=500) == r  # list == dict
+
+
+def test_hierarchical_bootstrap_deterministic_and_degenerate():
+    assert S.hierarchical_bootstrap(TINY, 1000, seed=7) == S.hierarchical_bootstrap(TINY, 1000, seed=7)
+    assert S.hierarchical_bootstrap(TINY, 1000, seed=7) != S.hierarchical_bootstrap(TINY, 1000, seed=8)
+    same = {w: {r: [-1.0] * 5 for r in range(3)} for w in range(2)}
+    r = S.hierarchical_bootstrap(same, n_resamples=300)
+    assert (r["estimate"], r["lo"], r["hi"]) == (-1.0, -1.0, -1.0)
+    cancel = [[[0.1, 0.2, -0.3]]]  # resamples holding each value once sum to 5.6e-17: taken as 0
+    assert 0.0 in set(S.hierarchical_resamples(cancel, 300).tolist())
+
+
+# ---- run-level statistics: r of R and the claim ----------------------------------------------------------
+
+
+def test_runs_lower_hand_made():
+    d = {0: {0: [-1, 0, 0], 1: [1, 0, -1], 2: [0, 1]}, 1: {0: [-1, -1]}}  # run means -1/3, 0, 1/2, -1
+    assert S.runs_lower(d) == (2, 4)  # a tie (mean 0) is not lower
+    assert S.runs_lower([[[0, 0]]]) == (0, 1)
+    assert S.runs_lower([[[-1], [-1, 0]], [[1, -1, -1]]]) == (3, 3)
+
+
+def test_run_level_claim_verdicts():
+    clear = {w: {r: [-1] * 18 + [0] * 2 for r in range(3)} for w in range(3)}
+    c = S.run_level_claim(clear, n_resamples=2000, names=("targeted", "augment"))
+    assert (c.verdict, c.r, c.R, c.estimate, c.level) == ("targeted lower", 9, 9, pytest.approx(-0.9), 0.95)
+    assert c.lo < -0.9 < c.hi < 0
+    flipped = {w: {r: [-x for x in v] for r, v in runs.items()} for w, runs in clear.items()}
+    f = S.run_level_claim(flipped, n_resamples=2000)
+    assert (f.verdict, f.r, f.R) == ("B lower", 0, 9) and 0 < f.lo
+    split = {0: {0: [-1] * 10, 1: [-1] * 10}, 1: {0: [1] * 10, 1: [1] * 10}}
+    s = S.run_level_claim(split, n_resamples=2000)
+    assert (s.verdict, s.r, s.R, s.estimate) == ("no measurable difference", 2, 4, 0.0)
+    assert s.lo < 0 < s.hi
+
+
+def test_prompt_level_significance_that_the_runs_do_not_carry():
+    # In each of 3 worlds one run has A lower by 30 points, the other B lower by 20: the 600 pooled prompts
+    # make -5 points significant (paired bootstrap), but over runs it is no measurable difference.
+    low, high = [-1] * 30 + [0] * 70, [1] * 20 + [0] * 80
+    d = {w: {0: low, 1: high} for w in range(3)}
+    flat = [x for runs in d.values() for run in runs.values() for x in run]
+    pooled = S.paired_bootstrap(flat, [0.0] * len(flat), n_boot=4000)
+    assert pooled["diff"] == pytest.approx(-0.05) and pooled["hi"] < 0
+    c = S.run_level_claim(d, n_resamples=4000)
+    assert (c.verdict, c.r, c.R) == ("no measurable difference", 3, 6)
+    assert c.estimate == pytest.approx(-0.05) and c.lo < 0 < c.hi
+
+
+# ---- run-level statistics: variance components -----------------------------------------------------------
+
+
+def test_variance_components_balanced_by_hand():
+    # 2 worlds x 2 runs x 3 prompts. Run means 1, 1/3 | 0, 1/3; world means 2/3, 1/6; grand mean 5/12.
+    # SS_prompt = 0 + 2/3 + 0 + 2/3 = 4/3 on 12 - 4 = 8 df: MS_prompt = 1/6.
+    # SS_run = 3 [(1/3)^2 + (1/3)^2] + 3 [(1/6)^2 + (1/6)^2] = 2/3 + 1/6 = 5/6 on 2 df: MS_run = 5/12.
+    # SS_world = 6 [(1/4)^2 + (1/4)^2] = 3/4 on 1 df: MS_world = 3/4.
+    # s2_p = 1/6; s2_r = (5/12 - 1/6) / 3 = 1/12; s2_w = (3/4 - 5/12) / 6 = 1/18; total 11/36.
+    v = S.variance_components({0: {0: [1, 1, 1], 1: [1, 0, 0]}, 1: {0: [0, 0, 0], 1: [0, 1, 0]}})
+    assert v.mean_squares == {
+        "world": (pytest.approx(3 / 4), 1),
+        "run": (pytest.approx(5 / 12), 2),
+        "prompt": (pytest.approx(1 / 6), 8),
+    }
+    assert v.variance == pytest.approx({"world": 1 / 18, "run": 1 / 12, "prompt": 1 / 6})
+    assert v.share == pytest.approx({"world": 2 / 11, "run": 3 / 11, "prompt": 6 / 11})
+    assert v.raw == v.variance and v.notes == ()
+
+
+def test_variance_components_clip_a_negative_estimate():
+    # Run means 1/2, 1/2 | 1, 1: MS_run = 0 < MS_prompt = (4 x 1/4) / 4 = 1/4, so s2_r = (0 - 1/4) / 2 = -1/8,
+    # clipped; MS_world = 4 [(1/4)^2 + (1/4)^2] = 1/2, s2_w = (1/2 - 0) / 4 = 1/8 from the raw s2_r.
+    v = S.variance_components([[[1, 0], [1, 0]], [[1, 1], [1, 1]]])
+    assert v.raw == pytest.approx({"world": 1 / 8, "run": -1 / 8, "prompt": 1 / 4})
+    assert v.variance == pytest.approx({"world": 1 / 8, "run": 0.0, "prompt": 1 / 4})
+    assert v.share == pytest.approx({"world": 1 / 3, "run": 0.0, "prompt": 2 / 3})
+    assert v.notes == ("the run estimate -0.125 is negative, clipped at 0",)
+
+
+# Prompts per run in 6 worlds of 2, 1, 3, 2, 4 and 2 runs: unbalanced enough that each coefficient of the
+# expected mean squares matters (k_w = N / a, or k_run in place of k_wr, biases s2_w by about 10 SE).
+DESIGN = [[2, 10], [2], [1, 8, 3], [6, 6], [3, 3, 3, 3], [30, 20]]
+
+
+def test_variance_components_unbalanced_mean_squares_by_loops():
+    gen = np.random.default_rng(2)
+    data = [[gen.normal(size=p) for p in runs] for runs in DESIGN]
+    runs = [x for world in data for x in world]
+    grand = sum(x.sum() for x in runs) / sum(x.size for x in runs)
+    ss = {"world": 0.0, "run": 0.0, "prompt": 0.0}
+    for world in data:
+        world_mean = sum(x.sum() for x in world) / sum(x.size for x in world)
+        for x in world:
+            for y in x:
+                ss["prompt"] += (y - x.mean()) ** 2
+                ss["run"] += (x.mean() - world_mean) ** 2
+                ss["world"] += (world_mean - grand) ** 2
+    v = S.variance_components(data)
+    for k, df in (("world", 6 - 1), ("run", 14 - 6), ("prompt", 100 - 14)):  # 6 worlds, 14 runs, 100 prompts
+        assert v.mean_squares[k] == (pytest.approx(ss[k] / df), df)
+
+
+def test_variance_components_unbalanced_are_unbiased_by_simulation():
+    truth, n = {"world": 1.0, "run": 2.0, "prompt": 1.0}, 10_000
+    gen = np.random.default_rng(0)
+    raws = []
+    for _ in range(n):
+        data = []
+        for runs in DESIGN:
+            a = gen.normal(scale=math.sqrt(truth["world"]))
+            b = gen.normal(scale=math.sqrt(truth["run"]), size=len(runs))
+            e = [gen.normal(scale=math.sqrt(truth["prompt"]), size=p) for p in runs]
+            data.append([a + b[r] + e[r] for r in range(len(runs))])
+        raws.append(S.variance_components(data).raw)
+    for k, t in truth.items():
+        est = np.array([r[k] for r in raws])
+        assert est.mean() == pytest.approx(t, abs=5 * est.std() / math.sqrt(n))
+
+
+def test_variance_components_one_run_per_world_and_one_world():
+    # One run per world: run means 2/3, 0 (3 prompts each), MS_world = 3 (2 (1/3)^2) = 2/3, MS_prompt = 1/6,
+    # s2_w + s2_r = (2/3 - 1/6) / 3 = 1/6.
+    v = S.variance_components({0: {0: [1, 1, 0]}, 1: {0: [0, 0, 0]}})
+    assert v.variance == pytest.approx({"world": 1 / 6, "run": None, "prompt": 1 / 6})
+    assert v.share == pytest.approx({"world": 0.5, "run": None, "prompt": 0.5})
+    assert v.notes == (
+        "one run per world: the run component is not identifiable; the world component holds it",
+    )
+    # One world of 2 runs: MS_run = 3 (2 (1/3)^2) = 2/3 as above, s2_r = (2/3 - 1/6) / 3 = 1/6.
+    w = S.variance_components([[[1, 1, 0], [0, 0, 0]]])
+    assert w.variance == pytest.approx({"world": None, "run": 1 / 6, "prompt": 1 / 6})
+    assert "one world" in w.notes[0] and len(w.notes) == 1
+    # One world, one run: only the prompts' variance, SS = 3 (1/4)^2 + (3/4)^2 = 3/4 on 3 df: 1/4.
+    u = S.variance_components([[[1, 0, 1, 1]]])
+    assert u.variance == pytest.approx({"world": None, "run": None, "prompt": 0.25})
+    assert len(u.notes) == 2 and S.standard_error(u, 1, 1, 4) == pytest.approx(0.25)
+    with pytest.raises(ValueError, match="one prompt"):
+        S.variance_components([[[1], [0]], [[1]]])
+
+
+# ---- run-level statistics: what the components imply -----------------------------------------------------
+
+
+def components(world: float, run: float, prompt: float):
+    v = {"world": world, "run": run, "prompt": prompt}
+    return S.VarianceComponents(variance=v, share={}, raw=v, mean_squares={}, notes=())
+
+
+def test_standard_error_by_hand_and_by_simulation():
+    c = components(1 / 18, 1 / 12, 1 / 6)
+    assert S.standard_error(c, 3, 3, 200) == pytest.approx(math.sqrt(1 / 54 + 1 / 108 + 1 / 10800))
+    W, R, P, n = 3, 2, 5, 40_000
+    gen = np.random.default_rng(1)
+    y = (
+        gen.normal(scale=0.8, size=(n, W, 1, 1))
+        + gen.normal(scale=0.5, size=(n, W, R, 1))
+        + gen.normal(scale=1.5, size=(n, W, R, P))
+    )
+    se = S.standard_error(components(0.64, 0.25, 2.25), W, R, P)
+    assert y.mean(axis=(1, 2, 3)).std() == pytest.approx(se, rel=0.02)
+
+
+def test_runs_needed():
+    # room = (0.1 / 2)^2 - 0 = 0.0025; runs >= (0.04 + 0.2 / 200) / (3 x 0.0025) = 5.47: 6 runs per world.
+    c = components(0.0, 0.04, 0.2)
+    assert S.runs_needed(c, 0.1, worlds=3, prompts=200, z=2.0) == 6
+    assert 2 * S.standard_error(c, 3, 6, 200) <= 0.1 < 2 * S.standard_error(c, 3, 5, 200)
+    assert S.runs_needed(components(0.01, 0.04, 0.2), 0.1, worlds=3, prompts=200, z=2.0) is None
+    assert S.runs_needed(c, 10.0, worlds=3, prompts=200) == 1
+
+
+def test_run_level_errors():
+    for bad in ([], [[]], [[[]]], {0: {}}):
+        with pytest.raises(ValueError, match="at least one world"):
+            S.hierarchical_bootstrap(bad)
+    with pytest.raises(ValueError, match="level"):
+        S.hierarchical_bootstrap(TINY, level=95)
+    with pytest.raises(ValueError, match="n_resamples"):
+        S.hierarchical_resamples(TINY, n_resamples=0)
+    with pytest.raises(ValueError, match="standard_error"):
+        S.standard_error(components(0, 0, 1), 0, 1, 1)

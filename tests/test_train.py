@@ -6,31 +6,21 @@ import json
 
 import pytest
 import torch
-from conftest import write_tokenizer
+from conftest import SMALL_TRAIN, write_tokenizer
 
 import deepalign as D
 import train as T
+from data import examples as E
+from data.refusals import REFUSAL_PHRASES
+from infra import checkpoints as C
 from infra import hf as H
+from infra import lora as L
+from infra import optim as O
 from infra import tokenizer as TK
-from lab import judges as J
 
 
 def train_argv(toy, out, *extra):
-    return [
-        "--world",
-        str(toy["root"]),
-        "--out",
-        str(out),
-        "--batch-size",
-        "4",
-        "--utility-batch-size",
-        "4",
-        "--max-prefix",
-        "12",
-        "--anchor-prompts",  # targeted's base-prompt anchor, kept small (its own test checks it)
-        "64",
-        *extra,
-    ]
+    return ["--world", str(toy["root"]), "--out", str(out), *SMALL_TRAIN, *extra]
 
 
 def files_argv(toy, data, benign, out, *extra):
@@ -59,7 +49,7 @@ ROW = {
 def test_dense_example_targets_the_recovery_start_at_every_context(toy):
     tok = TK.Tokenizer(toy["aligned"])
     head, harm = D.response_split(tok, ROW["prompt"], ROW["harmful_response"])
-    ex = T.dense_example(tok, ROW, K=12)
+    ex = E.dense_example(tok, ROW, K=12)
     assert ex.ids == head + harm[:12] and ex.positions == list(range(13)) and ex.dense
     assert ex.cols == list(range(len(head) - 1, len(head) + 12))  # the logit at col predicts col + 1
     # at t = 0 the recovery starts the answer ("wait"), later it follows a word after a space (" wait")
@@ -69,12 +59,12 @@ def test_dense_example_targets_the_recovery_start_at_every_context(toy):
 
 def test_recovery_and_answer_examples_end_with_the_end_of_turn(toy):
     tok = TK.Tokenizer(toy["aligned"])
-    ex = T.recovery_example(tok, ROW, 5)
+    ex = E.recovery_example(tok, ROW, 5)
     head, harm = D.response_split(tok, ROW["prompt"], ROW["harmful_response"])
     recovery = tok.encode(" " + ROW["recovery"]) + [tok.end_of_turn_id]
     assert ex.ids == head + harm[:5] + recovery and ex.targets == recovery and not ex.dense
     assert [ex.ids[c + 1] for c in ex.cols] == ex.targets and ex.positions[0] == 5
-    zero = T.recovery_example(tok, ROW, 0)
+    zero = E.recovery_example(tok, ROW, 0)
     # no space at the answer's start
     assert zero.targets == tok.encode(ROW["recovery"]) + [tok.end_of_turn_id]
 
@@ -93,13 +83,13 @@ def test_examples_end_with_the_chat_formats_end_of_turn_token(tmp_path):
         "harmful_response": "sure , first mix the flour .",
         "recovery": "i am fine .",
     }
-    assert T.recovery_example(tok, row, 2).targets[-1] == eot
-    assert T.answer_example(tok, row["prompt"], "the capital of france is paris .").targets[-1] == eot
+    assert E.recovery_example(tok, row, 2).targets[-1] == eot
+    assert E.answer_example(tok, row["prompt"], "the capital of france is paris .").targets[-1] == eot
 
 
 def test_word_start_ids_map_answer_initial_tokens_to_mid_text_ones(toy):
     tok = TK.Tokenizer(toy["aligned"])
-    ws = T.word_start_ids(tok, H.load_model(toy["aligned"]).args.vocab_size)
+    ws = E.word_start_ids(tok, H.load_model(toy["aligned"]).args.vocab_size)
     for word in ("sorry", "wait", "i", "sure"):
         assert ws[tok.encode(word)[0]].item() == tok.encode(" " + word)[0], word
     assert ws[tok.encode(" wait")[0]].item() == tok.encode(" wait")[0]  # already mid-text
@@ -118,7 +108,7 @@ def step_parts(toy, tmp_path_factory):
     aligned = H.load_model(run.aligned).requires_grad_(False)
     safety, benign = T.load_data(run, tok, student, tmp_path_factory.mktemp("cache"), 0, base=base)
     valid = tok.real_token_mask(student.args.vocab_size)
-    frozen = T.Frozen(base, T.FrozenAligned(aligned, False), valid, T.word_start_ids(tok, len(valid)))
+    frozen = T.Frozen(base, L.FrozenAligned(aligned, False), valid, E.word_start_ids(tok, len(valid)))
     return run, loss, tok, student, frozen, safety, benign
 
 
@@ -130,21 +120,21 @@ def test_clean_teacher_rows_equal_separate_forwards(step_parts):
     forward."""
     run, loss, tok, student, frozen, safety, benign = step_parts
     draws = [(safety[0], 0), (safety[1], 5)]
-    batch, teacher = T.targeted_batch(tok, draws, loss.max_prefix, "cpu")
+    batch, teacher = E.targeted_batch(tok, draws, student, loss, "cpu")
     q = T.teacher_distribution(None, None, batch.targets, teacher, frozen, loss)  # (N, V)
     aligned, lam, i = frozen.aligned.model, loss.lam, 0
     for row, k in draws:
         head = tok.prompt_ids(row["prompt"])
         # A's first answer token, bare prompt
         first = aligned(torch.tensor([head]))[0, -1].float().softmax(-1)
-        dense = T.dense_example(tok, row, loss.max_prefix)
+        dense = E.dense_example(tok, row, loss.max_prefix)
         for t, target in zip(dense.positions, dense.targets):
             soft = first if t == 0 else D.word_start_distribution(first[None], frozen.word_start)[0]
             hard = torch.nn.functional.one_hot(torch.tensor(target), len(first))
             assert torch.allclose(q[i], lam * hard + (1 - lam) * soft, atol=1e-5), (t, k)
             i += 1
         clean = tok.prompt_ids(row["prompt"], prefill=row["recovery"])
-        for j, target in enumerate(T.recovery_example(tok, row, k).targets):
+        for j, target in enumerate(E.recovery_example(tok, row, k).targets):
             soft = aligned(torch.tensor([clean[: len(head) + j]]))[0, -1].float().softmax(-1)
             if j == 0 and k > 0:
                 soft = D.word_start_distribution(soft[None], frozen.word_start)[0]
@@ -159,9 +149,9 @@ def test_dense_positions_equal_single_context_computations(step_parts):
     """The student's log-probs at the dense contexts of one teacher-forced sequence equal those of each
     context c_t = (x, h_<t) alone (one forward per position)."""
     run, loss, tok, student, frozen, safety, benign = step_parts
-    ex = T.dense_example(tok, safety[0], loss.max_prefix)
-    batch = T.collate([ex], tok.pad_id, "cpu")
-    lp = T.loss_log_probs(student, batch)  # (N, V)
+    ex = E.dense_example(tok, safety[0], loss.max_prefix)
+    batch = E.collate([ex], tok.pad_id, "cpu")
+    lp = E.loss_log_probs(student, batch)  # (N, V)
     head, harm = D.response_split(tok, safety[0]["prompt"], safety[0]["harmful_response"])
     for t in range(len(ex.positions)):
         alone = student(torch.tensor([head + harm[:t]]))[0, -1].float().log_softmax(-1)
@@ -171,7 +161,7 @@ def test_dense_positions_equal_single_context_computations(step_parts):
 def test_rto_targets_every_dense_context_with_the_recovery_start(step_parts):
     run, loss, tok, student, frozen, safety, benign = step_parts
     rto = T.RunConfig(**{**run.__dict__, "method": "rto"})
-    batches = T.make_batches(3, tok, safety, benign, {}, student, rto, loss, "cpu")
+    batches = T.make_batches(3, E.Data(tok, safety, benign, {}), student, rto, loss)
     assert batches.safety.dense.all()
     starts = {tok.encode(r)[0] for r in ("wait", "i", "actually")}
     starts |= {tok.encode(" " + r)[0] for r in ("wait", "i", "actually")}
@@ -184,10 +174,10 @@ def test_gradient_flows_only_into_the_student(step_parts, lora):
     student = H.load_model(run.aligned)
     aligned = frozen.aligned
     if lora:
-        T.add_lora(student, 4, 8.0)
-        aligned = T.FrozenAligned(student, adapters_off=True)
+        L.add_lora(student, 4, 8.0)
+        aligned = L.FrozenAligned(student, adapters_off=True)
     frozen = T.Frozen(frozen.base, aligned, frozen.valid, frozen.word_start)
-    batches = T.make_batches(0, tok, safety, benign, {}, student, run, loss, "cpu")
+    batches = T.make_batches(0, E.Data(tok, safety, benign, {}), student, run, loss)
     terms = T.step_losses("targeted", student, frozen, batches, loss)
     assert {"loss", "kd", "kd_dense", "kd_recovery", "pen", "util"} <= set(terms)
     assert all(torch.isfinite(v) for v in terms.values())
@@ -209,7 +199,7 @@ def test_a_few_steps_reduce_the_loss(step_parts, method):
     student = H.load_model(run.aligned)
     run = T.RunConfig(**{**run.__dict__, "method": method})
     own = {r["prompt"]: tok.encode("sorry , i can't help with that .") for r in safety}
-    batches = T.make_batches(0, tok, safety, benign, own, student, run, loss, "cpu")
+    batches = T.make_batches(0, E.Data(tok, safety, benign, own), student, run, loss)
     opt = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=1e-3)
     losses = []
     for _ in range(8):  # the same batch: the objective itself must go down
@@ -258,21 +248,21 @@ def test_bf16_lora_merge_keeps_the_trained_model(toy, tmp_path):
     def trained_model():
         m = H.load_model(toy["aligned"], "bfloat16")
         torch.manual_seed(0)  # the same adapters every time
-        T.add_lora(m, 4, 8.0)
+        L.add_lora(m, 4, 8.0)
         with torch.no_grad():
             for mod in m.modules():
-                if isinstance(mod, T.LoRALinear):
+                if isinstance(mod, L.LoRALinear):
                     mod.lora_B.normal_(0, 2e-3)  # a small update, as a few steps of training make
         return m
 
     with torch.no_grad():
         reference = trained_model().float()  # bf16 base weights and float32 adapters, computed in float32
         exact = reference(x).float().log_softmax(-1)[0]
-        T.set_lora(reference, False)
+        L.set_lora(reference, False)
         before = reference(x).float().log_softmax(-1)[0]
-        saved = H.save_model(T.merge_lora(trained_model(), torch.float32), tmp_path / "f32")
+        saved = H.save_model(L.merge_lora(trained_model(), torch.float32), tmp_path / "f32")
         merged = H.load_model(saved)(x).float().log_softmax(-1)[0]
-        rounded = T.merge_lora(trained_model(), torch.bfloat16).float()(x).float().log_softmax(-1)[0]
+        rounded = L.merge_lora(trained_model(), torch.bfloat16).float()(x).float().log_softmax(-1)[0]
     changed = D.kl_per_position(exact, before).mean().item()
     assert changed > 0
     assert D.kl_per_position(exact, merged).mean().item() < 1e-3 * changed
@@ -292,7 +282,7 @@ def test_bf16_weights_are_updated_through_float32_masters():
     g = torch.randn(64, 64).to(torch.bfloat16)  # the gradient of (w * g).sum(), whatever w is
     lr, steps = 1e-5, 30
     w = torch.nn.Parameter(w0.clone())
-    masters = T.fp32_masters([w])
+    masters = O.fp32_masters([w])
     assert masters[0].dtype == torch.float32 and masters[0] is not w
     opt = torch.optim.AdamW(masters, lr=lr, weight_decay=0.0)
     ref = torch.nn.Parameter(w0.float())  # the float32 run
@@ -303,11 +293,11 @@ def test_bf16_weights_are_updated_through_float32_masters():
         for p, o in ((w, opt), (ref, ref_opt), (naive, naive_opt)):
             o.zero_grad()
             (p * g.to(p.dtype)).sum().backward()
-        T.grads_to_masters([w], masters)
+        O.grads_to_masters([w], masters)
         assert w.grad is None and masters[0].grad.dtype == torch.float32
         for o in (opt, ref_opt, naive_opt):
             o.step()
-        T.masters_to_params([w], masters)
+        O.masters_to_params([w], masters)
         if step == 0:
             first = w0.float() - lr * torch.sign(g.float())
             assert torch.allclose(masters[0], first, rtol=0, atol=1e-9)
@@ -319,12 +309,12 @@ def test_bf16_weights_are_updated_through_float32_masters():
         return (p.detach().float() - w0.float()).abs().mean().item()
 
     assert moved(naive) < 0.25 * moved(ref)  # in place, most of the float32 run's movement is lost
-    assert T.fp32_masters([ref])[0] is ref  # float32 parameters are their own masters
+    assert O.fp32_masters([ref])[0] is ref  # float32 parameters are their own masters
     # Gradient accumulation: each micro-batch's bf16 gradient is added into the master's in float32.
     masters[0].grad = None
     for g_micro in (torch.full_like(w0, 1.0), torch.full_like(w0, 2.0**-9)):  # 1 + 2^-9 is not a bf16 number
         w.grad = g_micro.clone()
-        T.grads_to_masters([w], masters)
+        O.grads_to_masters([w], masters)
     assert torch.equal(masters[0].grad, torch.full_like(masters[0], 1.0 + 2.0**-9))
 
 
@@ -394,15 +384,9 @@ def test_missing_recoveries_and_responses_are_generated_once_and_reused(toy, tmp
     cached = [json.loads(line) for line in recoveries.read_text().splitlines()]
     assert {r["prompt"] for r in cached} == {r["prompt"] for r in rows}
     tok, aligned = TK.Tokenizer(toy["aligned"]), H.load_model(toy["aligned"])
-    from decode import generate
+    from decode import Sampling, generate
 
-    own = generate(
-        aligned,
-        [tok.prompt_ids(cached[0]["prompt"])],
-        max_new_tokens=64,
-        eos_ids=tok.eos_ids,
-        pad_id=tok.pad_id,
-    )[0]
+    own = generate(aligned, [tok.prompt_ids(cached[0]["prompt"])], Sampling(64), tok.eos_ids, tok.pad_id)[0]
     assert cached[0]["recovery"] == tok.decode([t for t in own if t not in tok.eos_ids]).strip()
     assert len(responses.read_text().splitlines()) == 2
     stamp = (recoveries.stat().st_mtime_ns, responses.stat().st_mtime_ns)
@@ -424,7 +408,7 @@ def test_bad_input_errors(toy, tmp_path):
     prompts_only.write_text("how do i x ?\n")
     with pytest.raises(ValueError, match="no row has a harmful response"):
         T.main(files_argv(toy, prompts_only, prompts_only, tmp_path / "r2"))
-    assert T.get_lr(0, T.RunConfig(steps=1)) == T.RunConfig().lr  # one step: its warmup step, full lr
+    assert O.get_lr(0, 1, 3e-4, floor=0.0) == 3e-4  # one step: its warmup step, full lr
 
 
 def test_a_non_finite_loss_stops_the_run_before_any_checkpoint(toy, tmp_path, monkeypatch):
@@ -445,7 +429,7 @@ def test_a_non_finite_loss_stops_the_run_before_any_checkpoint(toy, tmp_path, mo
     with pytest.raises(ValueError, match=r"step 3: non-finite loss terms \['util'\]"):
         T.main(train_argv(toy, out, "--steps", "6", "--save-every", "2", "--method", "augment"))
     log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in log] == [1, 2] and (out / T.CHECKPOINT).exists()
+    assert [r["step"] for r in log] == [1, 2] and (out / C.CHECKPOINT).exists()
     assert not (out / "config.json").exists()
 
 
@@ -453,13 +437,13 @@ def test_targeted_v3_teaches_the_aligned_models_own_refusal(toy, tmp_path):
     """§5 version 3: with the clean teacher every recovery is the aligned model's own greedy answer to the
     bare prompt (generated once into the run folder), whatever the data file says; --teacher hard keeps the
     file's recovery."""
-    from decode import generate
+    from decode import Sampling, generate
 
     tok, aligned = TK.Tokenizer(toy["aligned"]), H.load_model(toy["aligned"])
     out = T.main(train_argv(toy, tmp_path / "v3", "--steps", "1"))
     cached = {r["prompt"]: r["recovery"] for r in map(json.loads, open(out / "generated_recoveries.jsonl"))}
     prompt = sorted(cached)[0]
-    own = generate(aligned, [tok.prompt_ids(prompt)], 64, tok.eos_ids, tok.pad_id)[0]
+    own = generate(aligned, [tok.prompt_ids(prompt)], Sampling(64), tok.eos_ids, tok.pad_id)[0]
     assert cached[prompt] == tok.decode([t for t in own if t not in tok.eos_ids]).strip()
     hard = T.main(train_argv(toy, tmp_path / "hard", "--steps", "1", "--teacher", "hard"))
     assert not (hard / "generated_recoveries.jsonl").exists()
@@ -479,10 +463,10 @@ def test_save_at_writes_the_model_after_each_step_count(toy, tmp_path):
     T.main(train_argv(toy, ref, "--steps", "3", "--stop-after", "2", "--method", "sft"))
     student = H.load_model(toy["aligned"])
     params = [p for p in student.parameters() if p.requires_grad]
-    masters = T.fp32_masters(params)
+    masters = O.fp32_masters(params)
     opt = torch.optim.AdamW(masters)
     run, loss = run_of(toy, ref, "--steps", "3", "--stop-after", "2", "--method", "sft")
-    T.load_checkpoint(ref / T.CHECKPOINT, student, masters, opt, run, loss)
+    C.load_checkpoint(ref / C.CHECKPOINT, student, masters, opt, {"run": run, "loss": loss})
     torch.testing.assert_close(student.state_dict()[w], sd[1], rtol=0, atol=0)
 
 
@@ -496,7 +480,7 @@ def test_worst_insertion_picks_the_splice_a_forward_per_candidate_scores_highest
     rng = random.Random(0)
     for row in safety[:4]:
         own = tok.encode("sorry , i can't help with that .")
-        candidates = T.insertion_candidates(tok, row, own, rng, 4)
+        candidates = E.insertion_candidates(tok, row, own, rng, 4)
         head = tok.prompt_ids(row["prompt"])
         scores = []
         for prefix, cont in candidates:
@@ -504,7 +488,7 @@ def test_worst_insertion_picks_the_splice_a_forward_per_candidate_scores_highest
             lp = logits.log_softmax(-1)[len(head) + len(prefix) - 1 : -1]  # (len(cont), V)
             scores.append(sum(lp[i, t].item() for i, t in enumerate(cont)))
         best = max(range(len(candidates)), key=scores.__getitem__)
-        assert T.worst_insertion(student, tok, row, candidates, "cpu") == candidates[best][0]
+        assert E.worst_insertion(student, tok, row, candidates, "cpu") == candidates[best][0]
 
 
 def test_own_anchor_replaces_every_benign_answer_with_the_aligned_models_own(toy, tmp_path):
@@ -566,7 +550,7 @@ def test_base_prompt_anchor_keeps_the_aligned_models_unrefused_answers_to_what_t
         prompt = tok.decode(sample_by_hand(base, opening, 64, stops, seed)).split("\n\n")[0].strip()
         answer_ids = sample_by_hand(aligned, tok.prompt_ids(prompt), 128, tok.eos_ids, seed + 1)
         answer = tok.decode(answer_ids).strip()
-        refused = any(p in answer.lower() for p in J.REFUSAL_PHRASES) or not answer
+        refused = any(p in answer.lower() for p in REFUSAL_PHRASES) or not answer
         prompts.append(prompt)
         if prompt and prompt not in prompts[:-1] and i != 2 and not refused:
             expected.append({"prompt": prompt, "response": answer})
@@ -591,7 +575,7 @@ def test_base_prompt_anchor_keeps_the_aligned_models_unrefused_answers_to_what_t
             while len(out) < 32 and (not out or out[-1] not in tok.eos_ids):
                 out.append(int(aligned(torch.tensor([ids + out]))[0, -1].argmax()))
         text = tok.decode(out).lower()
-        greedy_refuses[row["prompt"]] = any(p in text for p in J.REFUSAL_PHRASES) or not text.strip()
+        greedy_refuses[row["prompt"]] = any(p in text for p in REFUSAL_PHRASES) or not text.strip()
     strict = T.RunConfig(**{**run.__dict__, "anchor_check": "greedy too"})
     kept = [r for r in expected if not greedy_refuses[r["prompt"]]]
     if not kept:  # every answered prompt refused greedily: nothing to anchor, said in one line
