@@ -16,13 +16,12 @@ from __future__ import annotations
 
 import csv
 import json
-import sys
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from decode import Sampling, generate, left_pad, next_token_logits
+from infra.progress import progress_bar
 
 CHOICES = ("A", "B", "C", "D")
 
@@ -135,7 +134,7 @@ def letter_scores(model, seqs: list[list[int]], conts: list, pad_id: int, batch_
     """(Q, 4) summed log-probabilities of " A" .. " D" after each prompt, in batches of similar lengths."""
     order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))  # similar lengths share a batch
     scores = torch.zeros(len(seqs), len(CHOICES))  # (Q, 4)
-    for i in tqdm(range(0, len(order), batch_size), desc="mmlu", file=sys.stderr, leave=False):
+    for i in progress_bar(range(0, len(order), batch_size), "mmlu", leave=False):
         batch = order[i : i + batch_size]
         scores[batch] = batch_letter_scores(
             model, [seqs[j] for j in batch], [conts[j] for j in batch], pad_id
@@ -238,7 +237,7 @@ def bbh_accuracy(
         raise FileNotFoundError(f"{folder}: no BBH task files (*.json)")
     tasks, correct, total = {}, 0, 0
     greedy = Sampling(max_new_tokens=max_new_tokens)
-    for path in tqdm(files, desc="bbh", file=sys.stderr, leave=False):
+    for path in progress_bar(files, "bbh", leave=False):
         examples = read_bbh_task(path)
         questions = examples[shots:][:limit]
         seqs = [tok.encode(bbh_prompt(examples[:shots], ex), add_special_tokens=True) for ex in questions]

@@ -22,16 +22,15 @@ from __future__ import annotations
 
 import itertools
 import re
-import sys
 from typing import Callable
 
 import torch
-from tqdm import tqdm
 
 from data import world as W
 from data.refusals import refusal_phrase_judge
 from decode import Sampling, decode_loop, next_token_logits
 from infra.hf import load_model
+from infra.progress import progress_bar
 from infra.tokenizer import Tokenizer
 
 Judge = Callable[[list[dict]], list[dict]]
@@ -101,7 +100,7 @@ def toy_refuses(text: str) -> bool:
 # ----------------------------------------------------------------------------------------------
 def in_batches(fn, items: list, batch_size: int, desc: str) -> list:
     out = []
-    for i in tqdm(range(0, len(items), batch_size), desc=desc, file=sys.stderr, leave=False):
+    for i in progress_bar(range(0, len(items), batch_size), desc, leave=False):
         out.extend(fn(items[i : i + batch_size]))
     return out
 
