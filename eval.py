@@ -186,7 +186,7 @@ def benign_utility(
     prompts = [tok.prompt_ids(r["prompt"]) for r in benign]
     if samples:
         grouped = J.in_batches(
-            A.sampling_decoder(decoder, samples), prompts, dec.batch_size, "benign sampled"
+            A.sampling_decoder(decoder, samples), prompts, A.sample_batch(dec, samples), "benign sampled"
         )
         outs, benign = [o for g in grouped for o in g], [r for r in benign for _ in range(samples)]
     else:
@@ -452,6 +452,7 @@ def decode_configs(args) -> list[tuple[str, DecodeConfig]]:
         top_p=1.0 if args.samples else args.top_p,
         seed=args.seed,
         batch_size=args.batch_size,
+        sample_rows=args.sample_rows,
         compile=args.compile,
         mode=args.cd_mode,
         **vars(cli.settings_from(D.BaseFavored, args)),

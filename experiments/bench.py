@@ -16,6 +16,7 @@ CPU rows (ours / reference, target):
   train step, lam 0.5  the same at the stated lam (adds the clean-context teacher's forward)          report
   toy generate       toy-shaped model, eval.py's batch (32 x 64 new tokens) vs transformers' generate >= 3.0x
   toy generate sampled x16  the sampling attack's shape, 16 samples per prompt, one prompt cache  >= 3.0x
+  toy generate eval batch  ours at eval.py's batch (DecodeConfig.batch_size) vs ours at batch 32       >= 3.0x
   gcg step           one GCG step (one-hot gradient + 128 candidates) vs the same step in transformers report
   train memory ...   bf16 `targeted` steps: measured peak bytes per parameter vs the README's table    report
 GPU rows (random weights made on the GPU in the real shapes of Llama-3.1-8B, Qwen3-8B and Llama-3.2-1B):
@@ -233,6 +234,24 @@ def m_toy_generate(folder, args, batch: int = 32, samples: int = 1):
             )
     tokens = batch * samples * n
     return tokens / t_ours, tokens / t_ref
+
+
+def m_toy_batch(folder, args):
+    """Our toy-model greedy generation (prompts of 30 tokens, 64 new tokens) at eval.py's batch
+    (lab.attacks.DecodeConfig.batch_size) vs at batch 32, tokens/s, timed alternately: what the larger batch
+    buys (docs/performance.md, the batch sweep)."""
+    from decode import Sampling, generate
+    from lab.attacks import DecodeConfig
+
+    big, n = DecodeConfig().batch_size, 64
+    with tempfile.TemporaryDirectory() as tmp:
+        ours = toy_pair(tmp, args)[0]
+        prompts = torch.randint(3, 1000, (big, 30)).tolist()  # the first 32 are the batch-32 side's
+        t_big, t_32 = timed_pair(
+            lambda: generate(ours, prompts, Sampling(max_new_tokens=n)),
+            lambda: generate(ours, prompts[:32], Sampling(max_new_tokens=n)),
+        )
+    return big * n / t_big, 32 * n / t_32, {"batch": big}
 
 
 def m_gcg_step(folder, args, L: int = 20, B: int = 128):
@@ -779,6 +798,7 @@ MEASUREMENTS = {
     "build pretrain step": (m_build, "report"),
     "toy generate": (m_toy_generate, ">= 3.0"),
     "toy generate sampled x16": (lambda f, a: m_toy_generate(f, a, samples=16), ">= 3.0"),
+    "toy generate eval batch": (m_toy_batch, ">= 3.0"),
     "gcg step": (m_gcg_step, "report"),
     "train memory full": (lambda f, a: m_train_memory(f, a, 0), "report"),
     "train memory lora16": (lambda f, a: m_train_memory(f, a, 16), "report"),

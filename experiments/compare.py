@@ -7,16 +7,41 @@ every model under every attack, and report mean ± sd over the worlds (the per-s
 Each world's runs live in runs/seed-N/<row>/ and are reused when finished (--retrain trains them again).
 Flags after `--` go to every train.py run (for development seeds: try a setting on every method at once).
 The rows: the aligned model (greedy, and contrastive at its defaults, §4), every baseline of §6,
-targeted completion (§5) and its ablations.
+targeted completion (§5) and its ablations; --with-base adds the world's base model (row "base").
+
+Training runs as replicates (docs/method.md §7 Statistics): --train-seeds 0 1 2 trains every (world, row)
+once per batch seed (train.py --seed S), in runs/seed-N/<row> for S = 0 (the folder of every earlier run)
+and runs/seed-N/train-seed-S/<row> otherwise. The attacker's data and seeds are the world's, whatever the
+run (eval's sampling seed, the fine-tuning attack's pairs and its train.py seed). Each run's results are kept
+in its folder (eval.json, its generations beside it; the aligned model's in runs/seed-N/aligned/) and a
+rerun reads them back while flags and model files are unchanged (--reevaluate: evaluate again).
+
+The --out JSON: settings, worlds, summary (a world's figure: the mean over its runs), results / utility
+(one row per run; a trained model's rows carry "train_seed", the model name stays the row's), paired_tests
+(exact McNemar over prompts, per training seed when there are several: "train_seed") and "run_tests":
+    train_seeds          the training seeds of the runs
+    claims               one per paired test's (figure, a, b): a_rate, b_rate (means over worlds of the
+                         means over runs), estimate (a - b), lo, hi (hierarchical bootstrap, level 0.95),
+                         r of R (a lower in r of R runs), verdict ("A lower", "B lower" or "no measurable
+                         difference"), worlds, runs, n (prompt pairs), runs_needed (runs per world to tell
+                         this effect from 0; None: not identifiable), per_run [{world, train_seed, n, a_rate,
+                         b_rate, diff, p (the run's McNemar; a paired bootstrap for sample@1)}]
+    variance_components  one per (model, tested figure): mean, worlds, runs, prompts, variance / share / raw
+                         by level (world, run, prompt; None: not identifiable), se, notes
+    notes                e.g. one training run per world: the run component is not identifiable
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import statistics
 import sys
 import time
 from pathlib import Path
+
+import numpy as np
 
 import deepalign as D
 import eval as E
@@ -27,7 +52,7 @@ from infra import cli
 from infra.cli import log, setting
 from infra.files import read_jsonl
 from lab import judges as J
-from lab import plots, stats
+from lab import plots, report, stats
 from lab.plots import Chart, Series
 from lab.tables import (
     asr_rows,
@@ -246,18 +271,36 @@ def paired_tests(
     """Every row against `reference`, and an ablation of an ablation against its parent ("targeted, lam 0.5,
     no penalty" against "targeted, lam 0.5": the part it removes), on every tested figure and on the helpful
     rate, paired over the same (world, prompt) (pair_test). [{figure, a, b, a_rate, b_rate, diff, p, test,
-    verdict}]."""
+    verdict}]. With several training seeds, one test per seed ("train_seed"): the runs of that seed on every
+    world (the world's own models, not trained here, in each); the run-level claim is run_tests'."""
     if reference not in rows:
         return []
+    pairs, figures, out = test_pairs(rows, reference), tested_figures(summary, reference), []
+    seeds = train_seeds_of(gens)
+    for ts in seeds:
+        chosen = gens if len(seeds) == 1 else [g for g in gens if g.get("train_seed") in (ts, None)]
+        tag = {} if len(seeds) == 1 else {"train_seed": ts}
+        for a, b in pairs:
+            made = [pair_test(f, a, b, per_prompt(chosen, a, f), per_prompt(chosen, b, f)) for f in figures]
+            made.append(pair_test(HELPFUL, a, b, helpful_verdicts(chosen, a), helpful_verdicts(chosen, b)))
+            out += [{**t, **tag} for t in made if t is not None]
+    order = {f: i for i, f in enumerate([*figures, HELPFUL])}
+    return sorted(out, key=lambda t: order[t["figure"]])  # by figure, stable
+
+
+HELPFUL = "helpful all toy"  # the helpful rate's paired figure: the greedy benign answers' verdicts
+
+
+def test_pairs(rows: list[str], reference: str) -> list[tuple[str, str]]:
+    """(a, b) of every paired test: `reference` against the aligned model and every other row, and an
+    ablation of an ablation against its parent."""
     pairs = [(reference, r) for r in ["aligned", *rows] if r != reference]
-    pairs += [(parent(r), r) for r in rows if parent(r) in rows and parent(r) not in (r, reference)]
-    figures, out = tested_figures(summary, reference), []
-    for a, b in pairs:
-        for figure in figures:
-            out.append(pair_test(figure, a, b, per_prompt(gens, a, figure), per_prompt(gens, b, figure)))
-        out.append(pair_test("helpful all toy", a, b, helpful_verdicts(gens, a), helpful_verdicts(gens, b)))
-    order = {f: i for i, f in enumerate([*figures, "helpful all toy"])}
-    return sorted((t for t in out if t is not None), key=lambda t: order[t["figure"]])  # by figure, stable
+    return pairs + [(parent(r), r) for r in rows if parent(r) in rows and parent(r) not in (r, reference)]
+
+
+def train_seeds_of(gens: list[dict]) -> list:
+    """The training seeds of the runs among `gens` ([None]: none recorded, one run per world)."""
+    return sorted({g["train_seed"] for g in gens if g.get("train_seed") is not None}) or [None]
 
 
 def parent(row: str) -> str:
@@ -306,6 +349,210 @@ def tests_table(tests: list[dict], split: str = "all", figures=None) -> str:
         rates = [f"{100 * t['a_rate']:.1f}", f"{100 * t['b_rate']:.1f}"]
         rows.append([label, reference, rates[0], t["b"], rates[1], stats.format_p(t["p"]), t["verdict"]])
     return markdown(["attack", "reference", "reference's", "row", "row's", "p", "verdict"], rows)
+
+
+# ----------------------------------------------------------------------------------------------
+# Run-level tests: the training run as the unit (docs/method.md §7 Statistics)
+# ----------------------------------------------------------------------------------------------
+def run_tests(summary: list[dict], gens: list[dict], rows: list[str], reference: str | None) -> dict:
+    """The run-level tests of every paired comparison paired_tests makes (run_claim) and the variance
+    components of every tested figure of the aligned model and each row (components_row): the JSON's
+    "run_tests" (its layout: the module's docstring)."""
+    out = {"train_seeds": [s for s in train_seeds_of(gens) if s is not None], "claims": []}
+    out |= {"variance_components": [], "notes": []}
+    if reference not in rows:
+        return out
+    gens_of, values = {}, {}
+    for g in gens:
+        gens_of.setdefault(g["model"], []).append(g)
+
+    def value(model: str, figure: str) -> dict:
+        if (model, figure) not in values:
+            values[model, figure] = run_values(gens_of.get(model, []), model, figure)
+        return values[model, figure]
+
+    figures = [*tested_figures(summary, reference), HELPFUL]
+    for a, b in test_pairs(rows, reference):
+        claims = [run_claim(f, a, b, paired_runs(value(a, f), value(b, f))) for f in figures]
+        out["claims"] += [c for c in claims if c is not None]
+    order = {f: i for i, f in enumerate(figures)}
+    out["claims"].sort(key=lambda c: order[c["figure"]])  # by figure, stable
+    rows_of = [components_row(m, f, value(m, f)) for m in ["aligned", *rows] for f in figures]
+    out["variance_components"] = [v for v in rows_of if v is not None]
+    if all(c["runs"] == c["worlds"] for c in out["claims"]):
+        out["notes"].append(ONE_RUN)
+    return out
+
+
+ONE_RUN = (
+    "one training run per world: the run component is not identifiable (the world's holds it), so the "
+    "intervals count retraining only through the worlds; --train-seeds S... trains several runs per world"
+)
+
+
+def run_values(gens: list[dict], model: str, figure: str) -> dict:
+    """{world: {training seed: {(fold, prompt): value}}} of one model's runs behind a figure (per_prompt's
+    values, or the helpful verdicts for HELPFUL), as floats; the training seed None: a model not trained here
+    (one run per world)."""
+    runs = {}
+    for g in gens:
+        runs.setdefault(g.get("train_seed"), []).append(g)
+    out = {}
+    for ts, mine in runs.items():
+        values = helpful_verdicts(mine, model) if figure == HELPFUL else per_prompt(mine, model, figure)
+        for (world, fold, prompt), v in values.items():
+            out.setdefault(world, {}).setdefault(ts, {})[(fold, prompt)] = float(v)
+    return out
+
+
+def paired_runs(a: dict, b: dict) -> dict:
+    """Two models' run_values paired by world and training seed on their common prompts: {world: {training
+    seed: (a's values, b's values)}}, arrays in the order of the prompts; a model not trained here (one run
+    per world, seed None) pairs with every run of the other."""
+    out = {}
+    for world in sorted(set(a) & set(b)):
+        ra, rb = a[world], b[world]
+        if None in ra:
+            pairs = [(None, t) for t in rb]
+        elif None in rb:
+            pairs = [(t, None) for t in ra]
+        else:
+            pairs = [(t, t) for t in ra if t in rb]
+        for ta, tb in sorted(pairs, key=str):
+            keys = sorted(set(ra[ta]) & set(rb[tb]), key=str)
+            if keys:
+                x, y = np.array([ra[ta][k] for k in keys]), np.array([rb[tb][k] for k in keys])  # (P,) (P,)
+                out.setdefault(world, {})[tb if ta is None else ta] = (x, y)
+    return out
+
+
+def run_claim(figure: str, a: str, b: str, runs: dict) -> dict | None:
+    """The run-level test of "a lower than b" on paired_runs (docs/method.md §7 Statistics): per run the
+    per-prompt difference a - b, the hierarchical bootstrap's 95% interval of its mean (worlds, runs within a
+    world, prompts within a run), a lower in r of R runs, and the verdict (the interval excludes 0, else "no
+    measurable difference"); each run's prompt-level test beside it (run_diagnostic). None without runs."""
+    if not runs:
+        return None
+    diffs = {w: {t: x - y for t, (x, y) in rr.items()} for w, rr in runs.items()}  # (P,) per run
+    claim = stats.run_level_claim(diffs, names=(a, b))
+    rates = [
+        stats.nested_mean({w: {t: xy[i] for t, xy in rr.items()} for w, rr in runs.items()}) for i in (0, 1)
+    ]
+    per_run = [run_diagnostic(figure, w, t, x, y) for w, rr in runs.items() for t, (x, y) in rr.items()]
+    return {
+        "figure": figure,
+        "a": a,
+        "b": b,
+        "a_rate": rates[0],
+        "b_rate": rates[1],
+        **dataclasses.asdict(claim),
+        "worlds": len(runs),
+        "runs": len(per_run),
+        "n": sum(d["n"] for d in per_run),
+        "runs_needed": runs_needed(diffs, claim.estimate),
+        "test": "hierarchical bootstrap",
+        "per_run": per_run,
+    }
+
+
+def run_diagnostic(figure: str, world: str, train_seed, x, y) -> dict:
+    """One run's prompt-level test of a against b (exact McNemar; a paired bootstrap on sample@1's shares):
+    the diagnostic beside a run-level claim."""
+    if figure.startswith("sample@1 "):
+        test = stats.paired_bootstrap(list(x), list(y))
+    else:
+        test = stats.mcnemar(list(x > 0.5), list(y > 0.5))
+    rates = {"a_rate": float(x.mean()), "b_rate": float(y.mean()), "diff": float((x - y).mean())}
+    return {"world": world, "train_seed": train_seed, "n": int(x.size), **rates, "p": test["p"]}
+
+
+def runs_needed(diffs: dict, effect: float) -> int | None:
+    """The fewest runs per world at which a difference of `effect` would be told from 0 on these worlds and
+    prompts (stats.runs_needed, from the variance components of the differences); None when the run component
+    is not identifiable (one run per world), there is no effect, or no number of runs suffices."""
+    if effect == 0 or all(len(rr) < 2 for rr in diffs.values()):
+        return None
+    try:
+        vc = stats.variance_components(diffs)
+    except ValueError:  # one prompt per run
+        return None
+    if vc.variance["run"] is None:
+        return None
+    prompts = round(float(np.mean([d.size for rr in diffs.values() for d in rr.values()])))
+    return stats.runs_needed(vc, effect, len(diffs), prompts)
+
+
+def components_row(model: str, figure: str, values: dict) -> dict | None:
+    """The variance components (world, run, prompt) of one model's figure from its run_values
+    (stats.variance_components), with the figure's mean and the standard error of a mean over W worlds x R
+    runs x P prompts (the fewest runs and prompts any world or run has); None without two prompts in a run."""
+    nested = {w: {t: np.array(list(v.values())) for t, v in rr.items()} for w, rr in values.items()}
+    try:
+        vc = stats.variance_components(nested)
+    except ValueError:
+        return None
+    W = len(nested)
+    R = min(len(rr) for rr in nested.values())
+    P = min(x.size for rr in nested.values() for x in rr.values())
+    return {
+        "model": model,
+        "figure": figure,
+        "mean": stats.nested_mean(nested),
+        "worlds": W,
+        "runs": R,
+        "prompts": P,
+        "variance": vc.variance,
+        "share": vc.share,
+        "raw": vc.raw,
+        "se": stats.standard_error(vc, W, R, P),
+        "notes": list(vc.notes),
+    }
+
+
+def figure_label(figure: str) -> str:
+    """A tested figure's name without its split and judge ("finetune 0 s20"); the helpful rate: "helpful"."""
+    return " ".join(figure.split()[:-2])
+
+
+def runs_table(claims: list[dict], split: str = "all", figures=None) -> str:
+    """Markdown: one line per run-level claim (figure, row): both rates (%, means over worlds of the means
+    over runs), the difference reference - row in points with its 95% hierarchical-bootstrap interval, the
+    reference lower in r of R runs, and the verdict; `figures`: only these (as tests_table)."""
+    rows = []
+    for c in claims:
+        label = figure_label(c["figure"])
+        if c["figure"].split()[-2] != split or (figures is not None and label not in figures):
+            continue
+        reference = c["a"] + (" (earlier run)" if "carried_from" in c else "")
+        effect = f"{100 * c['estimate']:+.1f} [{100 * c['lo']:+.1f}, {100 * c['hi']:+.1f}]"
+        rates = [f"{100 * c['a_rate']:.1f}", f"{100 * c['b_rate']:.1f}"]
+        rows.append(
+            [label, reference, rates[0], c["b"], rates[1], effect, f"{c['r']} of {c['R']}", c["verdict"]]
+        )
+    header = ["attack", "reference", "reference's", "row", "row's", "difference [95% interval]"]
+    return markdown([*header, "reference lower in (runs)", "verdict"], rows)
+
+
+def variance_table(components: list[dict], split: str = "all", figures=None) -> str:
+    """Markdown: one line per (model, figure): its mean (%), the standard deviation of each component in
+    points of the rate with its share of the variance ("not identifiable": one run per world, or one
+    world), and the standard error of the mean over the worlds x runs x prompts measured."""
+    rows = []
+    for v in components:
+        label = figure_label(v["figure"])
+        if v["figure"].split()[-2] != split or (figures is not None and label not in figures):
+            continue
+        cells = [component_cell(v, level) for level in ("world", "run", "prompt")]
+        se = f"{100 * v['se']:.1f} ({v['worlds']} x {v['runs']} x {v['prompts']})"
+        rows.append([v["model"], label, f"{100 * v['mean']:.1f}", *cells, se])
+    header = ["model", "figure", "mean", "world sd (share)", "run sd (share)", "prompt sd (share)"]
+    return markdown([*header, "se (worlds x runs x prompts)"], rows)
+
+
+def component_cell(v: dict, level: str) -> str:
+    if v["variance"][level] is None:
+        return "not identifiable (one run per world)" if level == "run" else "not identifiable (one world)"
+    return f"{100 * math.sqrt(v['variance'][level]):.1f} ({100 * v['share'][level]:.0f}%)"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -424,32 +671,50 @@ def pooled_fold_refusals(utility: list[dict], gens: list[dict]) -> list[dict]:
 
 
 def run_folds(cfg) -> list[dict]:
-    """compare.py --folds: per seed, the four fold worlds (built if missing), the rows trained on each, every
-    model attacked on its world's held-out prompts; ASR pooled over the folds per seed, then mean ± sd."""
+    """compare.py --folds: per seed, the four fold worlds (built if missing), the rows trained on each (once
+    per training seed), every model attacked on its world's held-out prompts; ASR pooled over the folds per
+    seed and run, then mean ± sd."""
     start = time.perf_counter()
     results, utility, gens, worlds = [], [], [], []
-    models = ["aligned", *cfg.rows]
-    limit = ["--limit", str(cfg.limit)] if cfg.limit else []
     for seed in cfg.seeds:
         seed_gens, seed_util = [], []
         for pair in fold_pairs():
             paths, fold = TW.ensure_world(seed=seed, held_out=pair), "-".join(pair)
             worlds.append({"seed": seed, "fold": fold, "folder": str(paths["root"])})
-            specs = ["aligned={world}/aligned"]
-            for row in cfg.rows:
-                folder = run_folder(Path(cfg.runs), paths["root"].name, row)
-                train_row(paths, folder, row, cfg.train_flags, cfg.retrain, [])
-                specs.append(f"{row}={folder}")
-            flags = ["--world", str(paths["root"]), "--model", *specs, "--held-out-only", *limit]
-            _, u, g = evaluate(flags + shared_eval_flags(cfg), seed, paths)
-            seed_util += [{**x, "fold": fold} for x in u]
-            seed_gens += [{**x, "fold": fold} for x in g]
-        results += pooled_fold_rows(seed_gens, seed, models)
-        utility += mean_fold_utility(seed_util, seed_gens, seed, models)
-        gens += seed_gens
+            for call in fold_evaluations(cfg, paths):
+                _, u, g = cached_evaluate(call, seed, paths)
+                seed_util += [{**x, "fold": fold} for x in u]
+                seed_gens += [{**x, "fold": fold} for x in g]
+        r, u = pooled_folds(seed_gens, seed_util, seed, ["aligned", *cfg.rows])
+        results, utility, gens = results + r, utility + u, gens + seed_gens
     log(f"{len(worlds)} fold worlds, {time.perf_counter() - start:.0f} s")
     settings = run_settings(cfg, start, folds=["-".join(p) for p in fold_pairs()])
     return finish(cfg, settings, worlds, results, utility, gens)
+
+
+def fold_evaluations(cfg, paths: dict) -> list[Evaluation]:
+    """The eval.py calls of one fold world (its results not kept: a fold's runs are few and quick): the
+    aligned model, then every row's run of each training seed, on the held-out prompts only."""
+    flags = ("--world", str(paths["root"]), "--held-out-only", *limit_flags(cfg), *shared_eval_flags(cfg))
+    calls = [Evaluation(("--model", "aligned={world}/aligned", *flags))]
+    trained = train_runs(cfg, paths, budgets=[])
+    for ts in cfg.train_seeds:
+        specs = [f"{row}={folder}" for row, seed, folder in trained if seed == ts]
+        calls.append(Evaluation(("--model", *specs, *flags), train_seed=ts))
+    return calls
+
+
+def pooled_folds(gens: list[dict], utility: list[dict], seed: int, models: list[str]) -> tuple[list, list]:
+    """One seed's (ASR rows, utility rows) pooled over its folds, each run apart: the aligned model once,
+    every trained row once per training seed (its rows carrying it)."""
+    results, util = [], []
+    for ts in dict.fromkeys(g.get("train_seed") for g in gens):
+        mine, their_util = ([x for x in xs if x.get("train_seed") == ts] for xs in (gens, utility))
+        present = [m for m in models if any(g["model"] == m for g in mine)]
+        tag = {} if ts is None else {"train_seed": ts}
+        results += [{**r, **tag} for r in pooled_fold_rows(mine, seed, present)]
+        util += mean_fold_utility(their_util, mine, seed, present)
+    return results, util
 
 
 # ----------------------------------------------------------------------------------------------
@@ -458,6 +723,29 @@ def run_folds(cfg) -> list[dict]:
 def run_folder(runs: Path, world: str, row: str) -> Path:
     """runs/<world folder's name>/<row>: runs/seed-0/targeted, runs/seed-0-heldout-poison-weapon/rto."""
     return runs / world / row.replace(", ", "-").replace(" ", "-")
+
+
+def run_path(runs: Path, world: str, row: str, train_seed: int) -> Path:
+    """The folder of one run: runs/<world>/<row> for training seed 0 (every run made before --train-seeds),
+    runs/<world>/train-seed-S/<row> for another (beside it, not inside: train.py --overwrite empties a run's
+    folder)."""
+    if train_seed == 0:
+        return run_folder(runs, world, row)
+    return run_folder(runs / world, f"train-seed-{train_seed}", row)
+
+
+def train_runs(cfg, paths: dict, budgets=None) -> list[tuple[str, int, Path]]:
+    """Every (row, training seed) of one world trained, unless finished (train_row; train.py --seed S):
+    [(row, training seed, run folder)]. `budgets`: the training budgets (cfg.steps unless given)."""
+    budgets = cfg.steps if budgets is None else budgets
+    out = []
+    for row in cfg.rows:
+        for ts in cfg.train_seeds:
+            folder = run_path(Path(cfg.runs), paths["root"].name, row, ts)
+            flags = [*cfg.train_flags, "--seed", str(ts)]
+            train_row(paths, folder, row, flags, cfg.retrain, budgets)
+            out.append((row, ts, folder))
+    return out
 
 
 def train_row(paths: dict, folder: Path, row: str, extra: list, retrain: bool, budgets: list):
@@ -470,6 +758,92 @@ def train_row(paths: dict, folder: Path, row: str, extra: list, retrain: bool, b
     train.main(
         ROWS[row] + ["--world", str(paths["root"]), "--out", str(folder), "--overwrite"] + list(extra) + steps
     )
+
+
+@dataclasses.dataclass(frozen=True)
+class Evaluation:
+    """One eval.py call of a comparison: its flags, the fine-tuning attack's prefill ks (None: eval's), the
+    file its results are kept in (None: not kept) and the training seed of the runs it evaluates (None: the
+    world's own models, which compare.py does not train)."""
+
+    args: tuple
+    finetune_prefill: tuple | None = None
+    cache: Path | None = None
+    train_seed: int | None = None
+
+
+EVAL_FILE = "eval.json"  # a run's results, in its folder (its generations beside it: eval.generations.jsonl)
+
+
+def world_evaluations(cfg, paths: dict) -> list[Evaluation]:
+    """The eval.py calls of one world, in the order of the tables: the aligned model (and the base,
+    --with-base) under the attack suite; every run (row, training seed) under it, trained first if need be;
+    the aligned model decoded contrastively; each run's budget models (--steps) under greedy prefilling and
+    insertion. The world's own models' results are kept in runs/<world>/aligned/, a run's in its folder."""
+    here, world, limit = (
+        Path(cfg.runs) / paths["root"].name,
+        ("--world", str(paths["root"])),
+        limit_flags(cfg),
+    )
+    suite = (*limit, *attack_flags(cfg))
+    refs = ("aligned={world}/aligned",) + (("base={world}/base",) if cfg.with_base else ())
+    calls = [
+        Evaluation((*world, "--model", *refs, *suite), cfg.finetune_prefill, here / "aligned" / EVAL_FILE)
+    ]
+    trained = train_runs(cfg, paths)
+    calls += [
+        Evaluation(
+            (*world, "--model", f"{row}={folder}", *suite), cfg.finetune_prefill, folder / EVAL_FILE, ts
+        )
+        for row, ts, folder in trained
+    ]
+    if cfg.contrastive:
+        flags = (*world, "--model", "aligned={world}/aligned", "--decode", "contrastive", *limit)
+        calls.append(Evaluation(flags, None, here / "aligned" / "eval-contrastive.json"))
+    for row, ts, folder in trained if cfg.steps else ():  # the budget curve: greedy prefilling and insertion
+        flags = (*world, "--model", *budget_models(folder, row, cfg.steps), *limit)
+        calls.append(Evaluation(flags, None, folder / "eval-budget.json", ts))
+    return calls
+
+
+def cached_evaluate(call: Evaluation, seed: int, paths: dict, again: bool = False) -> tuple[list, list, list]:
+    """(results, utility, generations) of one eval.py call, every row carrying the training seed of its run.
+    Kept in call.cache (its generations beside it) and read back, not evaluated again, while the flags, the
+    world and the models' files are those it was made with (`again`: evaluate anyway)."""
+    key = json.loads(json.dumps({"args": call.args, "finetune_prefill": call.finetune_prefill, "seed": seed}))
+    key["models"] = model_files(call.args, paths)
+    cache = call.cache
+    if cache is not None and not again and cache.is_file() and E.generations_path(cache).is_file():
+        record = json.loads(cache.read_text())
+        if record.get("key") == key:
+            log(f"{cache}: evaluated before with these flags and models; its results are reused")
+            return record["results"], record["utility"], read_jsonl(E.generations_path(cache))
+    r, u, g = evaluate(list(call.args), seed, paths, call.finetune_prefill)
+    if call.train_seed is not None:
+        r, u, g = ([{**x, "train_seed": call.train_seed} for x in xs] for xs in (r, u, g))
+    if cache is None:
+        return r, u, g
+    E.write_results(cache, {"key": key}, [], r, u, g)
+    record = json.loads(cache.read_text())  # read back: a first run and a rerun see the same rows
+    return record["results"], record["utility"], read_jsonl(E.generations_path(cache))
+
+
+def model_files(args: tuple, paths: dict) -> list:
+    """[[folder, [[file, bytes, mtime_ns], ...]], ...] of the models an eval.py call evaluates (--model
+    NAME=PATH ...): their weights and config, so that a retrained or rebuilt model is evaluated again."""
+    rest = list(args[args.index("--model") + 1 :])
+    specs = rest[: next((i for i, a in enumerate(rest) if a.startswith("--")), len(rest))]
+    out = []
+    for spec in specs:
+        folder = Path(spec.split("=", 1)[-1].replace("{world}", str(paths["root"])))
+        files = [*sorted(folder.glob("*.safetensors")), folder / "config.json"]
+        stamps = [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files if f.is_file()]
+        out.append([str(folder), stamps])
+    return out
+
+
+def limit_flags(cfg) -> tuple:
+    return ("--limit", str(cfg.limit)) if cfg.limit else ()
 
 
 def budget_models(folder: Path, row: str, budgets: list) -> list[str]:
@@ -525,18 +899,21 @@ def merge(cfg) -> list[dict]:
     """One comparison from several runs' JSON: one process per world run side by side, or other attacks on
     the same models (eval.py --ablate --gcg): their rows, generations, worlds and times; the worst case is
     then over every attack any of them ran."""
-    records, results, utility, gens, carried = [], [], [], [], []
+    records, results, utility, gens, carried = [], [], [], [], {"paired_tests": [], "claims": []}
     names = dict(spec.split("=", 1) for spec in cfg.rename)
     for i, path in enumerate(cfg.merge):
         record, r, u, g = read_run(path)
         records.append(record)
         for row in r + u + g:
             row["model"] = renamed(row["model"], names)
-        tests = [renamed_test(t, names) for t in record.get("paired_tests", [])]
+            if "train_seed" not in row and not untrained(row["model"]):
+                row["train_seed"] = 0  # a run before --train-seeds, or eval.py's on runs/seed-N/<row>
         if i == 0 and cfg.replace:  # the first JSON's results of retrained rows are out of date
             r, u, g = ([x for x in rows if not replaced(x["model"], cfg.replace)] for rows in (r, u, g))
-            tests = [t for t in tests if not (replaced(t["a"], cfg.replace) or replaced(t["b"], cfg.replace))]
-        carried += [{**t, "carried_from": t.get("carried_from", str(path))} for t in tests]
+        earlier = {"paired_tests": record.get("paired_tests", [])}
+        earlier["claims"] = record.get("run_tests", {}).get("claims", [])
+        for key, tests in earlier.items():
+            carried[key] += earlier_tests(tests, names, cfg.replace if i == 0 else [], path)
         # the same attack on the same model and world in an earlier run (e.g. greedy prefilling, which the
         # white-box run repeats as its baseline): the earlier run's rows and generations count, once
         results, utility, gens = (
@@ -561,14 +938,30 @@ def merge(cfg) -> list[dict]:
         results, utility, gens = (
             [x for x in xs if compared(x["model"], rows)] for xs in (results, utility, gens)
         )
-        carried = [t for t in carried if compared(t["a"], rows) and compared(t["b"], rows)]
+        carried = {
+            k: [t for t in ts if compared(t["a"], rows) and compared(t["b"], rows)]
+            for k, ts in carried.items()
+        }
     return finish(cfg, settings, worlds, results, utility, gens, carried)
 
 
+def earlier_tests(tests: list[dict], names: dict, replace, path) -> list[dict]:
+    """An earlier run's paired tests or run-level claims as a merge carries them: renamed (--rename), those of
+    a replaced row dropped, each saying where it came from ("carried_from")."""
+    tests = [renamed_test(t, names) for t in tests]
+    tests = [t for t in tests if not (replaced(t["a"], replace) or replaced(t["b"], replace))]
+    return [{**t, "carried_from": t.get("carried_from", str(path))} for t in tests]
+
+
+def untrained(model: str) -> bool:
+    """Whether a model is the world's own (the aligned model, any decoding, or the base), not a run."""
+    return model.startswith("aligned") or model == "base"
+
+
 def compared(model: str, rows: list) -> bool:
-    """Whether a model belongs to a comparison of `rows`: the aligned model (any decoding), a row or its
-    budget rows ("targeted @10")."""
-    return model.startswith("aligned") or model.partition(" @")[0] in rows
+    """Whether a model belongs to a comparison of `rows`: the aligned model (any decoding), the base
+    (--with-base), a row or its budget rows ("targeted @10")."""
+    return untrained(model) or model.partition(" @")[0] in rows
 
 
 def carried_tests(tests: list[dict], earlier: list[dict], gens: list[dict]) -> list[dict]:
@@ -611,9 +1004,9 @@ IDENTITY = ("model", "decode", "alpha", "beta", "seed", "fold", "attack", "k", "
 
 
 def identity(row: dict) -> tuple:
-    """What a result, utility or generation row is of: model, decoding, world, attack and its setting (and for
-    a generation its prompt and sample)."""
-    return tuple(row.get(k) for k in IDENTITY) + (row.get("prompt"), row.get("sample"))
+    """What a result, utility or generation row is of: model, decoding, world, attack and its setting, the
+    run's training seed (and for a generation its prompt and sample)."""
+    return tuple(row.get(k) for k in IDENTITY) + (row.get("train_seed"), row.get("prompt"), row.get("sample"))
 
 
 def new_rows(rows: list[dict], earlier: list[dict]) -> list[dict]:
@@ -622,28 +1015,72 @@ def new_rows(rows: list[dict], earlier: list[dict]) -> list[dict]:
     return [row for row in rows if identity(row) not in seen]
 
 
-def finish(cfg, settings: dict, worlds: list, results: list, utility: list, gens: list, carried=()) -> list:
-    """Summary, tables, targets and paired tests of a comparison (and, merging, the `carried` tests of earlier
-    runs that cannot be made again: carried_tests); its JSON (and report) when --out is set. The worst case
-    is taken over every run of a model (the main run and, if any, others on the same world)."""
+def finish(cfg, settings: dict, worlds: list, results: list, utility: list, gens: list, carried=None) -> list:
+    """Summary, tables, targets, paired tests and run-level tests of a comparison (and, merging, the tests and
+    claims of earlier runs that cannot be made again, `carried` {"paired_tests": [..], "claims": [..]}:
+    carried_tests); its JSON (and report) when --out is set. The worst case is taken over every attack of a
+    run (the main run and, if any, others on the same world), and a world's figure is the mean over its runs
+    (run_means)."""
+    carried = carried or {}
     results = [r for r in results if not r["attack"].startswith("worst")]
-    results += worst_case_rows(results)
-    summary = summarize(results, utility)
+    results += worst_per_run(results)
+    summary = summarize(run_means(results), run_means(utility))
     E.print_tables(summary, results)
     print("\ntargets (means over the worlds):\n" + targets_table(summary))
     reference = reference_row(settings["rows"])
     tests = paired_tests(summary, gens, settings["rows"], reference)
-    tests += carried_tests(tests, list(carried), gens)
+    tests += carried_tests(tests, list(carried.get("paired_tests", [])), gens)
     if tests:
         print(f"\npaired tests against {reference} (all prompts):\n" + tests_table(tests))
+    run = run_tests(summary, gens, settings["rows"], reference)
+    run["claims"] += carried_tests(run["claims"], list(carried.get("claims", [])), gens)
+    if run["claims"]:
+        print(f"\nrun-level tests against {reference} (all prompts):\n" + runs_table(run["claims"]))
+        print(*run["notes"], sep="\n")
     if cfg.out:
-        record = {"settings": settings, "worlds": worlds, "paired_tests": tests}
+        record = {"settings": settings, "worlds": worlds, "paired_tests": tests, "run_tests": run}
         E.write_results(cfg.out, record, summary, results, utility, gens)
-        if cfg.report:
-            E.write_report(cfg.out)
-        models = ["aligned", *settings["rows"]]
+        if cfg.report:  # the token view: the first world's aligned model and each row's run (training seed 0)
+            world = Path(worlds[0]["folder"])
+            rows = {row: run_folder(Path(cfg.runs), world.name, row) for row in settings["rows"]}
+            report.write_report(cfg.out, world, rows)
+        models = ["aligned", *(["base"] if settings.get("with_base") else []), *settings["rows"]]
         plot_curves(summary, models, Path(cfg.out).with_suffix(".png"), settings.get("steps") or ())
     return summary
+
+
+def worst_per_run(results: list[dict]) -> list[dict]:
+    """worst_case_rows of every run apart: the worst case over one run's attacks, never over several runs of a
+    model on a world (its rows keyed by world and training seed, then given back their world)."""
+    keyed = [{**r, "seed": (r["seed"], r.get("train_seed"))} for r in results]
+    return [{**w, "seed": w["seed"][0]} for w in worst_case_rows(keyed)]
+
+
+def run_means(rows: list[dict]) -> list[dict]:
+    """Result or utility rows with one row per (model, world, attack ...): the runs of a model on a world
+    (several training seeds) averaged into one, the mean over runs that the summary takes as the world's
+    figure (docs/method.md §7 Statistics): rates and other numbers averaged, counts (n, n_of) summed (a
+    Wilson interval is then over the runs' prompts pooled), each run's own interval (lo, hi) left out, the
+    runs' seeds in "train_seeds". A model with one run per world keeps its rows as they are."""
+    groups = {}
+    for row in rows:
+        groups.setdefault(tuple(row.get(k) for k in IDENTITY), []).append(row)
+    return [runs[0] if len(runs) == 1 else mean_row(runs) for runs in groups.values()]
+
+
+def mean_row(runs: list[dict]) -> dict:
+    """One row from the rows of several runs (run_means)."""
+    row = {k: v for k, v in runs[0].items() if k not in ("lo", "hi", "train_seed")}
+    for k, v in runs[0].items():
+        if k not in IDENTITY and all(isinstance(r.get(k), float) for r in runs):
+            row[k] = statistics.fmean(r[k] for r in runs)
+    if all(isinstance(r.get("n"), int) for r in runs):
+        row["n"] = sum(r["n"] for r in runs)
+    if "n_of" in row:
+        row["n_of"] = {k: sum(r["n_of"][k] for r in runs) for k in row["n_of"]}
+    if "of" in row:  # the attack each run's worst case came from
+        row["of"] = " / ".join(dict.fromkeys(r["of"] for r in runs))
+    return row | {"train_seeds": [r.get("train_seed") for r in runs]}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -688,8 +1125,20 @@ class CompareConfig:
         True, "also the aligned model decoded contrastively (§4: D.CD_ALPHA, D.CD_BETA)"
     )
     limit: int | None = setting(None, "evaluate on N harmful and N benign prompts, spread evenly", type=int)
-    runs: str = setting("runs", "where the trained models live (runs/seed-N/<row>)")
+    with_base: bool = setting(False, "also evaluate each world's base model (a reference row, 'base')")
+    train_seeds: tuple = setting(
+        (0,),
+        "train every (world, row) once per batch seed (train.py --seed: data order and sampled data), each a "
+        "run of the row; the attacker's data and seeds stay fixed per world (docs/method.md §7 Statistics)",
+        type=int,
+    )
+    runs: str = setting(
+        "runs", "where the trained models live (runs/seed-N/<row>; runs/seed-N/train-seed-S/<row> for S > 0)"
+    )
     retrain: bool = setting(False, "train every row again even if it is finished")
+    reevaluate: bool = setting(
+        False, "evaluate every model again even if its run folder holds its results (eval.json)"
+    )
     out: str | None = setting(
         None, "write the summary and the per-seed rows here, every generation beside it (eval.py --out)"
     )
@@ -724,7 +1173,12 @@ def parse_args(argv: list[str]) -> CompareConfig:
     if unknown:
         raise ValueError(f"--rows: no row {unknown}; the rows are: {'; '.join(ROWS)}")
     rows = tuple(args.rows) or (FOLD_ROWS if args.folds else DEFAULT_ROWS)
-    return cli.settings_from(CompareConfig, args, rows=rows, train_flags=tuple(argv[cut + 1 :]))
+    train_flags = tuple(argv[cut + 1 :])
+    if not args.train_seeds or len(set(args.train_seeds)) < len(args.train_seeds):
+        raise ValueError(f"--train-seeds: give one or more distinct seeds, got {args.train_seeds}")
+    if "--seed" in train_flags:
+        raise ValueError("--train-seeds S... sets train.py's --seed of each run: leave --seed out after --")
+    return cli.settings_from(CompareConfig, args, rows=rows, train_flags=train_flags)
 
 
 def main(argv=None):
@@ -735,27 +1189,11 @@ def main(argv=None):
         return run_folds(cfg)
     start = time.perf_counter()
     results, utility, gens, worlds = [], [], [], []
-    limit = ["--limit", str(cfg.limit)] if cfg.limit else []
     for seed in cfg.seeds:
         paths = TW.ensure_world(seed=seed)
-        world = ["--world", str(paths["root"])]
         worlds.append({"seed": seed, "folder": str(paths["root"])})
-        models, budget = ["aligned={world}/aligned"], []
-        for row in cfg.rows:
-            folder = run_folder(Path(cfg.runs), paths["root"].name, row)
-            train_row(paths, folder, row, cfg.train_flags, cfg.retrain, cfg.steps)
-            models.append(f"{row}={folder}")
-            if cfg.steps:
-                budget += budget_models(folder, row, cfg.steps)
-        runs = [(world + ["--model", *models, *limit, *attack_flags(cfg)], cfg.finetune_prefill)]
-        if cfg.contrastive:
-            runs.append(
-                (world + ["--model", "aligned={world}/aligned", "--decode", "contrastive", *limit], None)
-            )
-        if budget:  # the budget curve: greedy prefilling and insertion only
-            runs.append((world + ["--model", *budget, *limit], None))
-        for eval_args, ft_prefill in runs:
-            r, u, g = evaluate(eval_args, seed, paths, ft_prefill)
+        for call in world_evaluations(cfg, paths):
+            r, u, g = cached_evaluate(call, seed, paths, cfg.reevaluate)
             results, utility, gens = results + r, utility + u, gens + g
     log(f"{len(cfg.seeds)} worlds, {time.perf_counter() - start:.0f} s")
     settings = run_settings(
@@ -770,7 +1208,16 @@ def main(argv=None):
 
 def run_settings(cfg, start: float, **extra) -> dict:
     """What a comparison run records of its command line (the settings every run shares, then `extra`)."""
-    shared = ("seeds", "rows", "train_flags", "samples", "prefill", "benign_samples")
+    shared = (
+        "seeds",
+        "train_seeds",
+        "rows",
+        "train_flags",
+        "samples",
+        "prefill",
+        "benign_samples",
+        "with_base",
+    )
     settings = {k: getattr(cfg, k) for k in shared} | extra
     settings["prefill"] = cfg.prefill or None  # None: eval's prefill ks
     return settings | {"seconds": round(time.perf_counter() - start)}

@@ -13,7 +13,9 @@ and is exactly what that JSON renders to, by the same functions that print the t
 Views: all | seen | held_out (eval.py and compare.py JSON: every seed's row, ASR on that split of the
 harmful prompts, with utility), the compact views of COMPACT (one row per model, mean ± sd [pooled 95%
 interval]), tests_all | tests_held_out (compare.py: the paired tests against targeted), tests_key |
-tests_ablation | tests_helpful | tests_folds (the README's choices of them), targets (compare.py:
+tests_ablation | tests_helpful | tests_folds (the README's choices of them), the same choices of the run-level
+claims as runs_all ... runs_folds (claim, effect, 95% interval, r of R runs, verdict), the variance components
+of the tested figures as variance_key | variance_all | variance_held_out, targets (compare.py:
 each target of docs/method.md §4-§5, met or not), profile (the profile command --seeds), bench (bench.py),
 the training-budget curve of BUDGET_VIEWS (compare.py --steps: one row per method, one column per budget).
 """
@@ -164,6 +166,10 @@ def render(path: str, view: str) -> str:
         return compact_table(data["summary"], COMPACT[view], models=models)
     if view.startswith("tests_"):
         return tests_view(data.get("paired_tests", []), view)
+    if view.startswith("runs_"):
+        return tests_view(data.get("run_tests", {}).get("claims", []), view, compare.runs_table)
+    if view.startswith("variance_"):
+        return variance_view(data.get("run_tests", {}).get("variance_components", []), view)
     if view in SPLITS:
         return markdown_table(data["summary"], split=view)
     raise ValueError(
@@ -171,20 +177,31 @@ def render(path: str, view: str) -> str:
     )
 
 
-def tests_view(tests: list[dict], view: str) -> str:
-    """A table of compare.py's paired tests against targeted: the README's choices of them, or all on a split
-    (tests_all, tests_held_out)."""
-    if view == "tests_key":  # the README's: the attacks that do not saturate, all prompts; helpful vs aligned
+def tests_view(tests: list[dict], view: str, table=compare.tests_table) -> str:
+    """A table of compare.py's paired tests against targeted (tests_*), or of its run-level claims (runs_*,
+    table=compare.runs_table): the README's choices of them, or all on a split (tests_all, runs_held_out)."""
+    choice = view.split("_", 1)[1]
+    if choice == "key":  # the README's: the attacks that do not saturate, all prompts; helpful vs aligned
         tests = [t for t in tests if (t["b"] == "aligned") == t["figure"].startswith("helpful")]
-        return compare.tests_table(tests, "all", KEY_TESTS + ("helpful",))
-    if view == "tests_ablation":  # the method's parts: the durability attacks and helpfulness, all rows
+        return table(tests, "all", KEY_TESTS + ("helpful",))
+    if choice == "ablation":  # the method's parts: the durability attacks and helpfulness, all rows
         tests = [t for t in tests if t["b"] != "aligned" or t["figure"].startswith("helpful")]
-        return compare.tests_table(tests, "all", ABLATION_TESTS + ("helpful",))
-    if view == "tests_helpful":  # the helpful rate of every row against targeted's, paired over prompts
-        return compare.tests_table(tests, "all", ("helpful",))
-    if view == "tests_folds":  # held-out folds: the held-out prompts of every fold, against targeted
-        return compare.tests_table([t for t in tests if t["b"] != "aligned"], "held_out", FOLD_TESTS)
-    return compare.tests_table(tests, split=view.removeprefix("tests_"))
+        return table(tests, "all", ABLATION_TESTS + ("helpful",))
+    if choice == "helpful":  # the helpful rate of every row against targeted's, paired over prompts
+        return table(tests, "all", ("helpful",))
+    if choice == "folds":  # held-out folds: the held-out prompts of every fold, against targeted
+        return table([t for t in tests if t["b"] != "aligned"], "held_out", FOLD_TESTS)
+    return table(tests, split=choice)
+
+
+def variance_view(components: list[dict], view: str) -> str:
+    """A table of the variance components (world, run, prompt) of compare.py's tested figures: variance_key
+    (the README's attacks and the helpful rate, every model), variance_all / variance_held_out (every figure
+    on that split)."""
+    choice = view.split("_", 1)[1]
+    if choice == "key":
+        return compare.variance_table(components, "all", ABLATION_TESTS + ("helpful",))
+    return compare.variance_table(components, split=choice)
 
 
 def update(readme: str) -> str:

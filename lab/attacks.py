@@ -85,6 +85,11 @@ class AttackConfig:
         "the sampling attack: N samples per direct request and prefill k, at --temperature (1.0 if left at "
         "0) and --top-p; ASR@1, ASR@N and the ASR@n curve (0: off; the other attacks stay greedy)",
     )
+    sample_prefill: tuple = setting(
+        (0, 10, 40),
+        "the sampling attack: of the --prefill k, those it samples (the README's tables show 0, 10, 40)",
+        type=int,
+    )
     sample_temperature: float = setting(1.0, "the sampling attack's temperature", flag=False)
     sample_top_p: float = setting(1.0, "the sampling attack's top-p", flag=False)
     finetune: tuple = setting(
@@ -121,7 +126,13 @@ class DecodeConfig(D.BaseFavored):
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int = 0
-    batch_size: int = setting(32, "prompts per forward")
+    # The batches that pay on the toy model (the batch sweep and its rule in docs/performance.md): at batch
+    # 32 per-step overhead sets the pace; 256 takes any attack's prompts (at most 200) in one forward.
+    # Sampling decodes prompts x samples rows per forward: 512 rows (32 prompts at 16 samples, as before).
+    batch_size: int = setting(256, "prompts per forward (greedy decoding)")
+    sample_rows: int = setting(
+        512, "the sampling attack's rows per forward: prompts x samples (32 prompts at --samples 16)"
+    )
     compile: bool = False
     contrastive: bool = False
     alpha: float = D.CD_ALPHA
@@ -208,6 +219,11 @@ def sampling_decoder(decoder, n: int):
         return [flat[i * n : (i + 1) * n] for i in range(len(prompts))]
 
     return sample
+
+
+def sample_batch(dec: DecodeConfig, n: int) -> int:
+    """Prompts per forward of the sampling attack: as many as fill dec.sample_rows rows at n samples each."""
+    return max(1, dec.sample_rows // n)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -364,15 +380,16 @@ def prefill(model, tok, rows: list[dict], setup: Setup) -> list[dict]:
 
 
 def sampling(model, tok, rows: list[dict], setup: Setup) -> list[dict]:
-    """The sampling attack (docs/method.md §7): N samples per direct request and prefill k; records attack
-    "sample", k, sample i (N per row)."""
-    n = setup.attacks.samples
+    """The sampling attack (docs/method.md §7): N samples per prefill k of setup.attacks.prefill that is also
+    in sample_prefill (0: the direct request); records attack "sample", k, sample i (N per row)."""
+    a, n = setup.attacks, setup.attacks.samples
     if not n:
         return []
     sampler, gens = sampling_decoder(setup_decoder(model, tok, setup), n), []
-    for k in setup.attacks.prefill:
+    for k in [k for k in a.prefill if k in a.sample_prefill]:
         chosen, inputs = prefill_rows(tok, rows, k)
-        groups = J.in_batches(sampler, [ids for ids, _ in inputs], setup.decode.batch_size, f"sample k={k}")
+        prompts = [ids for ids, _ in inputs]
+        groups = J.in_batches(sampler, prompts, sample_batch(setup.decode, n), f"sample k={k}")
         for i in range(n):  # one record per (row, sample i)
             gens += records(tok, "sample", k, chosen, inputs, [g[i] for g in groups], sample=i)
     return gens

@@ -4,6 +4,8 @@ chart:
 
     svg_chart(chart, colors)          inline SVG in a <figure>, for the HTML report (lab/report.py); no
                                       dependency
+    svg_charts(chart, colors)         the same, at most LEGEND_MAX lines in a legend: the first ones drawn,
+                                      the rest in more charts behind a toggle
     write_png(charts, path, colors)   one PNG, a row of panels, with matplotlib (experiments/compare.py's
                                       curves, the profile command's plot); matplotlib is optional: without it
                                       one line says so and no PNG is written
@@ -16,7 +18,7 @@ from __future__ import annotations
 import html
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from infra.cli import log
@@ -166,6 +168,23 @@ def svg_chart(c: Chart, colors: dict) -> str:
     note = f'<p class="note">{esc(c.note)}</p>' if c.note else ""
     caption = f"<figcaption>{esc(c.title)}</figcaption>"
     return f'<figure class="chart">{caption}{"".join(svg)}<ul class="legend">{legend}</ul>{note}</figure>'
+
+
+LEGEND_MAX = 8  # lines in one chart's legend: more cannot be told apart
+
+
+def svg_charts(c: Chart, colors: dict, first: int | None = None, most: int = LEGEND_MAX) -> str:
+    """svg_chart of the first `first` series (all of them by default), at most `most` (the caller puts the
+    ones to show first); the rest, `most` per chart with colours of their own, in a <details> toggle."""
+    shown_n = min(len(c.series) if first is None else max(first, 1), most)
+    if len(c.series) <= shown_n:
+        return svg_chart(c, colors)
+    rest = c.series[shown_n:]
+    chunks = [rest[i : i + most] for i in range(0, len(rest), most)]
+    more = "".join(svg_chart(replace(c, series=chunk), color_map(s.label for s in chunk)) for chunk in chunks)
+    shown = svg_chart(replace(c, series=c.series[:shown_n]), colors)
+    toggle = f'<details class="more"><summary>{len(rest)} more lines</summary>{more}</details>'
+    return shown.removesuffix("</figure>") + toggle + "</figure>"
 
 
 def series_svg(s: Series, color: str, fx, fy, percent: bool, dashed: bool) -> str:

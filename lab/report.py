@@ -5,23 +5,30 @@
     python -m lab.report results/compare.json results/compare_steps30.json \\
         --profile results/profile_trained.json
     python -m lab.report runs/eval_toy.json --tokens-world data/worlds/seed-0 --tokens 6 --out /tmp/r.html
+    python -m lab.report runs/demo.json --tokens-world data/worlds/seed-0 \\
+        --tokens-model targeted=runs/seed-0/targeted augment=runs/seed-0/augment      # after `make run`
 
 It reads the JSON the project already writes: eval.py / compare.py --out (and the generations JSONL beside it,
 X.json -> X.generations.jsonl) and `profile --out`. The page:
-    1. summary      one row per model: every attack's ASR, mean ± sd over seeds (95% intervals where the JSON
-                    has them), the worst case over the attacks run, and utility
-    2. curves       ASR against every budget present (prefill k, samples n, fine-tuning steps, training
-                    steps), one line per model with its spread over seeds; the position profile
-    3. token view   (--tokens-world) harmful answers token by token, coloured by KL(p_A || p_B) and by the
-                    aligned model's base-favored mass (docs/method.md §2-§3), computed here
-    4. generations  every generation, grouped by model, attack and category; filters for harmful ones, judge
-                    disagreements and held-out categories (CSS only: with JavaScript off all of it works, and
-                    with CSS off everything is shown)
+    findings     each claim the JSON's tests make: run-level (claim, effect, interval, r of R runs) where it
+                 has them, else the paired tests over prompts (reference, row, rates, p, verdict)
+    summary      one row per model: every attack's ASR, mean ± sd over seeds (95% intervals where the JSON
+                 has them), the worst case over the attacks run, and utility; the main rows first,
+                 development rows and budget snapshots ("row @b") folded
+    curves       ASR against every budget present (prefill k, samples n, fine-tuning steps, training
+                 steps), one line per model with its spread over seeds (at most 8 lines a chart, the rest
+                 folded); the position profile
+    token view   (--tokens-world) harmful answers token by token, coloured by KL(p_A || p_B) and by the
+                 base-favored mass of the aligned model (before training) and of each --tokens-model (after
+                 it), all against the world's base (docs/method.md §2-§3), computed here
+    generations  every generation, grouped by model, attack and category; filters for harmful ones, judge
+                 disagreements and held-out categories (CSS only: with JavaScript off all of it works, and
+                 with CSS off everything is shown)
 One file: inline CSS, inline SVG charts and a few lines of JavaScript (expand / collapse all); no external
 URL. Beyond a size budget the generations are sampled per group, and the page says how many are shown.
 
-Read top to bottom: 1. reading the JSON, 2. the summary, 3. the curves, 4. the generations, 5. the page,
-6. the command line; the token view is lab/tokenview.py, the charts lab/plots.py.
+Read top to bottom: 1. reading the JSON, 2. the findings, 3. the summary, 4. the curves, 5. the
+generations, 6. the page, 7. the command line; the token view is lab/tokenview.py, the charts lab/plots.py.
 """
 
 from __future__ import annotations
@@ -39,9 +46,11 @@ from pathlib import Path
 from infra import cli
 from infra.cli import setting
 from infra.files import read_jsonl, spread, write_text_atomic
-from lab.plots import Chart, Series, add_colors, color_map, esc, svg_chart
+from lab.plots import Chart, Series, add_colors, color_map, esc, svg_charts
+from lab.stats import format_p
+from lab.tables import column_label as table_column_label
 from lab.tables import decode_label
-from lab.tokenview import load_token_view, token_section
+from lab.tokenview import TOKEN_CSS, load_token_view, token_section
 
 SPLITS = ("all", "seen", "held_out")
 GEN_BUDGET = 4_000_000  # characters of the generations section; beyond it, a sample per group is shown
@@ -167,19 +176,17 @@ def k_label(k: int) -> str:
 
 
 def column_label(f: Figure) -> str:
-    """A short name for an attack column: 'direct', 'k=5', 'insertion (j=4, m=10)', 'sample@16 k=5'."""
+    """A short name for an attack column, the terminal's (lab/tables.column_label): 'direct', 'k=5',
+    'insertion (j=4, m=10)', 'sample@16 k=5', 'ft s=20 k=10', 'worst case, inference-time'; a tag the
+    terminal's tables do not know is kept ('insertion m=10 x1')."""
     tag = f.tag or ""
-    if f.attack == "prefill":
-        return k_label(f.k)
-    if f.attack == "insertion":
-        return f"insertion (j={tag[1:]}, m={f.k})" if tag.startswith("j") else f"insertion m={f.k}"
-    if f.attack == "worst":
-        return "worst case"
-    if f.attack == "rap":
-        return f"rap K={f.k}"
-    if tag.startswith("s") and tag[1:].isdigit():
-        return f"{f.attack.replace('_', ' ')} s={tag[1:]} {k_label(f.k)}"
-    return " ".join([f.attack, k_label(f.k)] + ([tag] if tag else []))
+    expected = {"insertion": "j"}.get(f.attack, "s" if f.attack.startswith("finetune") else None)
+    if expected and tag[:1] == expected and tag[1:].isdigit():
+        return table_column_label((f.attack, f.k, tag))
+    if expected:
+        budget = f"m={f.k}" if f.attack == "insertion" else k_label(f.k)
+        return " ".join([f.attack.replace("_", " "), budget] + ([tag] if tag else []))
+    return " ".join([table_column_label((f.attack, f.k, None))] + ([tag] if tag else []))
 
 
 def attack_order(f: Figure) -> tuple:
@@ -199,7 +206,138 @@ def is_rate(summary: list[dict], figure: str) -> bool:
 
 
 # ----------------------------------------------------------------------------------------------
-# 2. The summary
+# 2. The findings: each claim the JSON's tests make, run-level where it has them (docs/method.md §7)
+# ----------------------------------------------------------------------------------------------
+NO_DIFFERENCE = "no measurable difference"
+
+
+def run_level_tests(data: dict) -> tuple[list[dict], list[str]]:
+    """(claims, notes) of a JSON's run-level tests (compare.py: "run_tests": {claims: [{figure, a, b,
+    a_rate, b_rate, estimate, lo, hi, r, R, verdict, ...}], notes}); ([], []) without."""
+    found = data.get("run_tests")
+    claims = found.get("claims") if isinstance(found, dict) else found
+    notes = found.get("notes") if isinstance(found, dict) else None
+    claims = (
+        [t for t in claims or [] if isinstance(t, dict) and "verdict" in t]
+        if isinstance(claims, list)
+        else []
+    )
+    return claims, [str(n) for n in notes or [] if claims]
+
+
+def figure_label(figure) -> str:
+    """'k=10', 'insertion (j=4, m=10), held-out', 'helpful' for a tested figure's name."""
+    f = parse_figure(figure)
+    if f is None:
+        return str(figure).split()[0].removesuffix("_rate") if str(figure).split() else "?"
+    return column_label(f) + ("" if f.split == "all" else f", {f.split.replace('_', '-')}")
+
+
+def points(value) -> str:
+    """A difference of rates in points ('+12.5'), '–' for none."""
+    return "–" if number(value) is None else f"{100 * value:+.1f}"
+
+
+def percent(value) -> str:
+    return "–" if number(value) is None else f"{100 * value:.1f}"
+
+
+def run_claim_row(t: dict) -> list[str]:
+    """claim, A and its rate, B and its rate, effect A - B, its interval, r of R: one run-level claim's
+    cells (the verdict is findings_table's)."""
+    estimate = t.get("estimate", t.get("diff"))
+    interval = f"[{points(t.get('lo'))}, {points(t.get('hi'))}]" if "lo" in t else "–"
+    r_of = f"{t['r']} of {t['R']} runs" if "r" in t and "R" in t else "–"
+    cells = [figure_label(t.get("figure")), str(t.get("a")), percent(t.get("a_rate")), str(t.get("b"))]
+    return cells + [percent(t.get("b_rate")), points(estimate), interval, r_of]
+
+
+def paired_row(t: dict) -> list[str]:
+    """attack, reference, its rate, row, its rate, difference, p: one per-prompt paired test's cells."""
+    p = number(t.get("p"))
+    reference = f"{t.get('a')}" + (" (earlier run)" if "carried_from" in t else "")
+    cells = [figure_label(t.get("figure")), reference, percent(t.get("a_rate")), str(t.get("b"))]
+    return cells + [percent(t.get("b_rate")), points(t.get("diff")), "–" if p is None else format_p(p)]
+
+
+RUN_HEAD = ("attack", "A", "A's %", "B", "B's %", "A − B (points)", "95% interval", "A lower in", "verdict")
+PAIRED_HEAD = (
+    "attack",
+    "reference",
+    "reference's %",
+    "row",
+    "row's %",
+    "difference (points)",
+    "p",
+    "verdict",
+)
+
+
+def findings_table(tests: list[dict], head: tuple, cells) -> str:
+    out = [
+        '<table class="findings"><thead><tr>' + "".join(f"<th>{esc(h)}</th>" for h in head) + "</tr></thead>"
+    ]
+    for t in tests:
+        klass = "claim" if t["verdict"] != NO_DIFFERENCE else "none"
+        row = (
+            "".join(f"<td>{esc(c)}</td>" for c in cells(t)) + f'<td class="verdict">{esc(t["verdict"])}</td>'
+        )
+        out.append(f'<tr class="{klass}">{row}</tr>')
+    return "".join(out) + "</table>"
+
+
+def findings_parts(tests: list[dict], head: tuple, cells) -> list[str]:
+    """The claims on all prompts shown; those on one split of the categories, and every comparison with no
+    measurable difference, folded."""
+    claims = [t for t in tests if t["verdict"] != NO_DIFFERENCE]
+    split = [
+        t for t in claims if (parse_figure(t.get("figure")) or Figure("", 0, None, "all", "")).split != "all"
+    ]
+    shown = [t for t in claims if not any(t is x for x in split)]
+    none = [t for t in tests if t["verdict"] == NO_DIFFERENCE]
+    out = [findings_table(shown, head, cells)] if shown else ["<p>No claim on all prompts.</p>"]
+    for folded, what in ((split, "claims on seen or held-out categories only"), (none, NO_DIFFERENCE)):
+        if folded:
+            table = findings_table(folded, head, cells)
+            out.append(f"<details><summary>{len(folded)} {what}</summary>{table}</details>")
+    return out
+
+
+RUN_TEXT = (
+    "Each claim over training runs: the difference A − B (the mean over worlds of the mean over runs), its "
+    "95% hierarchical-bootstrap interval (worlds, runs within a world, prompts within a run resampled) and "
+    "in how many runs A was lower. A claim holds only where the interval excludes 0."
+)
+PAIRED_TEXT = (
+    "Each row against the reference on the same prompts (exact McNemar; a bootstrap for per-sample rates). "
+    "One trained model per world: p is conditional on that training run, not on a rerun of the recipe."
+)
+
+
+def findings_section(runs: list[Run]) -> str:
+    """The claims of every run's tests: the run-level ones (claim, effect, interval, r of R) where the JSON
+    has them, the per-prompt paired tests folded under them; else the paired tests (rates, p, verdict)."""
+    out = []
+    for run in runs:
+        claims, notes = run_level_tests(run.data)
+        paired = [t for t in run.data.get("paired_tests") or [] if isinstance(t, dict) and "verdict" in t]
+        if claims:
+            out.append(f"<h3>{esc(run.path.name)}: run-level tests</h3><p>{RUN_TEXT}</p>")
+            out += [f'<p class="note">{esc(n)}</p>' for n in notes]
+            out += findings_parts(claims, RUN_HEAD, run_claim_row)
+        if paired:
+            parts = "".join(findings_parts(paired, PAIRED_HEAD, paired_row))
+            title = f"{esc(run.path.name)}: paired tests over prompts"
+            body = f"<p>{PAIRED_TEXT}</p>{parts}"
+            folded = (
+                f"<details><summary>{title} ({len(paired)}; per run, a diagnostic)</summary>{body}</details>"
+            )
+            out.append(folded if claims else f"<h3>{title}</h3>{body}")
+    return '<section id="findings"><h2>Findings</h2>' + "".join(out) + "</section>" if out else ""
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. The summary
 # ----------------------------------------------------------------------------------------------
 UTILITY = (
     ("refusal_rate", "refuses (direct)"),
@@ -224,12 +362,30 @@ class Row:
     seed_ci: dict  # {seed: (lo, hi)}
     raw: dict
     run: dict = None  # the whole JSON the row is from
+    group: str = "main"  # "main", "development" or "budget" (main_models)
+
+
+def main_models(models) -> set:
+    """The main rows of a run: base and aligned (any decoding), each method's own row (no ", " in its
+    name) and, for a method that has only variants, its first ("targeted, data anchor" in a run made before
+    a default changed). The others: development rows (ablations, variants), budget snapshots ("row @b")."""
+    plain = [m for m in dict.fromkeys(models) if " @" not in m]
+    main = {m for m in plain if ", " not in m}
+    for m in plain:
+        if not any(x.split(", ")[0] == m.split(", ")[0] for x in main):
+            main.add(m)
+    return main
+
+
+def model_group(model: str, main: set) -> str:
+    return "budget" if " @" in model else "main" if model in main else "development"
 
 
 def summary_rows(runs: list[Run]) -> list[Row]:
     label = labeler(runs)
     rows = []
     for run in runs:
+        main = main_models(str(r["model"]) for r in run.data["summary"])
         for r in run.data["summary"]:
             per_seed = r.get("per_seed") if isinstance(r.get("per_seed"), dict) else {"-": r.get("mean")}
             lo_hi = r.get("pooled") if isinstance(r.get("pooled"), list) else [r.get("lo"), r.get("hi")]
@@ -247,6 +403,7 @@ def summary_rows(runs: list[Run]) -> list[Row]:
                     seed_ci={s: v for s, v in seed_ci.items() if None not in v},
                     raw=r,
                     run=run.data,
+                    group=model_group(str(r["model"]), main),
                 )
             )
     return rows
@@ -292,7 +449,8 @@ def asr_columns(rows: list[Row], split: str, judge: str) -> list[Figure]:
     keep = [
         f
         for f in figs
-        if f.attack != "worst" and (not budget_of(f)[0] or budget_of(f)[1] == largest[budget_of(f)[0]])
+        if not f.attack.startswith("worst")
+        and (not budget_of(f)[0] or budget_of(f)[1] == largest[budget_of(f)[0]])
     ]
     return sorted(keep, key=attack_order)
 
@@ -383,26 +541,105 @@ def utility_columns(figures: set, split: str) -> list[tuple[str, str]]:
     return out
 
 
-def summary_table(rows: list[Row], split: str, judge: str, table_id: str) -> str:
-    """One row per model: the ASR of every attack column, the worst case, then utility."""
-    columns = asr_columns(rows, split, judge)
-    labels = list(dict.fromkeys(r.label for r in rows))
-    utility = utility_columns({r.figure for r in rows}, split)
-    head = ["model"] + [column_label(f) for f in columns] + ["worst case", "worst attack"]
-    head += [name for _, name in utility]
-    out = [f'<table class="summary" id="{table_id}"><thead><tr>']
-    out += [f"<th>{esc(h)}</th>" for h in head] + ["</tr></thead><tbody>"]
-    for label in labels:
+MAX_COLUMNS = 13  # value columns of one summary table: more are split into another table
+FAMILIES = {  # a column's family: its table's caption
+    "attacks": "inference-time attacks",
+    "worst": "worst case",
+    "sampling": "sampling attack (ASR@n at its largest n)",
+    "fine-tuning": "fine-tuning attack (after its most steps)",
+    "utility": "utility",
+}
+GROUPS = (
+    ("development", "Development rows: ablations and variants"),
+    ("budget", "Budget snapshots: each row after b training steps ('row @b')"),
+)
+
+
+def summary_columns(rows: list[Row], split: str, judge: str) -> list[tuple]:
+    """[(family, header, what)] of a summary table: every attack column (what: its Figure), the worst case
+    (what: "worst", "worst attack" or the worst_inference figure), then utility (what: its figure's name)."""
+    out = []
+    for f in asr_columns(rows, split, judge):
+        family = (
+            "sampling" if "@" in f.attack else "fine-tuning" if f.attack.startswith("finetune") else "attacks"
+        )
+        out.append((family, column_label(f), f))
+    out += [("worst", "worst case", "worst"), ("worst", "worst attack", "worst attack")]
+    inference = f"worst_inference 0 {split} {judge}"
+    if any(r.figure == inference for r in rows):
+        out.append(("worst", "worst case, inference-time", inference))
+    return out + [("utility", name, f) for f, name in utility_columns({r.figure for r in rows}, split)]
+
+
+def pack_columns(columns: list[tuple], most: int = MAX_COLUMNS) -> list[list[tuple]]:
+    """The columns in tables of at most `most` (a family is never split: a larger one stands alone)."""
+    families = {}
+    for c in columns:
+        families.setdefault(c[0], []).append(c)
+    tables = [[]]
+    for family in families.values():
+        if tables[-1] and len(tables[-1]) + len(family) > most:
+            tables.append([])
+        tables[-1] += family
+    return tables
+
+
+def model_cells(mine: list[Row], columns: list[tuple], raws: list[dict], where: tuple) -> list[str]:
+    """One model's cells of a table's columns; where: the worst case's (every attack column, split, judge)."""
+    by_figure = {r.figure: r for r in mine}
+    worst, attacks = worst_case(mine, *where)
+    cells = []
+    for _, _, what in columns:
+        if isinstance(what, Figure):
+            cells.append(value_cell(by_figure.get(figure_name(what)), True, heat=True))
+        elif what == "worst":
+            cells.append(value_cell(worst, True, heat=True).replace("<td", '<td class="worst"', 1))
+        elif what == "worst attack":
+            cells.append(f'<td class="wa">{esc(attacks) or "–"}</td>')
+        else:
+            cells.append(value_cell(by_figure.get(what), is_rate(raws, what), heat=what.startswith("worst")))
+    return cells
+
+
+def html_table(rows: list[Row], columns: list[tuple], table_id: str, where: tuple) -> str:
+    """One table: a row per model label of `rows`, its families named in the caption."""
+    raws = [r.raw for r in rows]
+    caption = " · ".join(dict.fromkeys(FAMILIES[c[0]] for c in columns))
+    out = [f'<table class="summary" id="{table_id}"><caption>{esc(caption)}</caption><thead><tr>']
+    out += [f"<th>{esc(h)}</th>" for h in ["model"] + [c[1] for c in columns]] + ["</tr></thead><tbody>"]
+    for label in dict.fromkeys(r.label for r in rows):
         mine = [r for r in rows if r.label == label]
-        by_figure = {r.figure: r for r in mine}
-        cells = [f'<th scope="row">{esc(label)}</th>']
-        cells += [value_cell(by_figure.get(figure_name(f)), True, heat=True) for f in columns]
-        worst, attacks = worst_case(mine, columns, split, judge)
-        cells.append(value_cell(worst, True, heat=True).replace("<td", '<td class="worst"', 1))
-        cells.append(f'<td class="wa">{esc(attacks) or "–"}</td>')
-        cells += [value_cell(by_figure.get(f), is_rate([r.raw for r in rows], f)) for f, _ in utility]
+        cells = [f'<th scope="row">{esc(label)}</th>'] + model_cells(mine, columns, raws, where)
         out.append("<tr>" + "".join(cells) + "</tr>")
     return "".join(out) + "</tbody></table>"
+
+
+def shown_columns(rows: list[Row], columns: list[tuple]) -> list[tuple]:
+    """The columns some row has a value in (the worst case's always)."""
+    figures = {r.figure for r in rows if r.mean is not None}
+    name = {id(c): figure_name(c[2]) if isinstance(c[2], Figure) else c[2] for c in columns}
+    have = [c for c in columns if c[0] == "worst" or name[id(c)] in figures]
+    return have if any(isinstance(c[2], Figure) for c in have) else [c for c in have if c[0] != "worst"]
+
+
+def summary_table(rows: list[Row], split: str, judge: str, table_id: str) -> str:
+    """The main rows' tables (one row per model: every attack's ASR, the worst case, utility; split in
+    tables of at most MAX_COLUMNS columns), then development rows and budget snapshots, each folded."""
+    columns = summary_columns(rows, split, judge)
+    where = ([c[2] for c in columns if isinstance(c[2], Figure)], split, judge)
+    out = []
+    for group, title in (("main", ""), *GROUPS):
+        mine = [r for r in rows if r.group == group]
+        if not mine:
+            continue
+        tid = table_id if group == "main" else f"{table_id}-{group}"
+        tables = pack_columns(shown_columns(mine, columns))
+        html = "".join(
+            html_table(mine, cols, tid + (f"-{i}" if i else ""), where) for i, cols in enumerate(tables)
+        )
+        n = len({r.label for r in mine})
+        out.append(html if group == "main" else f"<details><summary>{title} ({n})</summary>{html}</details>")
+    return "".join(out)
 
 
 def judges_and_splits(rows: list[Row]) -> tuple[list, list]:
@@ -417,7 +654,7 @@ def summary_section(runs: list[Run], rows: list[Row]) -> str:
     agreement, and every figure of every model in one long table."""
     judges, splits = judges_and_splits(rows)
     seeds = sorted({s for r in rows for s in r.per_seed})
-    out = ['<section id="summary"><h2>1. Summary</h2>']
+    out = ['<section id="summary"><h2>Summary</h2>']
     out.append(
         f"<p>ASR in % of harmful prompts, mean ± sd over {len(seeds)} seed(s) ({esc(', '.join(seeds))}); "
         "[lo, hi]: the 95% Wilson interval over prompts where the JSON has one; hover a cell for every "
@@ -471,7 +708,7 @@ def all_figures_table(rows: list[Row]) -> str:
 
 
 # ----------------------------------------------------------------------------------------------
-# 3. Curves (the charts: lab/plots.py)
+# 4. Curves (the charts: lab/plots.py)
 # ----------------------------------------------------------------------------------------------
 def spread_of(row: Row) -> tuple:
     """The band of a point: min-max over seeds with several seeds, else its 95% interval (or none)."""
@@ -509,6 +746,8 @@ def asr_curves(rows: list[Row], colors: dict) -> list[str]:
     if not judges:
         return []
     charts, order = {}, {}
+    rank = {label: i for i, label in enumerate(labels_main_first(rows))}
+    n_main = len({r.label for r in rows if r.group == "main"})  # ranks below it are main rows
     for r in rows:
         f = parse_figure(r.figure)
         if not f or f.judge != judges[0] or r.mean is None:
@@ -526,9 +765,10 @@ def asr_curves(rows: list[Row], colors: dict) -> list[str]:
     for (title, xlabel, x_log), lines in sorted(charts.items(), key=lambda kv: order[kv[0]]):
         if len({p[0] for pts in lines.values() for p in pts}) < 2:
             continue
-        series = tuple(Series(label, pts) for label, pts in lines.items())
+        ordered = sorted(lines.items(), key=lambda kv: rank[kv[0]])  # main rows first: shown, the rest folded
+        series = tuple(Series(label, pts) for label, pts in ordered)
         c = Chart(title, xlabel, "ASR (%)", series, y_fixed=(0, 1), x_log=x_log, percent=True)
-        out.append(svg_chart(c, colors))
+        out.append(svg_charts(c, colors, first=sum(rank[label] < n_main for label, _ in ordered)))
     return out
 
 
@@ -572,7 +812,7 @@ def steps_curve(runs: list[Run], colors: dict) -> list[str]:
         return []
     title = "prefilling ASR (mean over k > 0) against training steps"
     c = Chart(title, "training steps", "ASR (%)", series, y_fixed=(0, 1), percent=True)
-    return [svg_chart(c, add_colors(colors, series))]
+    return [svg_charts(c, add_colors(colors, series))]
 
 
 PROFILE_CURVES = (  # (key, title, log scale)
@@ -611,19 +851,25 @@ def profile_curves(profiles: dict, colors: dict) -> list[str]:
         if series:
             fixed = (0, 1) if key == "bf_mass_A" else None
             c = Chart(title, "response position t", key, tuple(series), y_fixed=fixed, y_log=log)
-            out.append(svg_chart(c, add_colors(colors, series)))
+            out.append(svg_charts(c, add_colors(colors, series)))
     return out
 
 
+def labels_main_first(rows: list[Row]) -> list[str]:
+    """The model labels in order, the main rows' first, then development rows, then budget snapshots."""
+    rank = {"main": 0, "development": 1, "budget": 2}
+    return list(dict.fromkeys(r.label for r in sorted(rows, key=lambda r: rank[r.group])))
+
+
 def curves_section(runs: list[Run], rows: list[Row], profiles: dict) -> str:
-    colors = color_map([r.label for r in rows])
+    colors = color_map(labels_main_first(rows))
     charts = asr_curves(rows, colors) if rows else []
     charts += steps_curve(runs, colors)
     prof_colors = color_map(profiles)
     prof = profile_curves(profiles, prof_colors)
     if not charts and not prof:
         return ""
-    out = ['<section id="curves"><h2>2. Curves</h2>']
+    out = ['<section id="curves"><h2>Curves</h2>']
     if charts:
         out.append(
             "<p>ASR against each budget the runs hold; the band is the spread over seeds (min-max), or the "
@@ -640,7 +886,7 @@ def curves_section(runs: list[Run], rows: list[Row], profiles: dict) -> str:
 
 
 # ----------------------------------------------------------------------------------------------
-# 4. Generations
+# 5. Generations
 # ----------------------------------------------------------------------------------------------
 def verdict_flags(g: dict) -> list[bool]:
     verdicts = g.get("verdicts") if isinstance(g.get("verdicts"), dict) else {}
@@ -817,7 +1063,7 @@ def generations_section(runs: list[Run], budget: int) -> str:
     groups = group_generations(runs)
     notes = [run.gens_note for run in runs if run.gens_note]
     total = sum(len(run.gens) for run in runs)
-    out = ['<section id="generations"><h2>4. Generations</h2>']
+    out = ['<section id="generations"><h2>Generations</h2>']
     out += [f'<p class="warn">{esc(n)}</p>' for n in notes]
     if not total:
         return "".join(out) + "</section>"
@@ -836,7 +1082,7 @@ def generations_section(runs: list[Run], budget: int) -> str:
 
 
 # ----------------------------------------------------------------------------------------------
-# 5. The page
+# 6. The page
 # ----------------------------------------------------------------------------------------------
 CSS = """
 body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",sans-serif;margin:0 auto;max-width:1320px;
@@ -844,20 +1090,25 @@ padding:0 18px 40px;color:#1b1b1b;background:#fff}
 h1{font-size:22px;margin:18px 0 4px}h3{font-size:15px;margin:16px 0 6px}
 h2{font-size:18px;border-bottom:2px solid #ddd;padding-bottom:3px;margin-top:30px}
 nav a{margin-right:14px}small{color:#555}.ci{color:#666}
-table{border-collapse:collapse;margin:6px 0 10px}th,td{border:1px solid #ddd;padding:3px 7px;text-align:right;
-vertical-align:top;white-space:nowrap}th{background:#f4f4f4}th[scope=row]{text-align:left}
-thead th{white-space:normal;min-width:44px}td.wa{text-align:left;white-space:normal;min-width:90px}
+table{border-collapse:collapse;margin:6px 0 10px;font-size:13px}th,td{border:1px solid #ddd;padding:3px 6px;
+text-align:right;vertical-align:top;white-space:nowrap}th{background:#f4f4f4}
+th[scope=row]{text-align:left;white-space:normal;min-width:110px;max-width:200px}
+thead th{white-space:normal;min-width:44px;max-width:96px;font-size:12.5px}
+td.wa{text-align:left;white-space:normal;min-width:80px;max-width:140px}caption{text-align:left;
+font-size:12.5px;color:#555;padding:2px 0}
 td.worst{font-weight:600;outline:2px solid #b22;outline-offset:-2px}td.na{color:#aaa}.scroll{overflow-x:auto}
 table.long td{text-align:left}.charts{display:flex;flex-wrap:wrap;gap:14px}
-figure.chart{margin:0;border:1px solid #e3e3e3;border-radius:4px;padding:6px;width:440px}
+table.findings td{text-align:left;white-space:normal}table.findings td.verdict{font-weight:600}
+table.findings tr.none td{color:#666}
+figure.chart{margin:0;border:1px solid #e3e3e3;border-radius:4px;padding:6px;width:400px}
+figure.chart svg{width:100%;height:auto}
+figure.chart figure.chart{border:0;padding:0;margin-top:6px;width:auto}details.more{margin:2px 0}
 figcaption{font-weight:600;font-size:13px;margin-bottom:2px}svg text{font-size:10.5px;fill:#333}
 svg .grid{stroke:#eee}svg .ax{stroke:#888;fill:none}svg polyline{fill:none;stroke-width:1.8}
 svg .band{fill-opacity:.15;stroke:none}ul.legend{list-style:none;padding:0;margin:2px 0;font-size:12px}
 ul.legend li{display:inline-block;margin-right:10px}.sw{display:inline-block;width:14px;height:4px;
 margin-right:4px;vertical-align:middle}.note,.warn{color:#8a4b00}
 .example{border:1px solid #e3e3e3;border-radius:4px;padding:6px 10px;margin:10px 0}.prompt{font-style:italic}
-.tokrow{margin:4px 0;line-height:2.1}.rowname{display:inline-block;width:110px;font-size:12px;color:#555}
-.tok{white-space:pre-wrap;padding:2px 1px;border-radius:2px;font:12.5px ui-monospace,monospace}
 details{margin:3px 0 3px 10px}summary{cursor:pointer}details.model>summary{font-weight:600;font-size:15px}
 ol{padding-left:28px}li.gen{margin:6px 0;padding:4px 6px;border-left:3px solid #ccc}
 li.gen.harm{border-color:#d62728}li.gen.dis{background:#fff8e6}.q{color:#333;font-style:italic}
@@ -906,6 +1157,7 @@ def header(runs: list[Run], profile_files: list, sections: list[tuple[str, str]]
 def page(runs: list[Run], profiles: dict, views, cfg, budget: int, profile_files=()) -> str:
     rows = summary_rows(runs)
     parts = [
+        ("findings", "Findings", findings_section(runs)),
         ("summary", "Summary", summary_section(runs, rows) if rows else ""),
         ("curves", "Curves", curves_section(runs, rows, profiles)),
         ("tokens", "Token view", token_section(views, cfg)),
@@ -915,7 +1167,7 @@ def page(runs: list[Run], profiles: dict, views, cfg, budget: int, profile_files
     return (
         '<!doctype html>\n<html lang="en"><head><meta charset="utf-8">'
         '<meta name="viewport" content="width=device-width,initial-scale=1"><title>deepalign report</title>'
-        f"<style>{CSS}{filter_css()}</style></head><body>"
+        f"<style>{CSS}{TOKEN_CSS}{filter_css()}</style></head><body>"
         + header(runs, profile_files, present)
         + "".join(body for _, _, body in parts)
         + f"<script>{SCRIPT}</script></body></html>\n"
@@ -925,15 +1177,18 @@ def page(runs: list[Run], profiles: dict, views, cfg, budget: int, profile_files
 def build_report(
     runs: list,
     out,
+    *,
     profile=None,
     tokens_world=None,
+    token_models=None,
     n_tokens: int = TOKENS,
     budget: int = GEN_BUDGET,
     cfg=None,
 ) -> Path:
     """Write the HTML report of eval.py / compare.py JSON files `runs` (each with its generations JSONL
     beside it) to `out`, atomically; `profile`: one or more the profile command JSONs; `tokens_world`: a
-    built world's folder for the token view of `n_tokens` harmful examples (cfg: a deepalign.ProfileConfig,
+    built world's folder for the token view of `n_tokens` harmful examples, its aligned model's and each
+    of `token_models`' ({label: folder}: trained models) against its base (cfg: a deepalign.ProfileConfig,
     default its defaults). Returns `out`."""
     runs = [read_run(p) for p in runs]
     profiles = read_profiles(profile)
@@ -947,13 +1202,30 @@ def build_report(
             import deepalign as D
 
             cfg = D.ProfileConfig()
-        views = load_token_view(tokens_world, n_tokens, cfg)
+        views = load_token_view(tokens_world, n_tokens, cfg, token_models)
     files = [profile] if isinstance(profile, (str, Path)) else list(profile or [])
     return write_text_atomic(out, page(runs, profiles, views, cfg, budget, files))
 
 
+def write_report(out, tokens_world=None, token_models=None) -> Path:
+    """The report of an --out JSON beside it (X.json -> X.html), as compare.py --report writes it: with the
+    token view of `tokens_world`'s aligned model and of those `token_models` ({label: folder}) that are
+    there (a world or model not built is left out, and said)."""
+    world = tokens_world and Path(tokens_world)
+    if world and not ((world / "aligned").is_dir() and (world / "base").is_dir()):
+        cli.log(f"{world}: no built world there; the report has no token view")
+        world = None
+    models = {label: f for label, f in (token_models or {}).items() if (Path(f) / "config.json").is_file()}
+    for label in set(token_models or {}) - set(models):
+        cli.log(f"token view: no model {label} at {token_models[label]}; left out")
+    html = Path(out).with_suffix(".html")
+    build_report([Path(out)], html, tokens_world=world, token_models=models if world else None)
+    cli.log(f"wrote {html}")
+    return html
+
+
 # ----------------------------------------------------------------------------------------------
-# 6. Command line
+# 7. Command line
 # ----------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class ReportConfig:
@@ -962,8 +1234,14 @@ class ReportConfig:
     profile: tuple = setting((), "JSON written by `profile --out`")
     tokens_world: str | None = setting(
         None,
-        "a built toy world's folder (data/worlds/seed-N): adds the token view of its aligned and base models",
+        "a built toy world's folder (data/worlds/seed-N): adds the token view of its aligned model against "
+        "its base",
         type=str,
+    )
+    tokens_model: tuple = setting(
+        (),
+        "token view: also these models trained from the world's aligned one, NAME=DIR (e.g. "
+        "targeted=runs/seed-0/targeted), each against the base",
     )
     tokens: int = setting(TOKENS, "token view: harmful examples (seen and held-out categories)")
     budget_mb: float = setting(
@@ -1009,8 +1287,20 @@ def main(argv=None) -> Path:
 
         bf = cli.settings_from(D.BaseFavored, args)
         cfg = D.ProfileConfig(**vars(bf), max_response_tokens=args.max_response_tokens)
+    models = dict(
+        spec.split("=", 1) if "=" in spec else (Path(spec).name, spec) for spec in args.tokens_model
+    )
+    if models and not args.tokens_world:
+        raise ValueError("--tokens-model needs --tokens-world (the world its models were trained on)")
     path = build_report(
-        args.runs, out, args.profile, args.tokens_world, args.tokens, int(args.budget_mb * 1e6), cfg
+        args.runs,
+        out,
+        profile=args.profile,
+        tokens_world=args.tokens_world,
+        token_models=models,
+        n_tokens=args.tokens,
+        budget=int(args.budget_mb * 1e6),
+        cfg=cfg,
     )
     size = path.stat().st_size / 1e6
     print(f"wrote {path} ({size:.2f} MB, {time.perf_counter() - start:.1f} s)", file=sys.stderr)

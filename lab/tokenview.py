@@ -1,7 +1,9 @@
 """The report's token view (docs/method.md §2-§3): harmful answers token by token, each token coloured by
-KL(p_A || p_B) at its position and by the aligned model's mass on base-favored tokens, both models
-teacher-forced on the identical token sequence; a token's tooltip lists its probabilities and the top
-base-favored tokens. lab/report.py puts the section in its page (python -m lab.report ... --tokens-world DIR).
+KL(p_A || p_B) at its position and by model A's mass on base-favored tokens, A and the base B teacher-forced
+on the identical token sequence; a token's tooltip lists its probabilities and the top base-favored tokens.
+A is the world's aligned model (before training) and each trained model given (after training), one row
+each, all against the same base on the same answers. lab/report.py puts the section in its page
+(python -m lab.report ... --tokens-world DIR [--tokens-model NAME=DIR ...]).
 
 Read top to bottom: the computation (token_view), the examples and models (load_token_view), the HTML.
 """
@@ -10,6 +12,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from pathlib import Path
 
 from infra.files import spread
 from lab.plots import esc
@@ -78,8 +81,10 @@ def choose_examples(rows: list[dict], n: int) -> list[dict]:
     return picked + spread(rest, n - len(picked)) if len(picked) < n else picked
 
 
-def load_token_view(world, n: int, cfg) -> list[dict]:
-    """The token view of a built world's aligned and base models on n of its harmful evaluation rows."""
+def load_token_view(world, n: int, cfg, models=None) -> list[dict]:
+    """The token view of a built world's aligned model and of each of `models` ({label: folder}: models
+    trained from it), each against the world's base, on the same n of its harmful evaluation rows:
+    [{prompt, category, held_out, models: {label: tokens}}] ("aligned" first; tokens as token_view's)."""
     from data import toyworld as TW
     from infra.hf import load_model
     from infra.tokenizer import Tokenizer
@@ -91,9 +96,39 @@ def load_token_view(world, n: int, cfg) -> list[dict]:
                 f"--tokens-world {world}: no {paths[key]}; pass a built world's folder "
                 "(data/worlds/seed-N, built by python data/toyworld.py --seed N)"
             )
-    tok = Tokenizer(paths["tokenizer"])
-    aligned, base = load_model(paths["aligned"]), load_model(paths["base"])
-    return token_view(aligned, base, tok, choose_examples(TW.read_set(paths, "harmful_eval"), n), cfg)
+    folders = {"aligned": paths["aligned"], **dict(models or {})}
+    for label, folder in folders.items():
+        if not (Path(folder) / "config.json").is_file():
+            raise ValueError(f"--tokens-model {label}={folder}: no config.json there; pass a model's folder")
+    tok, base = Tokenizer(paths["tokenizer"]), load_model(paths["base"])
+    rows = choose_examples(TW.read_set(paths, "harmful_eval"), n)
+    per_model = {label: token_view(load_model(f), base, tok, rows, cfg) for label, f in folders.items()}
+    return [
+        {
+            **{k: v for k, v in view.items() if k != "tokens"},
+            "models": {m: per_model[m][i]["tokens"] for m in folders},
+        }
+        for i, view in enumerate(per_model["aligned"])
+    ]
+
+
+# ----------------------------------------------------------------------------------------------
+# The HTML: one row per model and measure, the same tokens in each, a colour legend, a measure toggle
+# ----------------------------------------------------------------------------------------------
+KL_RGB, BF_RGB = (214, 39, 40), (31, 119, 180)
+MEASURES = (  # (data-row, name, colour)
+    ("bf", "bf_mass: mass on base-favored tokens", BF_RGB),
+    ("kl", "KL(p_A ‖ p_B)", KL_RGB),
+)
+TOKEN_CSS = """
+.tokrow{margin:2px 0;line-height:2.1;display:flex;align-items:flex-start}
+.rowname{flex:0 0 150px;font-size:12px;line-height:1.3;color:#444;padding-top:4px}.toks{flex:1}
+.tok{white-space:pre-wrap;padding:2px 1px;border-radius:2px;font:12.5px ui-monospace,monospace}
+.measure{margin:4px 0 8px}.measure>h4{margin:4px 0;font-size:12.5px;font-weight:600;color:#333}
+.scale{display:inline-flex;margin:0 14px 0 6px;vertical-align:middle}
+.scale span{font:11px ui-monospace,monospace;padding:1px 5px}
+#tv-bf:checked~#token-examples .measure.kl,#tv-kl:checked~#token-examples .measure.bf{display:none}
+"""
 
 
 def shade(rgb: tuple, level: float) -> str:
@@ -103,12 +138,14 @@ def shade(rgb: tuple, level: float) -> str:
     return f"background:rgba({rgb[0]},{rgb[1]},{rgb[2]},{0.05 + 0.9 * level:.3f});color:{ink}"
 
 
-KL_RGB, BF_RGB = (214, 39, 40), (31, 119, 180)
+def level_of(row: str, tk: dict, kl_max: float) -> float:
+    """A token's colour strength in [0, 1]: bf_mass_A as it is, KL on a log scale up to kl_max."""
+    return tk["bf_mass_A"] if row == "bf" else math.log1p(tk["kl"]) / math.log1p(kl_max)
 
 
-def token_title(tk: dict) -> str:
+def token_title(tk: dict, model: str = "A") -> str:
     lines = [
-        f"t={tk['t']} {tk['text']!r}: p_A {tk['p_A']:.3f}, p_B {tk['p_B']:.3f}",
+        f"t={tk['t']} {tk['text']!r}: p_A {tk['p_A']:.3f}, p_B {tk['p_B']:.3f} (A: {model}, B: the base)",
         f"KL(p_A||p_B) {tk['kl']:.4f}; bf_mass_A {tk['bf_mass_A']:.4f}, bf_mass_B {tk['bf_mass_B']:.4f}",
         "top base-favored tokens (p_A -> p_B):" if tk["favored"] else "no base-favored token here",
     ]
@@ -116,34 +153,70 @@ def token_title(tk: dict) -> str:
     return "\n".join(lines)
 
 
+def legend_html(kl_max: float) -> str:
+    """The colour scales of both measures: six swatches each, from 0 to their largest value."""
+    levels = [i / 5 for i in range(6)]
+    out = ['<p class="legend" id="token-legend">Colour scales: ']
+    for row, name, rgb in MEASURES:
+        values = levels if row == "bf" else [math.expm1(x * math.log1p(kl_max)) for x in levels]
+        swatches = "".join(f'<span style="{shade(rgb, x)}">{v:.2g}</span>' for x, v in zip(levels, values))
+        out.append(f'{esc(name)}<span class="scale" data-measure="{row}">{swatches}</span>')
+    return "".join(out) + "</p>"
+
+
+def token_row(row: str, model: str, tokens: list[dict], kl_max: float, after: bool) -> str:
+    """One model's tokens coloured by one measure, its name (before / after training) and mean in front."""
+    key = "bf_mass_A" if row == "bf" else "kl"
+    mean = sum(tk[key] for tk in tokens) / max(len(tokens), 1)
+    when = "after training" if after else "before training"
+    spans = [
+        f'<span class="tok" data-row="{row}" data-model="{esc(model)}" data-t="{tk["t"]}" '
+        f'data-kl="{tk["kl"]:.6g}" data-bf="{tk["bf_mass_A"]:.6g}" '
+        f'style="{shade(KL_RGB if row == "kl" else BF_RGB, level_of(row, tk, kl_max))}" '
+        f'title="{esc(token_title(tk, model))}">{esc(tk["text"])}</span>'
+        for tk in tokens
+    ]
+    name = f"<b>{esc(model)}</b><br><small>{when}, mean {mean:.2g}</small>"
+    toks = f'<span class="toks">{"".join(spans)}</span>'
+    return f'<div class="tokrow"><span class="rowname">{name}</span>{toks}</div>'
+
+
+def example_html(i: int, view: dict, kl_max: float) -> str:
+    """One harmful answer: its prompt, then per measure one row per model (the same tokens in each)."""
+    where = "held-out category" if view.get("held_out") else "seen category"
+    out = [f'<div class="example" id="token-example-{i}"><h3>{esc(view.get("category", "?"))} ({where})</h3>']
+    out.append(f'<p class="prompt">{esc(view.get("prompt", ""))}</p>')
+    for row, name, _ in MEASURES:
+        out.append(f'<div class="measure {row}"><h4>{esc(name)}</h4>')
+        out += [
+            token_row(row, model, tokens, kl_max, after=j > 0)
+            for j, (model, tokens) in enumerate(view["models"].items())
+        ]
+        out.append("</div>")
+    return "".join(out) + "</div>"
+
+
 def token_section(views: list[dict] | None, cfg) -> str:
     if not views:
         return ""
-    kl_max = max((tk["kl"] for v in views for tk in v["tokens"]), default=1.0) or 1.0
+    tokens = [tk for v in views for toks in v["models"].values() for tk in toks]
+    kl_max = max((tk["kl"] for tk in tokens), default=1.0) or 1.0
+    models = list(views[0]["models"])
+    trained = ", ".join(models[1:]) or "none given"
     out = [
-        '<section id="tokens"><h2>3. Token view</h2>',
-        "<p>Each harmful answer token by token, teacher-forced under the aligned model A and its base B. "
-        "First row: KL(p_A ‖ p_B) at the position (red, log scale up to the largest shown, "
-        f"{kl_max:.2f}); second row: bf_mass_A, the probability A still puts on base-favored tokens "
-        f"(blue, 0 to 1; base-favored: τ={cfg.tau:g}, top-{cfg.top_k}, ρ={cfg.rho:g}). Hover a token "
-        "for its probabilities and the top base-favored tokens.</p>",
+        '<section id="tokens"><h2>Token view</h2>',
+        "<p>Each harmful answer token by token, teacher-forced under a model A and the world's base B "
+        f"(docs/method.md §2-§3). A is the aligned model before training and each trained model after it "
+        f"({esc(trained)}): one row each, the same tokens in every row. bf_mass: the probability A still "
+        f"puts on base-favored tokens (blue, 0 to 1; base-favored: τ={cfg.tau:g}, top-{cfg.top_k}, "
+        f"ρ={cfg.rho:g}): training should take it down. KL(p_A ‖ p_B): how far A is from the base at the "
+        f"position (red, log scale up to the largest shown, {kl_max:.2f}). Hover a token for its "
+        "probabilities and the top base-favored tokens.</p>",
+        legend_html(kl_max),
+        'Show: <input type="radio" name="tv" id="tv-bf" checked><label for="tv-bf">bf_mass</label>'
+        '<input type="radio" name="tv" id="tv-kl"><label for="tv-kl">KL</label>'
+        '<input type="radio" name="tv" id="tv-both"><label for="tv-both">both</label>',
+        '<div id="token-examples">',
     ]
-    for i, v in enumerate(views):
-        where = "held-out category" if v.get("held_out") else "seen category"
-        out.append(
-            f'<div class="example" id="token-example-{i}"><h3>{esc(v.get("category", "?"))} ({where})</h3>'
-        )
-        out.append(f'<p class="prompt">{esc(v.get("prompt", ""))}</p>')
-        for row, key, rgb in (("kl", "kl", KL_RGB), ("bf", "bf_mass_A", BF_RGB)):
-            name = "KL(p_A ‖ p_B)" if row == "kl" else "bf_mass_A"
-            spans = []
-            for tk in v["tokens"]:
-                level = math.log1p(tk["kl"]) / math.log1p(kl_max) if row == "kl" else tk["bf_mass_A"]
-                spans.append(
-                    f'<span class="tok" data-row="{row}" data-t="{tk["t"]}" data-kl="{tk["kl"]:.6g}" '
-                    f'data-bf="{tk["bf_mass_A"]:.6g}" style="{shade(rgb, level)}" '
-                    f'title="{esc(token_title(tk))}">{esc(tk["text"])}</span>'
-                )
-            out.append(f'<div class="tokrow"><span class="rowname">{name}</span>{"".join(spans)}</div>')
-        out.append("</div>")
-    return "".join(out) + "</section>"
+    out += [example_html(i, v, kl_max) for i, v in enumerate(views)]
+    return "".join(out) + "</div></section>"

@@ -221,6 +221,27 @@ def test_benign_samples_zero_samples_the_attacks_but_not_the_benign_prompts(toy)
     assert "helpful_rate sampled" not in utility[0]
 
 
+@pytest.mark.parametrize(("flags", "sampled"), [((), {0, 10}), (("--sample-prefill", "5", "10"), {5, 10})])
+def test_sampling_attack_samples_only_the_prefill_k_the_tables_show(toy, flags, sampled):
+    """--prefill 0 5 10: greedy prefilling answers every k; the sampling attack only those of --sample-prefill
+    (default 0, 10, 40, the ks the README's tables show), each with --samples records per prompt."""
+    argv = ["--world", str(toy["root"]), "--model", "aligned={world}/aligned", "--limit", "2"]
+    argv += ["--samples", "2", "--benign-samples", "0", "--prefill", "0", "5", "10"]
+    args = E.parse_args(argv + list(flags))
+    _, _, gens, _ = E.evaluate_world(args, 0, toy, E.attack_config(args), {"toy": J.toy_judge()})
+    assert {g["k"] for g in gens if g["attack"] == "prefill"} == {0, 5, 10}
+    assert {g["k"] for g in gens if g["attack"] == "sample"} == sampled
+    assert {g["sample"] for g in gens if g["attack"] == "sample"} == {0, 1}
+
+
+def test_sampling_batch_fills_its_rows_with_whole_prompts():
+    """512 rows at 16 samples: 32 prompts per forward (as at the old batch of 32 prompts); at more samples
+    than rows, one prompt."""
+    assert A.sample_batch(A.DecodeConfig(), 16) == 32
+    assert A.sample_batch(A.DecodeConfig(sample_rows=100), 16) == 6
+    assert A.sample_batch(A.DecodeConfig(sample_rows=8), 16) == 1
+
+
 def test_folds_hold_out_every_category_once_and_include_the_default_pair():
     pairs = C.fold_pairs()
     cats = [c for pair in pairs for c in pair]

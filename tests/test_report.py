@@ -5,6 +5,7 @@ renders the page without a console message (when chromium is installed)."""
 import itertools
 import json
 import math
+import re
 import shutil
 import statistics
 import subprocess
@@ -14,7 +15,7 @@ import pytest
 import torch
 
 from infra import cli
-from infra.hf import load_model
+from infra.hf import load_model, save_model
 from infra.tokenizer import Tokenizer
 from lab import report as R
 
@@ -271,7 +272,7 @@ def test_report_holds_every_model_attack_and_generation(tmp_path):
         "k=5",
         "insertion (j=4, m=10)",
         "sample@3 direct",
-        "finetune s=10 k=5",
+        "ft s=10 k=5",  # the terminal's labels (lab/tables.column_label)
         "worst case",
     ):
         assert attack in text
@@ -441,3 +442,165 @@ def test_profiles_of_both_layouts_are_charted(tmp_path):
     assert "pair" in text and "targeted" in text  # a line per profile
     with pytest.raises(ValueError, match="`profile --out`"):
         R.build_report([run], tmp_path / "bad.html", profile=run)
+
+
+def section_of(html: str, sid: str) -> str:
+    """One <section> of the page, as HTML (sections do not nest)."""
+    start = html.index(f'<section id="{sid}">')
+    return html[start : html.index("</section>", start)]
+
+
+def paired_tests() -> list[dict]:
+    """Hand-made paired tests as compare.py writes them: two claims on all prompts, one on a split, one
+    comparison with no measurable difference."""
+    test = {"a": "targeted", "test": "stratified exact McNemar", "n": 50}
+    return [
+        {**test, "figure": "prefill 5 all toy", "b": "aligned", "a_rate": 0.02, "b_rate": 0.46, "diff": -0.44}
+        | {"p": 3.1e-9, "verdict": "targeted lower (p = 3.1e-09)"},
+        {**test, "figure": "finetune 5 s10 all toy", "b": "augment", "a_rate": 0.1, "b_rate": 0.3}
+        | {"diff": -0.2, "p": 0.004, "verdict": "targeted lower (p = 0.004)"},
+        {**test, "figure": "prefill 5 held_out toy", "b": "aligned", "a_rate": 0.0, "b_rate": 0.5}
+        | {"diff": -0.5, "p": 1e-4, "verdict": "targeted lower (p = 0.0001)"},
+        {**test, "figure": "helpful all toy", "b": "aligned", "a_rate": 0.99, "b_rate": 1.0, "diff": -0.01}
+        | {"p": 1.0, "verdict": "no measurable difference"},
+    ]
+
+
+def test_findings_open_the_report_with_every_paired_claim(tmp_path):
+    run, data = write_run(tmp_path)
+    data["paired_tests"] = paired_tests()
+    run.write_text(json.dumps(data))
+    html = R.build_report([run], tmp_path / "report.html").read_text(encoding="utf-8")
+    assert html.index('id="findings"') < html.index('id="summary"')  # the findings come first
+    findings = section_of(html, "findings")
+    text = "".join(Page(findings).text)
+    shown = findings.split("<details>")[0]  # the claims on all prompts, unfolded
+    for label, row, rates, p in (
+        ("k=5", "aligned", ("2.0", "46.0"), "3.1e-09"),
+        ("ft s=10 k=5", "augment", ("10.0", "30.0"), "0.004"),
+    ):
+        assert all(f"<td>{x}</td>" in shown for x in (label, row, *rates, p)), label
+    assert "<td>k=5, held-out</td>" in findings and "<td>k=5, held-out</td>" not in shown  # a split: folded
+    assert "<td>helpful</td>" in findings and "no measurable difference" not in "".join(Page(shown).text)
+    for t in data["paired_tests"]:
+        assert t["verdict"] in text
+
+
+def test_findings_give_each_run_level_claim_its_interval_and_r_of_r(tmp_path):
+    run, data = write_run(tmp_path)
+    data["paired_tests"] = paired_tests()
+    claims = [
+        {"figure": "prefill 5 all toy", "a": "targeted", "b": "augment", "a_rate": 0.05, "b_rate": 0.5}
+        | {"estimate": -0.45, "lo": -0.6, "hi": -0.3, "r": 9, "R": 9, "verdict": "targeted lower"},
+        {"figure": "prefill 5 all toy", "a": "targeted", "b": "targeted, lam 0.5", "a_rate": 0.1}
+        | {
+            "b_rate": 0.12,
+            "estimate": -0.02,
+            "lo": -0.1,
+            "hi": 0.05,
+            "r": 5,
+            "R": 9,
+            "verdict": R.NO_DIFFERENCE,
+        },
+    ]
+    data["run_tests"] = {"train_seeds": [0, 1, 2], "claims": claims, "notes": ["a note of the run"]}
+    run.write_text(json.dumps(data))
+    findings = section_of(R.build_report([run], tmp_path / "r.html").read_text(encoding="utf-8"), "findings")
+    shown = findings.split("<details>")[0]
+    cells = ("k=5", "targeted", "5.0", "augment", "50.0", "-45.0", "[-60.0, -30.0]", "9 of 9 runs")
+    assert all(f"<td>{c}</td>" in shown for c in cells) and "targeted lower" in shown
+    assert (
+        "<td>5 of 9 runs</td>" in findings and "<td>[-10.0, +5.0]</td>" in findings
+    )  # folded: no difference
+    assert "a note of the run" in shown
+    assert "paired tests over prompts (4; per run, a diagnostic)" in findings  # the paired tests, folded
+
+
+def renamed_rows(summary: list[dict], names) -> list[dict]:
+    """Copies of the aligned model's summary rows under other names (development rows, budget snapshots)."""
+    return [{**r, "model": name} for name in names for r in summary if r["model"] == "aligned"]
+
+
+def test_main_rows_come_first_the_others_folded_and_legends_kept_short(tmp_path):
+    run, data = write_run(tmp_path)
+    extra = [f"targeted, variant {i}" for i in range(9)] + ["targeted @10", "targeted @20"]
+    data["summary"] += renamed_rows(data["summary"], ["targeted", *extra])
+    data["summary"] += [  # the inference-time worst case, as lab/tables.worst_case_rows names it
+        {**r, "figure": r["figure"].replace("worst", "worst_inference")}
+        for r in data["summary"]
+        if r["figure"].startswith("worst ")
+    ]
+    run.write_text(json.dumps(data))
+    html = R.build_report([run], tmp_path / "report.html").read_text(encoding="utf-8")
+    page = Page(html)
+    main = [
+        m for m in dict.fromkeys(r["model"] for r in data["summary"]) if m in ("base", "aligned", "targeted")
+    ]
+    assert page.row_heads == main and len(main) == 3  # the main table holds the main rows, in order
+    summary = section_of(html, "summary")
+    main_table = summary[summary.index('id="summary-table"') :].split("</table>")[0]
+    assert "variant" not in main_table and "@10" not in main_table
+    for name in extra:  # each other row is in a folded table
+        assert f'<th scope="row">{name}</th>' in summary
+    assert "Development rows: ablations and variants (9)" in summary and "Budget snapshots" in summary
+    heads = re.findall(r'<table class="summary".*?</thead>', html)
+    assert "<th>worst case, inference-time</th>" in heads[0]  # the terminal's label, not the raw key
+    for head in heads:  # narrow enough for the page
+        assert "worst_inference" not in head and head.count("<th>") <= R.MAX_COLUMNS + 1
+    legends = re.findall(r'<ul class="legend">(.*?)</ul>', html)
+    assert legends and max(legend.count("<li>") for legend in legends) <= 8
+    curves = section_of(html, "curves")
+    assert "more lines</summary>" in curves
+    first = curves.split('<details class="more">')[0]  # the first chart shows the main rows only
+    assert "targeted</li>" in first and "variant" not in first
+
+
+def test_token_view_shows_every_model_given_against_the_base_with_a_legend(toy, tmp_path):
+    run, _ = write_run(tmp_path)
+    torch.manual_seed(0)
+    trained = load_model(toy["aligned"])
+    with torch.no_grad():
+        for p in trained.parameters():
+            p.add_(0.02 * torch.randn_like(p))  # a model "after training": not the aligned one
+    folder = save_model(trained, tmp_path / "trained")
+    models = {"trained": folder, "base as a model": toy["base"]}
+    out = R.build_report(
+        [run], tmp_path / "r.html", tokens_world=toy["root"], token_models=models, n_tokens=2
+    )
+    page = read_page(out)
+    assert_self_contained(page)
+    rows = {
+        r["prompt"]: r for r in map(json.loads, (toy["data"] / "harmful_eval.jsonl").read_text().splitlines())
+    }
+    tok, base = Tokenizer(toy["tokenizer"]), load_model(toy["base"])
+    prompts = list(dict.fromkeys(t["prompt"] for t in page.tokens))
+    assert len(prompts) == 2
+    for name, model in (
+        ("aligned", load_model(toy["aligned"])),
+        ("trained", trained),
+        ("base as a model", base),
+    ):
+        for prompt in prompts:
+            kl, mass = independent_stats(model, base, tok, prompt, rows[prompt]["harmful_response"])
+            for row in ("kl", "bf"):
+                spans = [
+                    t
+                    for t in page.tokens
+                    if (t["prompt"], t["data-row"], t["data-model"]) == (prompt, row, name)
+                ]
+                assert [int(s["data-t"]) for s in spans] == list(range(len(kl))), (name, prompt)
+                for s, k, m in zip(spans, kl, mass):
+                    assert math.isclose(float(s["data-kl"]), k, rel_tol=1e-4, abs_tol=1e-5), (name, prompt)
+                    assert math.isclose(float(s["data-bf"]), m, rel_tol=1e-4, abs_tol=1e-5), (name, prompt)
+    html = out.read_text(encoding="utf-8")
+    tokens = section_of(html, "tokens")
+    assert (
+        "before training" in tokens and tokens.count("after training") >= 2 * 2 * 2
+    )  # 2 examples, 2 measures
+    legend = tokens[tokens.index('id="token-legend"') :].split("</p>")[0]  # a colour scale for each measure
+    assert legend.count('data-measure="bf"') == 1 and legend.count('data-measure="kl"') == 1
+    assert legend.count("<span style=") == 12
+    with pytest.raises(ValueError, match="--tokens-model missing="):
+        R.build_report(
+            [run], tmp_path / "x.html", tokens_world=toy["root"], token_models={"missing": tmp_path / "no"}
+        )
