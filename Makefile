@@ -1,9 +1,9 @@
 # Two commands for a fresh clone (see README.md):
-#   make run     the method on one world, in about 10 minutes on 2 CPU cores from a fresh clone: set up .venv,
-#                build the seed-0 toy world (once, ~3 min), train targeted completion and the augment baseline
-#                on it (150 steps each, ~3 min; reused when runs/seed-0/<row> is finished), attack base,
+#   make run     the method on one world (4 min 44 s on 2 idle CPU cores from a fresh clone): set up .venv,
+#                build the seed-0 toy world (once, ~2 min), train targeted completion and the augment baseline
+#                on it (150 steps each, ~1.5 min; reused when runs/seed-0/<row> is finished), attack base,
 #                aligned, aligned decoded contrastively, augment and targeted (greedy prefilling k = 0 5 10 20
-#                40, insertion, a harmful/benign fine-tuning attack of 10 steps; no sampling attack, ~3 min)
+#                40, insertion, a harmful/benign fine-tuning attack of 10 steps; no sampling attack, ~1.5 min)
 #                and write runs/demo.json and one report, runs/demo.html: the findings (paired tests), the
 #                models side by side, the token view before (aligned) and after training (augment, targeted)
 #   make test    set up .venv (plus the test-only references: transformers, peft) and run ruff and the tests
@@ -36,7 +36,7 @@ setup: $(VENV)/.installed
 setup-test: $(VENV)/.installed-test
 
 run: setup
-	@echo "make run: world (~3 min, once), training (~3 min, once), attacks and report (~3 min)"
+	@echo "make run: world (~2 min, once), training (~1.5 min, once), attacks and report (~1.5 min)"
 	$(PY) -m experiments.compare --seeds 0 --rows augment targeted --with-base --samples 0 \
 		--finetune-attack 0 10 --finetune-prefill 0 10 --out runs/demo.json --report
 	@echo "the report: runs/demo.html (open it in a browser)"

@@ -278,7 +278,9 @@ def run_level_claim(
 ) -> RunClaim:
     """The run-level test of A against B from per-prompt differences A - B nested {world: {run: array}}
     (docs/method.md §7 Statistics): "A lower" when the hierarchical-bootstrap interval lies below 0, "B lower"
-    when above, otherwise "no measurable difference" (an interval touching 0 does not exclude it)."""
+    when above, otherwise "no measurable difference" (an interval touching 0 does not exclude it). With one
+    run in all, the interval is over prompts alone: the verdict says it holds for these models, not the
+    method."""
     b = hierarchical_bootstrap(diffs, n_resamples, seed, level)
     r, R = runs_lower(diffs)
     if b["hi"] < 0:
@@ -287,6 +289,8 @@ def run_level_claim(
         verdict = f"{names[1]} lower"
     else:
         verdict = "no measurable difference"
+    if R < 2 and verdict != "no measurable difference":  # the interval is over prompts alone
+        verdict += " (one run: these models, not the method)"
     return RunClaim(b["estimate"], b["lo"], b["hi"], level, r, R, verdict)
 
 

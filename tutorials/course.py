@@ -40,6 +40,15 @@ def world() -> dict:
     return paths
 
 
+def rows(paths: dict, name: str, full: int, quick: int) -> list[dict]:
+    """`size(full, quick)` rows of one of the world's data sets, spread evenly over it (the sets are stored
+    category by category, so the first rows would all be of one or two categories)."""
+    from data import toyworld
+    from infra.files import spread
+
+    return spread(toyworld.read_set(paths, name), size(full, quick))
+
+
 def load_models(paths: dict):
     """(tokenizer, base model, aligned model) of a world, in float32 on the CPU, in eval mode."""
     from infra.hf import load_model
