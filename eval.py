@@ -337,7 +337,7 @@ def add_input_flags(p):
         "base={world}/base aligned={world}/aligned)",
     )
     for name in ("harmful", "benign"):
-        g.add_argument(f"--{name}", help=f"{name} prompts (any layout of docs/method.md §9); for real models")
+        g.add_argument(f"--{name}", help=f"{name} prompts (any layout of docs/method.md §9), real models")
     g.add_argument("--limit", type=int, help="use N harmful and N benign prompts, spread over each set")
     g.add_argument(
         "--held-out-only",

@@ -175,7 +175,7 @@ def make_batches(step: int, data: E.Data, student, run: RunConfig, cfg: D.LossCo
 # 3. The methods
 # ----------------------------------------------------------------------------------------------
 class Method(NamedTuple):
-    """A training method (docs/method.md §5-§6): what each harmful row draws, the harmful batch made from the
+    """A training method (docs/method.md §5-§6): what each harmful row draws, the harmful batch made of the
     draws, the loss, and which frozen models it reads."""
 
     draw: Callable  # (rng, row, data, run, cfg) -> the row's draw: a prefix length k, or splices

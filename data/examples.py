@@ -1,4 +1,4 @@
-"""Training examples (docs/method.md §5-§6): how a harmful or benign row becomes token ids and loss positions
+"""Training examples (docs/method.md §5-§6): how a harmful or benign row becomes token ids and loss places
 for train.py. Every example is one sequence and the logits that predict its targets; a batch is the examples
 right-padded, their loss positions concatenated. All work on token lists, as generation sees text: the
 recovery's tokens as they follow a harmful prefix, the clean context where the aligned model's alignment is

@@ -64,7 +64,7 @@ KEY_TESTS = ("finetune 0 s20",)  # the README's paired tests (the rest: the JSON
 ABLATION_TESTS = ("finetune 0 s20", "finetune 10 s10", "sample@16 40")  # the attacks that may separate parts
 FOLD_TESTS = ("prefill 40", "sample@16 40")  # the held-out folds' (compare.py --folds)
 
-COMPACT = {  # view -> the columns of a compact table (lab.tables.compact_table): means ± sd [pooled interval]
+COMPACT = {  # view -> the columns of a compact table (lab.tables.compact_table): mean ± sd [pooled interval]
     "suite": suite("all"),
     "suite_held_out": suite("held_out"),
     "utility": [

@@ -217,7 +217,7 @@ def ablated_model(
     judge: Callable[[str], bool],
     helpful: Callable[[dict, str], bool] | None,
 ) -> tuple[Transformer, dict]:
-    """For the ablation attack: refusal-direction ablation end to end (docs/method.md §7). Splits the TRAINING
+    """The ablation attack: refusal-direction ablation end to end (docs/method.md §7). Splits the TRAINING
     rows (toy world: safety_train and benign_train) into a direction split and a validation split, computes
     the directions, chooses the layer (choose_direction) and returns (the ablated model, info: {"layer",
     "table", "n_direction", "n_val", "rule"})."""

@@ -261,7 +261,7 @@ def runs_lower(diffs) -> tuple[int, int]:
 
 @dataclass(frozen=True)
 class RunClaim:
-    """A run-level claim "A lower than B" (docs/method.md §7 Statistics): the estimate of A - B (nested_mean),
+    """A run-level claim "A below B" (docs/method.md §7 Statistics): the estimate of A - B (nested_mean),
     its hierarchical-bootstrap interval [lo, hi] at `level`, A lower in r of R runs, and the verdict."""
 
     estimate: float
@@ -277,7 +277,7 @@ def run_level_claim(
     diffs, n_resamples: int = 10_000, seed: int = 0, level: float = 0.95, names=("A", "B")
 ) -> RunClaim:
     """The run-level test of A against B from per-prompt differences A - B nested {world: {run: array}}
-    (docs/method.md §7 Statistics): "A lower" when the hierarchical-bootstrap interval lies below 0, "B lower"
+    (docs/method.md §7 Statistics): "A lower" when its hierarchical-bootstrap interval is < 0, "B lower"
     when above, otherwise "no measurable difference" (an interval touching 0 does not exclude it). With one
     run in all, the interval is over prompts alone: the verdict says it holds for these models, not the
     method."""
