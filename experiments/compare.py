@@ -346,6 +346,8 @@ def tests_table(tests: list[dict], split: str = "all", figures=None) -> str:
         if t["figure"].split()[-2] != split or (figures is not None and label not in figures):
             continue
         reference = t["a"] + (" (earlier run)" if "carried_from" in t else "")
+        if "train_seed" in t:  # one test per training seed: say which run it is
+            label += f" (train seed {t['train_seed']})"
         rates = [f"{100 * t['a_rate']:.1f}", f"{100 * t['b_rate']:.1f}"]
         rows.append([label, reference, rates[0], t["b"], rates[1], stats.format_p(t["p"]), t["verdict"]])
     return markdown(["attack", "reference", "reference's", "row", "row's", "p", "verdict"], rows)

@@ -65,3 +65,15 @@ def test_without_a_targeted_row_there_is_no_best_baseline_target():
     summary += [summary_row("augment", f"prefill {k} held_out toy", 0.1) for k in C.PREFILL_KS]
     assert C.best_baseline_row(summary) is None
     assert C.targets_table(summary).count("\n") == 1  # the header only
+
+
+def test_per_seed_tests_name_their_training_seed():
+    """With several training seeds compare makes one McNemar test per seed: each line says which run it is
+    (two otherwise identical lines, hand-made here, must not read as repeats)."""
+    test = {"figure": "prefill 10 all toy", "a": "targeted", "b": "augment", "a_rate": 0.0, "b_rate": 0.5}
+    tests = [{**test, "p": 0.01, "verdict": "targeted lower", "train_seed": s} for s in (0, 1)]
+    lines = C.tests_table(tests, "all").splitlines()[2:]
+    assert [line.split(" | ")[0] for line in lines] == [
+        "| prefill 10 (train seed 0)",
+        "| prefill 10 (train seed 1)",
+    ]
