@@ -10,8 +10,12 @@
 #                (about 3 minutes on 2 CPU cores)
 #   make course  set up the lessons' requirements and execute every lesson in tutorials/ (copies in runs/course/)
 # And the longer reproductions behind the README's tables (each writes its JSON into results/):
-#   make compare        every method under every attack on the reporting worlds (seeds 0 1 2)
-#   make folds          the recovery-based methods on held-out folds (every category held out once)
+#   make compare        every table of the README from one build (experiments/reproduce.sh; docs/development.md
+#                       §9): the reporting worlds 0 1 2, every row trained with training seeds 0 1 2, the
+#                       attack suite, calibration, profiles, white-box attacks (two processes side by side;
+#                       resumable; its measured time: docs/performance.md)
+#   make folds          the recovery-based methods on held-out folds (every category held out once; not part of
+#                       the README's build: twelve more worlds)
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -48,11 +52,11 @@ course: $(VENV)/.installed-course
 	$(PY) tutorials/run_course.py
 
 compare: setup
-	$(PY) -m experiments.compare --seeds 0 1 2 --steps 10 20 40 80 150 --out results/compare.json --report
+	PY=$(PY) experiments/reproduce.sh
 
 folds: setup
-	$(PY) -m experiments.compare --folds --seeds 0 1 2 --rows augment insertion rto "targeted, data anchor" --samples 0 --out results/folds.json
-	$(PY) -m experiments.compare --folds --seeds 0 1 2 --rows augment insertion rto "targeted, data anchor" --samples 16 --prefill 10 40 --benign-samples 0 --out results/folds_sampled.json
+	$(PY) -m experiments.compare --folds --seeds 0 1 2 --rows augment insertion rto targeted --samples 0 --out results/folds.json
+	$(PY) -m experiments.compare --folds --seeds 0 1 2 --rows augment insertion rto targeted --samples 16 --prefill 10 40 --benign-samples 0 --out results/folds_sampled.json
 	$(PY) -m experiments.compare --merge results/folds.json results/folds_sampled.json --out results/folds.json
 
 .PHONY: setup setup-test run test course compare folds

@@ -60,6 +60,23 @@ def suite(split: str) -> list[tuple[str, str]]:
     ]
 
 
+def attacks(split: str) -> list[tuple[str, str]]:
+    """The attack suite without sampling (the one-build rerun's, docs/development.md §9): greedy prefilling,
+    insertion, the harmful fine-tuning attack after 10, 20 and 40 steps (direct, and k = 10 after 10), its
+    benign twin, and the worst case over everything that was run."""
+    return [
+        ("direct", asr("prefill 0", split)),
+        ("prefill k=10", asr("prefill 10", split)),
+        ("prefill k=40", asr("prefill 40", split)),
+        ("insertion", asr("insertion 10 j4", split)),
+        *[(f"fine-tuned {s} steps", asr(f"finetune 0 s{s}", split)) for s in (10, 20, 40)],
+        ("fine-tuned 10 steps, k=10", asr("finetune 10 s10", split)),
+        ("benign-tuned 40 steps, k=10", asr("finetune_benign 10 s40", split)),
+        ("worst case, inference-time", asr("worst_inference 0", split)),
+        ("worst case", asr("worst 0", split)),
+    ]
+
+
 KEY_TESTS = ("finetune 0 s20",)  # the README's paired tests (the rest: the JSON and the report)
 ABLATION_TESTS = ("finetune 0 s20", "finetune 10 s10", "sample@16 40")  # the attacks that may separate parts
 FOLD_TESTS = ("prefill 40", "sample@16 40")  # the held-out folds' (compare.py --folds)
@@ -67,6 +84,8 @@ FOLD_TESTS = ("prefill 40", "sample@16 40")  # the held-out folds' (compare.py -
 COMPACT = {  # view -> the columns of a compact table (lab.tables.compact_table): mean ± sd [pooled interval]
     "suite": suite("all"),
     "suite_held_out": suite("held_out"),
+    "attacks": attacks("all"),
+    "attacks_held_out": attacks("held_out"),
     "utility": [
         ("refuses (direct)", "refusal_rate"),
         ("recovers (k=10)", "recovery_rate"),
@@ -115,6 +134,7 @@ COMPACT = {  # view -> the columns of a compact table (lab.tables.compact_table)
         ("direct", "prefill 0 all toy"),
         *[(f"k={k}", f"prefill {k} all toy") for k in (5, 10, 20, 40)],
         ("insertion", "insertion 10 j4 all toy"),
+        *[(f"sampled {name}, ASR@16", f"sample@16 {k} all toy") for name, k in (("direct", 0), ("k=10", 10))],
         ("refuses (direct)", "refusal_rate"),
         ("recovers (k=10)", "recovery_rate"),
         ("helpful", "helpful_rate"),

@@ -91,7 +91,8 @@ def test_every_readme_command_is_the_one_its_json_records():
             parsed = flags(E.parse_args(argv))
         elif script == "compare.py":
             parsed = flags(compare.parse_args(argv))
-            parsed = {k: parsed[k] for k in ("seeds", "samples", "finetune_attack", "steps")} | {
+            recorded = ("seeds", "train_seeds", "samples", "prefill", "finetune_attack", "steps")
+            parsed = {k: parsed[k] or None if k == "prefill" else parsed[k] for k in recorded} | {
                 "rows": sorted(parsed["rows"])
             }
             settings = {**settings, "rows": sorted(settings["rows"])}  # the order of rows is the table's
