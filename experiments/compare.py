@@ -944,7 +944,21 @@ def merge(cfg) -> list[dict]:
             k: [t for t in ts if compared(t["a"], rows) and compared(t["b"], rows)]
             for k, ts in carried.items()
         }
+    order = settings["rows"]  # the rows in DEFAULT_ROWS order
+    results, utility = (sorted(xs, key=lambda x: table_order(x["model"], order)) for xs in (results, utility))
     return finish(cfg, settings, worlds, results, utility, gens, carried)
+
+
+def table_order(model: str, rows: list) -> tuple:
+    """Where a model goes in a merged comparison's tables, as one run orders them (world_evaluations): the
+    world's own models, the trained rows in `rows` order, other decodings of the aligned model, then the
+    budget models ("row @b"); a stable sort keeps each model's worlds in the order they were merged."""
+    if model in ("aligned", "base"):
+        return (0, model != "aligned", 0)
+    name, _, budget = model.partition(" @")
+    if name in rows:
+        return (3 if budget else 1, rows.index(name), int(budget or 0))
+    return (2, 0, 0)
 
 
 def earlier_tests(tests: list[dict], names: dict, replace, path) -> list[dict]:

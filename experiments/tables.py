@@ -77,6 +77,7 @@ def attacks(split: str) -> list[tuple[str, str]]:
     ]
 
 
+HEADLINE_MODELS = ("targeted", "augment")  # variance_headline's models
 KEY_TESTS = ("finetune 0 s20",)  # the README's paired tests (the rest: the JSON and the report)
 ABLATION_TESTS = ("finetune 0 s20", "finetune 10 s10", "sample@16 40")  # the attacks that may separate parts
 FOLD_TESTS = ("prefill 40", "sample@16 40")  # the held-out folds' (compare.py --folds)
@@ -92,6 +93,13 @@ COMPACT = {  # view -> the columns of a compact table (lab.tables.compact_table)
         ("helpful", "helpful_rate"),
         ("over-refusal", "over_refusal"),
         ("helpful, sampled", "helpful_rate sampled"),
+        ("benign NLL", "nll"),
+    ],
+    "utility_greedy": [  # the one-build rerun's: no sampled benign answers (docs/development.md §9)
+        ("refuses (direct)", "refusal_rate"),
+        ("recovers (k=10)", "recovery_rate"),
+        ("helpful", "helpful_rate"),
+        ("over-refusal", "over_refusal"),
         ("benign NLL", "nll"),
     ],
     "sampling": [(f"ASR@{n} k={k}", asr(f"sample@{n} {k}", "all")) for k in (0, 10, 40) for n in (1, 16)],
@@ -216,11 +224,14 @@ def tests_view(tests: list[dict], view: str, table=compare.tests_table) -> str:
 
 def variance_view(components: list[dict], view: str) -> str:
     """A table of the variance components (world, run, prompt) of compare.py's tested figures: variance_key
-    (the README's attacks and the helpful rate, every model), variance_all / variance_held_out (every figure
-    on that split)."""
+    (the README's attacks and the helpful rate, every model), variance_headline (the same, HEADLINE_MODELS
+    only), variance_all / variance_held_out (every figure on that split)."""
     choice = view.split("_", 1)[1]
     if choice == "key":
         return compare.variance_table(components, "all", ABLATION_TESTS + ("helpful",))
+    if choice == "headline":  # the README's: the method and the strongest earlier baseline
+        chosen = [v for v in components if v["model"] in HEADLINE_MODELS]
+        return compare.variance_table(chosen, "all", ABLATION_TESTS + ("helpful",))
     return compare.variance_table(components, split=choice)
 
 

@@ -195,3 +195,17 @@ def test_with_base_evaluates_the_worlds_base_beside_the_aligned_model(tmp_path, 
     assert "base={world}/base" not in plain.args and C.compared("base", ["targeted"])
     with pytest.raises(ValueError, match="--train-seeds"):
         C.parse_args(["--train-seeds", "0", "0"])
+
+
+def test_a_merge_orders_its_models_as_one_run_does():
+    """Parts merged in the order they were run (world 0's rows split over two processes, then the other
+    worlds) come out in one run's order: the world's own models, the rows in --rows order, other decodings,
+    then budget models; each model's worlds keep their merged order (a hand-made shuffle)."""
+    rows = ["augment", "rto", "targeted"]
+    merged = ["targeted @10", "rto", "aligned (contrastive)", "targeted", "base", "augment", "aligned", "rto"]
+    assert sorted(merged, key=lambda m: C.table_order(m, rows)) == [
+        *["aligned", "base", "augment", "rto", "rto", "targeted", "aligned (contrastive)", "targeted @10"]
+    ]
+    parts = [{"model": m, "seed": s} for m, s in (("targeted", 0), ("augment", 0), ("targeted", 1))]
+    ordered = sorted(parts, key=lambda r: C.table_order(r["model"], rows))
+    assert [(r["model"], r["seed"]) for r in ordered] == [("augment", 0), ("targeted", 0), ("targeted", 1)]
