@@ -80,6 +80,7 @@ def attacks(split: str) -> list[tuple[str, str]]:
 HEADLINE_MODELS = ("targeted", "augment")  # variance_headline's models
 KEY_TESTS = ("finetune 0 s20",)  # the README's paired tests (the rest: the JSON and the report)
 ABLATION_TESTS = ("finetune 0 s20", "finetune 10 s10", "sample@16 40")  # the attacks that may separate parts
+DURABILITY_TESTS = ("finetune 0 s20", "finetune 10 s10")  # the README's run-level table (runs_durability)
 FOLD_TESTS = ("prefill 40", "sample@16 40")  # the held-out folds' (compare.py --folds)
 
 COMPACT = {  # view -> the columns of a compact table (lab.tables.compact_table): mean ± sd [pooled interval]
@@ -215,6 +216,8 @@ def tests_view(tests: list[dict], view: str, table=compare.tests_table) -> str:
     if choice == "ablation":  # the method's parts: the durability attacks and helpfulness, all rows
         tests = [t for t in tests if t["b"] != "aligned" or t["figure"].startswith("helpful")]
         return table(tests, "all", ABLATION_TESTS + ("helpful",))
+    if choice == "durability":  # the fine-tuning attacks that do not saturate, every pair but the aligned
+        return table([t for t in tests if t["b"] != "aligned"], "all", DURABILITY_TESTS)
     if choice == "helpful":  # the helpful rate of every row against targeted's, paired over prompts
         return table(tests, "all", ("helpful",))
     if choice == "folds":  # held-out folds: the held-out prompts of every fold, against targeted
