@@ -43,9 +43,6 @@ stage4() {
     "$PY" -m experiments.profile profile --seeds 0 1 2 --models "aligned={world}/aligned" \
       "augment=runs/seed-{seed}/augment" "insertion=runs/seed-{seed}/insertion" \
       "rto=runs/seed-{seed}/rto" "targeted=runs/seed-{seed}/targeted" \
-      "targeted, data anchor=runs/seed-{seed}/targeted-data-anchor" \
-      "targeted, lam 0.5=runs/seed-{seed}/targeted-lam-0.5" \
-      "targeted, lam 0.5, no penalty=runs/seed-{seed}/targeted-lam-0.5-no-penalty" \
       --out results/profile_trained.json --plot results/profile_trained.png
     whitebox 0
   } > "$PARTS/stage4a.log" 2>&1 &
