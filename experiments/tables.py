@@ -61,20 +61,13 @@ def suite(split: str) -> list[tuple[str, str]]:
 
 
 def attacks(split: str) -> list[tuple[str, str]]:
-    """The attack suite without sampling (the one-build rerun's, docs/development.md §9): greedy prefilling,
-    insertion, the harmful fine-tuning attack after 10, 20 and 40 steps (direct, and k = 10 after 10), its
-    benign twin, and the worst case over everything that was run."""
-    return [
-        ("direct", asr("prefill 0", split)),
-        ("prefill k=10", asr("prefill 10", split)),
-        ("prefill k=40", asr("prefill 40", split)),
-        ("insertion", asr("insertion 10 j4", split)),
-        *[(f"fine-tuned {s} steps", asr(f"finetune 0 s{s}", split)) for s in (10, 20, 40)],
-        ("fine-tuned 10 steps, k=10", asr("finetune 10 s10", split)),
-        ("benign-tuned 40 steps, k=10", asr("finetune_benign 10 s40", split)),
-        ("worst case, inference-time", asr("worst_inference 0", split)),
-        ("worst case", asr("worst 0", split)),
-    ]
+    """The attack suite without sampling (the one-build rerun's, docs/development.md §9): suite's greedy
+    columns, the harmful fine-tuning attack after 10, 20 and 40 steps (direct, and k = 10 after 10), its
+    benign twin, and suite's two worst cases."""
+    greedy, worst = suite(split)[:4], suite(split)[-2:]
+    tuned = [(f"fine-tuned {s} steps", asr(f"finetune 0 s{s}", split)) for s in (10, 20, 40)]
+    tuned += [("fine-tuned 10 steps, k=10", asr("finetune 10 s10", split))]
+    return greedy + tuned + [("benign-tuned 40 steps, k=10", asr("finetune_benign 10 s40", split))] + worst
 
 
 HEADLINE_MODELS = ("targeted", "augment")  # variance_headline's models

@@ -2,8 +2,8 @@
 
     python -m lab.report runs/eval_toy.json --out runs/report.html        # after `make run`
     python -m lab.report results/calibration.json --profile results/profile_aligned.json --out /tmp/c.html
-    python -m lab.report results/compare.json results/compare_steps30.json \\
-        --profile results/profile_trained.json
+    python -m lab.report results/compare.json results/whitebox.json \\
+        --profile results/profile_trained.json                                  # make compare's report
     python -m lab.report runs/eval_toy.json --tokens-world data/worlds/seed-0 --tokens 6 --out /tmp/r.html
     python -m lab.report runs/demo.json --tokens-world data/worlds/seed-0 \\
         --tokens-model targeted=runs/seed-0/targeted augment=runs/seed-0/augment      # after `make run`
