@@ -17,19 +17,29 @@ mkdir -p "$PARTS"
 ROWS=(targeted augment insertion rto "targeted, data anchor" "targeted, lam 0.5"
   "targeted, lam 0.5, no penalty")
 SUITE=(--train-seeds 0 1 2 --samples 0 --prefill 0 10 40)
-part() { "$PY" -m experiments.compare "${SUITE[@]}" "$@" > "$PARTS/$(basename "${@: -1}" .json).log" 2>&1; }
+part() {  # one compare.py process, its log beside its --out (the last argument)
+  local log; log="$PARTS/$(basename "${@: -1}" .json).log"
+  "$PY" -m experiments.compare "${SUITE[@]}" "$@" > "$log" 2>&1 || { echo "failed: $log" >&2; return 1; }
+}
+all_of() {  # wait for every process given; fail (after all have ended) if any failed: a stage never goes on
+  local pid failed=0  # from a part that did not finish (a bare `wait` returns 0 whatever its children did)
+  for pid in "$@"; do wait "$pid" || failed=1; done
+  return "$failed"
+}
 
 stage1() {
-  part --seeds 1 --rows "${ROWS[@]}" --out "$PARTS/world1.json" &
-  part --seeds 2 --rows "${ROWS[@]}" --out "$PARTS/world2.json" &
-  wait
+  part --seeds 1 --rows "${ROWS[@]}" --out "$PARTS/world1.json" & local one=$!
+  part --seeds 2 --rows "${ROWS[@]}" --out "$PARTS/world2.json" & local two=$!
+  all_of "$one" "$two"
 }
 stage2() {
-  part --seeds 0 --rows augment targeted insertion "targeted, lam 0.5" --out "$PARTS/world0a.json" &
-  sleep 60  # the first process evaluates the world's aligned model; the second reuses it when it is done
+  # both parts evaluate world 0's aligned model after their training unless the other has finished it first
+  # (its results are cached in runs/seed-0/aligned/, written atomically and the same either way)
+  part --seeds 0 --rows augment targeted insertion "targeted, lam 0.5" \
+    --out "$PARTS/world0a.json" & local one=$!
   part --seeds 0 --rows rto "targeted, data anchor" "targeted, lam 0.5, no penalty" --no-contrastive \
-    --out "$PARTS/world0b.json" &
-  wait
+    --out "$PARTS/world0b.json" & local two=$!
+  all_of "$one" "$two"
 }
 stage3() {
   "$PY" -m experiments.compare --merge "$PARTS"/world0a.json "$PARTS"/world0b.json "$PARTS"/world1.json \
@@ -45,9 +55,9 @@ stage4() {
       "rto=runs/seed-{seed}/rto" "targeted=runs/seed-{seed}/targeted" \
       --out results/profile_trained.json --plot results/profile_trained.png
     whitebox 0
-  } > "$PARTS/stage4a.log" 2>&1 &
-  whitebox 1 2 > "$PARTS/stage4b.log" 2>&1 &
-  wait
+  } > "$PARTS/stage4a.log" 2>&1 & local one=$!
+  whitebox 1 2 > "$PARTS/stage4b.log" 2>&1 & local two=$!
+  all_of "$one" "$two"
   "$PY" -m experiments.compare --merge "$PARTS"/whitebox-0.json "$PARTS"/whitebox-1-2.json \
     --out results/whitebox.json
 }

@@ -91,9 +91,10 @@ def test_every_readme_command_is_the_one_its_json_records():
             parsed = flags(E.parse_args(argv))
         elif script == "compare.py":
             parsed = flags(compare.parse_args(argv))
-            recorded = ("seeds", "train_seeds", "samples", "prefill", "finetune_attack", "steps")
-            parsed = {k: parsed[k] or None if k == "prefill" else parsed[k] for k in recorded} | {
-                "rows": sorted(parsed["rows"])
+            recorded = ("seeds", "train_seeds", "samples", "finetune_attack", "steps")
+            parsed = {k: parsed[k] for k in recorded} | {
+                "prefill": parsed["prefill"] or None,  # the JSON records None for eval's own prefill ks
+                "rows": sorted(parsed["rows"]),
             }
             settings = {**settings, "rows": sorted(settings["rows"])}  # the order of rows is the table's
         elif script == "profile.py":
